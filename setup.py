@@ -1,0 +1,28 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="diffusers-pixnerd",
+    version="0.1.0",
+    description="PixNerd (Pixel Neural Field Diffusion) for HuggingFace Diffusers",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    package_dir={"": "src"},
+    packages=find_packages("src"),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "diffusers>=0.35",
+        "transformers>=4.51",
+        "accelerate>=1.0",
+        "safetensors>=0.4",
+        "huggingface-hub>=0.34",
+        "numpy",
+        "Pillow",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "peft>=0.17"],
+        "training": ["datasets>=3.0", "peft>=0.17", "tensorboard"],
+    },
+    entry_points={"console_scripts": ["pixnerd-convert=diffusers_pixnerd.convert:main"]},
+)

@@ -1,0 +1,1 @@
+from .transformer_pixnerd import PIXNERD_PRESETS, PixNerdTransformer2DModel

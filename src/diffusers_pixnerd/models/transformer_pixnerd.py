@@ -1,0 +1,482 @@
+# Copyright 2026 The diffusers-pixnerd authors. MIT License.
+"""PixNerd: a pixel-space diffusion transformer whose output head is a per-patch neural field.
+
+Paper: "PixNerd: Pixel Neural Field Diffusion" (ICLR 2026), https://arxiv.org/abs/2507.23268.
+Reference implementation: github MCG-NJU/PixNerd (`src/models/transformer/pixnerd_c2i.py` and
+`pixnerd_t2i_heavydecoder.py`). Weights converted from the official checkpoints reproduce its outputs.
+"""
+
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
+from diffusers.models.embeddings import TimestepEmbedding, get_timestep_embedding
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.normalization import RMSNorm
+from diffusers.utils import apply_lora_scale
+
+# Official sizes. `PixNerdTransformer2DModel.from_preset(name)` builds one (random weights) to train from scratch.
+PIXNERD_PRESETS = {
+    "PixNerd-L/16": dict(
+        num_layers=22, num_attention_heads=16, attention_head_dim=64, num_neural_field_layers=2, num_classes=1000
+    ),
+    "PixNerd-XL/16": dict(
+        num_layers=26, num_attention_heads=16, attention_head_dim=72, num_neural_field_layers=4, num_classes=1000
+    ),
+    "PixNerd-XXL/16-T2I": dict(
+        num_layers=16,
+        num_attention_heads=24,
+        attention_head_dim=64,
+        num_neural_field_layers=2,
+        num_classes=None,
+        text_embed_dim=2048,
+        text_max_length=128,
+        num_text_refiner_layers=4,
+        sample_size=512,
+    ),
+}
+
+# Official time runs the other way (t = 0 is noise): t = 1 - timestep / NUM_TRAIN_TIMESTEPS.
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+def rope_angles(dim: int, height: int, width: int, x_extent: float, y_extent: float) -> torch.Tensor:
+    """Angles (height * width, dim // 2) of a 2D RoPE, x and y interleaved per frequency, in float32."""
+    x_pos = torch.linspace(0, x_extent, width)
+    y_pos = torch.linspace(0, y_extent, height)
+    y_pos, x_pos = torch.meshgrid(y_pos, x_pos, indexing="ij")
+    freqs = 1.0 / (10000.0 ** (torch.arange(0, dim, 4)[: dim // 4].float() / dim))  # (dim/4,)
+    x_angles = torch.outer(x_pos.reshape(-1), freqs)
+    y_angles = torch.outer(y_pos.reshape(-1), freqs)
+    return torch.stack([x_angles, y_angles], dim=-1).reshape(height * width, -1)  # (N, dim/2)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates consecutive channel pairs of x (B, H, N, D) by the angles behind cos/sin (N, D/2), in float32."""
+    x_ = x.float().unflatten(-1, (-1, 2))
+    x_even, x_odd = x_[..., 0], x_[..., 1]
+    out = torch.stack([x_even * cos - x_odd * sin, x_even * sin + x_odd * cos], dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+def dct_features(patch_h: int, patch_w: int, max_freqs: int) -> torch.Tensor:
+    """DCT-basis encoding (patch_h * patch_w, max_freqs**2) of pixel positions in a patch (class-conditional model)."""
+    pos_x = torch.linspace(0, 1, patch_w)
+    pos_y = torch.linspace(0, 1, patch_h)
+    pos_y, pos_x = torch.meshgrid(pos_y, pos_x, indexing="ij")
+    pos_x, pos_y = pos_x.reshape(-1, 1, 1), pos_y.reshape(-1, 1, 1)
+    # Non-integer frequencies linspace(0, F, F), as in the official pixnerd_c2i.py.
+    freqs = torch.linspace(0, max_freqs, max_freqs)
+    freqs_x, freqs_y = freqs[None, :, None], freqs[None, None, :]
+    coeffs = (1 + freqs_x * freqs_y) ** -1
+    dct = torch.cos(pos_x * freqs_x * torch.pi) * torch.cos(pos_y * freqs_y * torch.pi) * coeffs
+    return dct.reshape(patch_h * patch_w, max_freqs**2)  # index fx * F + fy
+
+
+def patchify(x: torch.Tensor, patch_h: int, patch_w: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, L, C, patch_h * patch_w), tokens row-major, the layout of F.unfold."""
+    b, c, h, w = x.shape
+    x = x.reshape(b, c, h // patch_h, patch_h, w // patch_w, patch_w)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c, patch_h * patch_w)
+
+
+def unpatchify(x: torch.Tensor, grid_h: int, grid_w: int, patch_h: int, patch_w: int) -> torch.Tensor:
+    """(B, L, patch_h * patch_w, C) -> (B, C, H, W), the inverse of `patchify` (pixels last)."""
+    b, c = x.shape[0], x.shape[-1]
+    x = x.reshape(b, grid_h, grid_w, patch_h, patch_w, c)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(b, c, grid_h * patch_h, grid_w * patch_w)
+
+
+class SwiGLU(nn.Module):
+    """silu(gate) * up, with gate and up from one fused projection."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.proj_in = nn.Linear(dim, 2 * hidden_dim, bias=False)
+        self.proj_out = nn.Linear(hidden_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.proj_in(x).chunk(2, dim=-1)
+        return self.proj_out(F.silu(gate) * up)
+
+
+class PixNerdAttention(nn.Module):
+    """Multi-head attention with per-head RMSNorm on q and k, optional 2D RoPE and optional text keys/values."""
+
+    def __init__(self, dim: int, num_heads: int, added_kv: bool = False):
+        super().__init__()
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.to_qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.add_kv_proj = nn.Linear(dim, 2 * dim, bias=False) if added_kv else None
+        self.norm_q = RMSNorm(head_dim, eps=1e-6)
+        self.norm_k = RMSNorm(head_dim, eps=1e-6)
+        self.to_out = nn.Linear(dim, dim)
+
+    def _heads(self, x: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
+        b, length, _ = x.shape
+        return x.reshape(b, length, n, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # n x (B, H, L, D)
+
+    def forward(self, x: torch.Tensor, rope: tuple | None = None, context: torch.Tensor | None = None):
+        b, n, c = x.shape
+        q, k, v = self._heads(self.to_qkv(x), 3)
+        q, k = self.norm_q(q), self.norm_k(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if context is not None:
+            # Text keys share the image k-norm and get no RoPE; no mask: padded text slots count (official).
+            context_k, context_v = self._heads(self.add_kv_proj(context), 2)
+            k = torch.cat([k, self.norm_k(context_k)], dim=2)
+            v = torch.cat([v, context_v], dim=2)
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, D)
+        return self.to_out(x.transpose(1, 2).reshape(b, n, c))
+
+
+class PixNerdTransformerBlock(nn.Module):
+    """DiT block: RMSNorm, AdaLN modulation and gates, attention and a SwiGLU MLP."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_hidden_dim: int, added_kv: bool = False):
+        super().__init__()
+        self.norm1 = RMSNorm(dim, eps=1e-6)
+        self.attn = PixNerdAttention(dim, num_heads, added_kv=added_kv)
+        self.norm2 = RMSNorm(dim, eps=1e-6)
+        self.ff = SwiGLU(dim, mlp_hidden_dim)
+        self.modulation = nn.Linear(dim, 6 * dim)  # its input c already went through SiLU
+
+    def forward(self, x, c, rope=None, context=None):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(c).chunk(6, dim=-1)
+        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope, context)
+        return x + gate_mlp * self.ff(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+class NeuralFieldBlock(nn.Module):
+    """One residual MLP layer of the per-patch neural field; its weights are predicted from the token."""
+
+    def __init__(self, cond_dim: int, dim: int, mlp_ratio: int, normalize_fc2: bool):
+        super().__init__()
+        self.param_generator = nn.Linear(cond_dim, 2 * dim * dim * mlp_ratio)
+        self.norm = RMSNorm(dim, eps=1e-6)
+        self.normalize_fc2 = normalize_fc2
+
+    def forward(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        n, _, dim = x.shape  # (N, P, d): N tokens, P pixels per patch
+        fc1, fc2 = self.param_generator(s).chunk(2, dim=-1)
+        fc1 = F.normalize(fc1.view(n, dim, -1), dim=-2)  # (N, d, r*d), unit-norm columns
+        fc2 = fc2.view(n, -1, dim)  # (N, r*d, d)
+        if self.normalize_fc2:
+            fc2 = F.normalize(fc2, dim=-2)
+        return x + torch.bmm(F.silu(torch.bmm(self.norm(x), fc1)), fc2)
+
+
+class PixNerdNeuralField(nn.Module):
+    """Decodes every pixel of a patch from its noisy value and position, with an MLP predicted per token."""
+
+    def __init__(self, in_channels, cond_dim, dim, num_layers, mlp_ratio, max_freqs, text_variant: bool):
+        super().__init__()
+        self.in_proj = nn.Linear(in_channels + max_freqs**2, dim)
+        self.blocks = nn.ModuleList(
+            [NeuralFieldBlock(cond_dim, dim, mlp_ratio, normalize_fc2=not text_variant) for _ in range(num_layers)]
+        )
+        # The text-to-image official model has no final norm and leaves fc2 unnormalised.
+        self.norm_out = nn.Identity() if text_variant else RMSNorm(dim, eps=1e-6)
+        self.proj_out = nn.Linear(dim, in_channels)
+
+    def forward(self, pixels, s, position_features, checkpoint=None):
+        # pixels (N, P, C), s (N, cond_dim), position_features (P, F*F)
+        position_features = position_features.to(pixels.dtype).expand(pixels.shape[0], -1, -1)
+        x = self.in_proj(torch.cat([pixels, position_features], dim=-1))
+        for block in self.blocks:
+            x = checkpoint(block, x, s) if checkpoint else block(x, s)
+        return self.proj_out(self.norm_out(x))
+
+
+class PixNerdTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
+    r"""
+    The PixNerd transformer: a pixel-space DiT with large patches whose final projection is a per-patch neural
+    field ([paper](https://arxiv.org/abs/2507.23268)). One class serves both official variants: class-conditional
+    (`num_classes` set) and text-conditional (`text_embed_dim` set, Qwen3 hidden states as `encoder_hidden_states`).
+
+    The model works in diffusers' flow-matching convention: `timestep` is `sigma * 1000` (1000 = pure noise) and the
+    output is the velocity `noise - x0`. The official code runs the other way (t = 1 - sigma, output `x0 - noise`); the
+    conversion is done inside, so converted official weights give the official results.
+
+    Parameters:
+        sample_size (`int`, defaults to `256`):
+            The trained resolution. The text variant decodes any other resolution with the backbone on the
+            `sample_size` token grid and a neural field that renders larger or smaller patches (official `app.py`).
+        patch_size (`int`, defaults to `16`):
+            The side of the square patches of the backbone.
+        in_channels (`int`, defaults to `3`):
+            The number of pixel channels.
+        num_layers (`int`, defaults to `26`):
+            The number of DiT blocks.
+        num_attention_heads (`int`, defaults to `16`):
+            The number of attention heads.
+        attention_head_dim (`int`, defaults to `72`):
+            The channels per head; the hidden size is `num_attention_heads * attention_head_dim`.
+        mlp_ratio (`float`, defaults to `4.0`):
+            The SwiGLU width ratio. The class-conditional model keeps the official 2/3 factor
+            (`int(2 * int(hidden * mlp_ratio) / 3)`); the text model uses `int(hidden * mlp_ratio)`.
+        num_neural_field_layers (`int`, defaults to `4`):
+            The number of layers of the per-patch MLP.
+        neural_field_hidden_size (`int`, defaults to `64`):
+            The width of the per-patch MLP.
+        neural_field_mlp_ratio (`int`, defaults to `2`):
+            The expansion ratio inside each neural-field layer.
+        neural_field_max_freqs (`int`, defaults to `8`):
+            The pixel position encoding has `neural_field_max_freqs**2` features.
+        num_classes (`int`, *optional*, defaults to `1000`):
+            The number of classes of the class-conditional model; label `num_classes` is the null class used for
+            classifier-free guidance. `None` for the text model.
+        text_embed_dim (`int`, *optional*, defaults to `None`):
+            The width of the text encoder's hidden states (2048 for Qwen3-1.7B). Setting it makes a text model.
+        text_max_length (`int`, defaults to `128`):
+            The number of text tokens (the learned text position table has this length).
+        num_text_refiner_layers (`int`, defaults to `4`):
+            The number of self-attention blocks refining the text tokens.
+    """
+
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["PixNerdTransformerBlock", "PixNerdNeuralField"]
+    _skip_layerwise_casting_patterns = ["patch_embed", "norm", "time_embedder", "class_embedder", "text_pos_embed"]
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int = 256,
+        patch_size: int = 16,
+        in_channels: int = 3,
+        num_layers: int = 26,
+        num_attention_heads: int = 16,
+        attention_head_dim: int = 72,
+        mlp_ratio: float = 4.0,
+        num_neural_field_layers: int = 4,
+        neural_field_hidden_size: int = 64,
+        neural_field_mlp_ratio: int = 2,
+        neural_field_max_freqs: int = 8,
+        num_classes: int | None = 1000,
+        text_embed_dim: int | None = None,
+        text_max_length: int = 128,
+        num_text_refiner_layers: int = 4,
+    ):
+        super().__init__()
+        if (num_classes is None) == (text_embed_dim is None):
+            raise ValueError(
+                f"Exactly one of `num_classes` ({num_classes}) and `text_embed_dim` ({text_embed_dim}) must be set: "
+                "it chooses the class-conditional or the text-to-image model."
+            )
+        if sample_size % patch_size:
+            raise ValueError(f"`sample_size` ({sample_size}) must be a multiple of `patch_size` ({patch_size}).")
+        dim = num_attention_heads * attention_head_dim
+        is_text = text_embed_dim is not None
+        if is_text:
+            mlp_hidden_dim = int(dim * mlp_ratio)
+        else:
+            mlp_hidden_dim = int(2 * int(dim * mlp_ratio) / 3)  # the official FeedForward's 2/3 factor
+
+        self.patch_embed = nn.Linear(in_channels * patch_size**2, dim)
+        self.time_embedder = TimestepEmbedding(256, dim)
+        if is_text:
+            self.text_proj = nn.Linear(text_embed_dim, dim)
+            self.text_norm = RMSNorm(dim, eps=1e-6)
+            self.text_pos_embed = nn.Parameter(torch.randn(1, text_max_length, dim))
+            self.text_refiner_blocks = nn.ModuleList(
+                [PixNerdTransformerBlock(dim, num_attention_heads, mlp_hidden_dim) for _ in range(num_text_refiner_layers)]
+            )
+        else:
+            self.class_embedder = nn.Embedding(num_classes + 1, dim)  # + the null class
+        self.transformer_blocks = nn.ModuleList(
+            [PixNerdTransformerBlock(dim, num_attention_heads, mlp_hidden_dim, added_kv=is_text) for _ in range(num_layers)]
+        )
+        self.neural_field = PixNerdNeuralField(
+            in_channels,
+            dim,
+            neural_field_hidden_size,
+            num_neural_field_layers,
+            neural_field_mlp_ratio,
+            neural_field_max_freqs,
+            text_variant=is_text,
+        )
+        self.gradient_checkpointing = False
+        self.initialize_weights()
+
+    @classmethod
+    def from_preset(cls, name: str, **kwargs) -> "PixNerdTransformer2DModel":
+        """Builds an official size (`PIXNERD_PRESETS`) with fresh weights; `kwargs` override its config."""
+        if name not in PIXNERD_PRESETS:
+            raise ValueError(f"Unknown preset `name` {name!r}; expected one of {sorted(PIXNERD_PRESETS)}.")
+        return cls(**{**PIXNERD_PRESETS[name], **kwargs})
+
+    @classmethod
+    def from_single_file(cls, pretrained_model_link_or_path: str, **kwargs) -> "PixNerdTransformer2DModel":
+        """Loads an official PixNerd Lightning checkpoint (local path, Hub file path or URL); see `convert.py`."""
+        from ..convert import convert_official_checkpoint
+
+        return convert_official_checkpoint(pretrained_model_link_or_path, **kwargs)
+
+    def initialize_weights(self):
+        """The official initialisation, for training from scratch."""
+        nn.init.xavier_uniform_(self.patch_embed.weight)
+        nn.init.zeros_(self.patch_embed.bias)
+        nn.init.normal_(self.time_embedder.linear_1.weight, std=0.02)
+        nn.init.normal_(self.time_embedder.linear_2.weight, std=0.02)
+        if self.config.num_classes is not None:
+            nn.init.normal_(self.class_embedder.weight, std=0.02)
+        nn.init.zeros_(self.neural_field.proj_out.weight)
+        nn.init.zeros_(self.neural_field.proj_out.bias)
+
+    @property
+    def is_text_conditional(self) -> bool:
+        return self.config.text_embed_dim is not None
+
+    def _grid(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """Token grid and neural-field patch size (grid_h, grid_w, patch_h, patch_w) for an input size."""
+        p, size = self.config.patch_size, self.config.sample_size
+        if not self.is_text_conditional or (height, width) == (size, size):
+            return height // p, width // p, p, p
+        # Any resolution (official app.py): the backbone keeps the trained token grid, patches grow or shrink.
+        scale_h, scale_w = height / size, width / size
+        return int(height / scale_h) // p, int(width / scale_w) // p, int(p * scale_h), int(p * scale_w)
+
+    def check_inputs(self, hidden_states, timestep, class_labels, encoder_hidden_states):
+        cfg = self.config
+        if hidden_states.ndim != 4 or hidden_states.shape[1] != cfg.in_channels:
+            raise ValueError(
+                f"`hidden_states` must have shape (batch, {cfg.in_channels}, height, width), got {tuple(hidden_states.shape)}."
+            )
+        batch, _, height, width = hidden_states.shape
+        p = cfg.patch_size
+        if height % p or width % p:
+            raise ValueError(f"`hidden_states` height and width ({height}, {width}) must be multiples of {p}.")
+        if self.is_text_conditional:
+            grid_h, grid_w, patch_h, patch_w = self._grid(height, width)
+            if (grid_h * patch_h, grid_w * patch_w) != (height, width):
+                step = cfg.sample_size // p
+                raise ValueError(
+                    f"`hidden_states` height and width ({height}, {width}) must be multiples of {step} for the text "
+                    f"model: its backbone sees a {step}x{step} token grid at every resolution."
+                )
+        if timestep.ndim > 1 or timestep.numel() not in (1, batch):
+            raise ValueError(f"`timestep` must be a scalar or have shape ({batch},), got {tuple(timestep.shape)}.")
+        if self.is_text_conditional:
+            if class_labels is not None:
+                raise ValueError("`class_labels` was given to a text-to-image model; pass `encoder_hidden_states`.")
+            if encoder_hidden_states is None:
+                raise ValueError("`encoder_hidden_states` is required by the text-to-image model.")
+            expected = (batch, cfg.text_max_length, cfg.text_embed_dim)
+            if tuple(encoder_hidden_states.shape) != expected:
+                raise ValueError(
+                    f"`encoder_hidden_states` must have shape {expected} (batch, text_max_length, text_embed_dim), "
+                    f"got {tuple(encoder_hidden_states.shape)}."
+                )
+        else:
+            if encoder_hidden_states is not None:
+                raise ValueError("`encoder_hidden_states` was given to a class-conditional model; pass `class_labels`.")
+            if class_labels is None:
+                raise ValueError("`class_labels` is required by the class-conditional model.")
+            if class_labels.ndim > 1 or class_labels.numel() not in (1, batch):
+                raise ValueError(f"`class_labels` must be a scalar or have shape ({batch},), got {tuple(class_labels.shape)}.")
+            if not torch.compiler.is_compiling() and ((class_labels < 0) | (class_labels > cfg.num_classes)).any():
+                raise ValueError(
+                    f"`class_labels` must lie in [0, {cfg.num_classes}] ({cfg.num_classes} is the null class), "
+                    f"got {class_labels.tolist()}."
+                )
+
+    @apply_lora_scale("attention_kwargs")
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor | float,
+        class_labels: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_kwargs: dict[str, Any] | None = None,
+        return_dict: bool = True,
+    ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
+        """
+        The [`PixNerdTransformer2DModel`] forward method.
+
+        Args:
+            hidden_states (`torch.Tensor` of shape `(batch_size, in_channels, height, width)`):
+                Noisy pixels in [-1, 1].
+            timestep (`torch.Tensor` or `float`):
+                `sigma * 1000`, a scalar or one per sample (1000 = pure noise, 0 = clean image).
+            class_labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+                Class ids for the class-conditional model; `num_classes` is the null class.
+            encoder_hidden_states (`torch.Tensor` of shape `(batch_size, text_max_length, text_embed_dim)`, *optional*):
+                Text encoder hidden states for the text-to-image model.
+            attention_kwargs (`dict`, *optional*):
+                `{"scale": float}` scales the LoRA layers loaded through PEFT.
+            return_dict (`bool`, defaults to `True`):
+                Whether to return a [`~models.modeling_outputs.Transformer2DModelOutput`] or a plain tuple.
+
+        Returns:
+            The flow velocity `noise - x0`, shaped like `hidden_states`.
+        """
+        timestep = torch.as_tensor(timestep, device=hidden_states.device)
+        class_labels = torch.as_tensor(class_labels, device=hidden_states.device) if class_labels is not None else None
+        self.check_inputs(hidden_states, timestep, class_labels, encoder_hidden_states)
+        batch, _, height, width = hidden_states.shape
+        dtype = self.patch_embed.weight.dtype
+        p = self.config.patch_size
+        grid_h, grid_w, patch_h, patch_w = self._grid(height, width)
+        checkpoint = self._gradient_checkpointing_func if torch.is_grad_enabled() and self.gradient_checkpointing else None
+
+        # 1. Time: the official t (0 = noise) and its sinusoid (max_period 10, [cos, sin]) in float32.
+        t = 1 - timestep.float().reshape(-1).expand(batch) / NUM_TRAIN_TIMESTEPS
+        t_freq = get_timestep_embedding(t, 256, flip_sin_to_cos=True, downscale_freq_shift=0, max_period=10)
+        t_emb = self.time_embedder(t_freq.to(dtype))[:, None]  # (B, 1, D)
+
+        # 2. Tokens: the backbone sees the image resized (nearest) to its token grid.
+        x = hidden_states.to(dtype)
+        backbone_input = x
+        if (grid_h * p, grid_w * p) != (height, width):
+            backbone_input = F.interpolate(x, size=(grid_h * p, grid_w * p), mode="nearest")
+        s = self.patch_embed(patchify(backbone_input, p, p).flatten(2))  # (B, L, D)
+
+        # 3. Condition and 2D RoPE (official positions: normalised extent 16 for C2I, token extents for T2I).
+        context = None
+        head_dim = self.config.attention_head_dim
+        if self.is_text_conditional:
+            c = F.silu(t_emb)
+            context = self.text_norm(self.text_proj(encoder_hidden_states.to(dtype))) + self.text_pos_embed.to(dtype)
+            for block in self.text_refiner_blocks:
+                context = checkpoint(block, context, c) if checkpoint else block(context, c)
+            # x extent from the grid height and y extent from its width (swapped on non-square grids), as in
+            # the official rope.py `precompute_freqs_cis_ex2d`.
+            angles = rope_angles(head_dim, grid_h, grid_w, float(grid_h), float(grid_w))
+        else:
+            c = F.silu(t_emb + self.class_embedder(class_labels.reshape(-1).expand(batch))[:, None])
+            angles = rope_angles(head_dim, grid_h, grid_w, 16.0, 16.0)
+        angles = angles.to(hidden_states.device)
+        rope = (angles.cos(), angles.sin())
+
+        # 4. DiT blocks.
+        for block in self.transformer_blocks:
+            s = checkpoint(block, s, c, rope, context) if checkpoint else block(s, c, rope, context)
+        s = F.silu(t_emb + s)  # (B, L, D)
+
+        # 5. Neural field: every token decodes its patch of the full-resolution image.
+        if self.is_text_conditional:
+            # Real part of the official complex RoPE table over the patch (what casting it to a real dtype keeps).
+            f2 = self.config.neural_field_max_freqs**2
+            positions = rope_angles(2 * f2, patch_h, patch_w, patch_h * (16 / patch_h), patch_w * (16 / patch_w)).cos()
+        else:
+            positions = dct_features(patch_h, patch_w, self.config.neural_field_max_freqs)
+        pixels = patchify(x, patch_h, patch_w).transpose(-1, -2).flatten(0, 1)  # (B*L, P, C)
+        out = self.neural_field(pixels, s.flatten(0, 1), positions.to(hidden_states.device), checkpoint)
+        out = unpatchify(out.unflatten(0, (batch, -1)), grid_h, grid_w, patch_h, patch_w)
+
+        # The official network predicts x0 - noise; diffusers' flow models predict noise - x0.
+        sample = -out
+        if not return_dict:
+            return (sample,)
+        return Transformer2DModelOutput(sample=sample)

@@ -1,0 +1,46 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+
+# Tiny configurations of both variants (the shapes of the official-format fixtures in tests/fixtures/).
+TINY_C2I = dict(
+    sample_size=16, patch_size=4, num_layers=2, num_attention_heads=2, attention_head_dim=16,
+    num_neural_field_layers=2, neural_field_hidden_size=8, num_classes=10,
+)
+TINY_T2I = dict(
+    sample_size=16, patch_size=4, num_layers=2, num_attention_heads=2, attention_head_dim=16,
+    num_neural_field_layers=2, neural_field_hidden_size=8, num_classes=None, text_embed_dim=24, text_max_length=6,
+    num_text_refiner_layers=1,
+)
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random values in every parameter, also the ones the official init zeroes, so tests see every path."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            p.copy_(1 + 0.1 * noise if "norm" in name else 0.2 * noise)
+    return model
+
+
+@pytest.fixture
+def tiny_c2i():
+    from diffusers_pixnerd import PixNerdTransformer2DModel
+
+    torch.manual_seed(0)
+    return randomize_(PixNerdTransformer2DModel(**TINY_C2I)).eval()
+
+
+@pytest.fixture
+def tiny_t2i():
+    from diffusers_pixnerd import PixNerdTransformer2DModel
+
+    torch.manual_seed(0)
+    return randomize_(PixNerdTransformer2DModel(**TINY_T2I)).eval()

@@ -1,0 +1,151 @@
+import os
+import subprocess
+import sys
+from unittest import mock
+
+import pytest
+import torch
+from conftest import FIXTURES
+from safetensors.torch import load_file
+
+from diffusers_pixnerd import PixNerdTransformer2DModel, convert_official_checkpoint
+from diffusers_pixnerd.convert import infer_config, load_official_state_dict, main, select_denoiser
+
+C2I_CKPT = os.path.join(FIXTURES, "official_c2i_tiny.ckpt")
+T2I_CKPT = os.path.join(FIXTURES, "official_t2i_tiny.ckpt")
+
+
+def official_state_dict(path=C2I_CKPT):
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def test_architecture_is_inferred_from_tensors():
+    c2i = infer_config(select_denoiser(official_state_dict()))
+    assert {k: c2i[k] for k in ("patch_size", "num_layers", "num_attention_heads", "attention_head_dim")} == {
+        "patch_size": 4, "num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 16
+    }
+    assert (c2i["num_neural_field_layers"], c2i["neural_field_hidden_size"], c2i["neural_field_mlp_ratio"]) == (2, 8, 2)
+    assert c2i["num_classes"] == 10 and c2i["sample_size"] == 256
+    t2i = infer_config(select_denoiser(official_state_dict(T2I_CKPT)))
+    assert (t2i["text_embed_dim"], t2i["text_max_length"], t2i["num_text_refiner_layers"]) == (24, 6, 1)
+    assert t2i["num_classes"] is None and t2i["sample_size"] == 512 and t2i["mlp_ratio"] == 4.0
+
+
+def test_cli_writes_a_loadable_folder_with_one_copy_of_the_weights(tmp_path):
+    out = tmp_path / "converted"
+    main(["--checkpoint", C2I_CKPT, "--output", str(out)])
+    files = sorted(os.listdir(out))
+    assert files == ["config.json", "diffusion_pytorch_model.safetensors"]
+    model = PixNerdTransformer2DModel.from_pretrained(out)
+    weights = load_file(out / "diffusion_pytorch_model.safetensors")
+    assert sum(t.numel() for t in weights.values()) == sum(p.numel() for p in model.parameters())
+    # EMA weights by default: the class table equals the official `ema_denoiser.` one.
+    torch.testing.assert_close(weights["class_embedder.weight"], official_state_dict()["ema_denoiser.y_embedder.embedding_table.weight"])
+
+
+def test_cli_no_ema_takes_online_weights(tmp_path):
+    main(["--checkpoint", C2I_CKPT, "--output", str(tmp_path), "--no-ema", "--sample_size", "512"])
+    model = PixNerdTransformer2DModel.from_pretrained(tmp_path)
+    assert model.config.sample_size == 512
+    torch.testing.assert_close(model.class_embedder.weight, official_state_dict()["denoiser.y_embedder.embedding_table.weight"])
+
+
+def test_cli_runs_as_module(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "diffusers_pixnerd.convert", "--checkpoint", T2I_CKPT, "--output", str(tmp_path), "--dtype", "bfloat16"],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Wrote" in result.stdout
+    assert {t.dtype for t in load_file(tmp_path / "diffusion_pytorch_model.safetensors").values()} == {torch.bfloat16}
+    assert PixNerdTransformer2DModel.from_pretrained(tmp_path).is_text_conditional
+
+
+def test_fused_swiglu_is_official_w1_then_w3():
+    model = convert_official_checkpoint(C2I_CKPT)
+    sd = official_state_dict()
+    expected = torch.cat([sd["ema_denoiser.blocks.1.mlp.w1.weight"], sd["ema_denoiser.blocks.1.mlp.w3.weight"]])
+    torch.testing.assert_close(model.transformer_blocks[1].ff.proj_in.weight, expected)
+
+
+def test_from_single_file_local_and_hub(tmp_path):
+    local = PixNerdTransformer2DModel.from_single_file(C2I_CKPT)
+    with mock.patch("huggingface_hub.hf_hub_download", return_value=C2I_CKPT) as download:
+        hub = PixNerdTransformer2DModel.from_single_file("MCG-NJU/PixNerd-XL-P16-C2I/model.ckpt")
+        url = PixNerdTransformer2DModel.from_single_file("https://huggingface.co/MCG-NJU/PixNerd-XL-P16-C2I/blob/main/model.ckpt")
+    assert download.call_args_list[0].args == ("MCG-NJU/PixNerd-XL-P16-C2I", "model.ckpt")
+    assert download.call_args_list[1].args == ("MCG-NJU/PixNerd-XL-P16-C2I", "model.ckpt")
+    assert download.call_args_list[1].kwargs["revision"] == "main"
+    for model in (hub, url):
+        assert all(torch.equal(a, b) for a, b in zip(local.state_dict().values(), model.state_dict().values()))
+
+
+def test_plain_denoiser_state_dict_is_accepted(tmp_path):
+    sd = {k[len("ema_denoiser."):]: v for k, v in official_state_dict().items() if k.startswith("ema_denoiser.")}
+    path = tmp_path / "denoiser.pt"
+    torch.save(sd, path)
+    model = convert_official_checkpoint(str(path))
+    torch.testing.assert_close(model.class_embedder.weight, sd["y_embedder.embedding_table.weight"])
+
+
+# --- Errors ---
+
+
+def test_missing_file_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither a local file"):
+        convert_official_checkpoint(str(tmp_path / "nope.ckpt"))
+    with pytest.raises(FileNotFoundError, match="`checkpoint`"):
+        load_official_state_dict(str(tmp_path / "nope.ckpt"))
+
+
+def test_file_that_is_not_a_checkpoint_is_an_error(tmp_path):
+    path = tmp_path / "random.ckpt"
+    path.write_bytes(os.urandom(1000))
+    with pytest.raises(ValueError, match="weights-only"):
+        convert_official_checkpoint(str(path))
+    other = tmp_path / "other.pt"
+    torch.save({"state_dict": {"encoder.layer.weight": torch.zeros(2)}}, other)
+    with pytest.raises(ValueError, match="Not a PixNerd checkpoint"):
+        convert_official_checkpoint(str(other))
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/pixnerd_pickle_ran",))
+
+
+def test_pickled_code_never_runs(tmp_path):
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": official_state_dict(), "payload": _Payload()}, path)
+    if os.path.exists("/tmp/pixnerd_pickle_ran"):
+        os.remove("/tmp/pixnerd_pickle_ran")
+    with pytest.raises(ValueError, match="weights-only"):
+        convert_official_checkpoint(str(path))
+    assert not os.path.exists("/tmp/pixnerd_pickle_ran")
+
+
+def test_unknown_key_is_an_error(tmp_path):
+    sd = official_state_dict()
+    sd["ema_denoiser.blocks.0.attn.extra.weight"] = torch.zeros(3)
+    path = tmp_path / "extra.ckpt"
+    torch.save({"state_dict": sd}, path)
+    with pytest.raises(ValueError, match="Unknown keys.*blocks.0.attn.extra.weight"):
+        convert_official_checkpoint(str(path))
+
+
+def test_missing_key_is_an_error(tmp_path):
+    sd = official_state_dict()
+    del sd["ema_denoiser.blocks.1.attn.proj.bias"]
+    path = tmp_path / "missing.ckpt"
+    torch.save({"state_dict": sd}, path)
+    with pytest.raises(ValueError, match="lacks weights for.*transformer_blocks.1.attn.to_out.bias"):
+        convert_official_checkpoint(str(path))
+
+
+def test_missing_ema_weights_is_an_error(tmp_path):
+    sd = {k: v for k, v in official_state_dict().items() if not k.startswith("ema_denoiser.")}
+    path = tmp_path / "online_only.ckpt"
+    torch.save({"state_dict": sd}, path)
+    with pytest.raises(ValueError, match="no `ema_denoiser.\\*` weights"):
+        convert_official_checkpoint(str(path))
+    assert convert_official_checkpoint(str(path), ema=False).config.num_classes == 10
