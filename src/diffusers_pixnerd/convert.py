@@ -9,10 +9,14 @@ The architecture is read from the tensors. A Lightning file holds `state_dict` w
 """
 
 import argparse
+import glob
 import os
 import re
+import shutil
+import tempfile
 
 import torch
+from diffusers.utils import logging
 
 from .models.transformer_pixnerd import PixNerdTransformer2DModel
 
@@ -41,6 +45,8 @@ _NEURAL_FIELD_BLOCK_KEYS = {"param_generator1.0.": "param_generator.", "norm.": 
 _IGNORED_PREFIXES = ("diffusion_trainer.", "conditioner.", "vae.", "diffusion_sampler.")
 
 DEFAULT_SAMPLE_SIZE = {"class": 256, "text": 512}
+
+logger = logging.get_logger(__name__)
 
 
 def load_official_state_dict(path: str) -> dict:
@@ -228,6 +234,104 @@ def convert_official_checkpoint(
     return model.to(torch_dtype) if torch_dtype is not None else model
 
 
+DEFAULT_TEXT_ENCODER = "Qwen/Qwen3-1.7B"
+
+
+def convert_official_pipeline(
+    checkpoint: str,
+    ema: bool = True,
+    sample_size: int | None = None,
+    torch_dtype: torch.dtype | None = None,
+    scheduler_preset: str | None = None,
+    text_encoder=DEFAULT_TEXT_ENCODER,
+    tokenizer=None,
+    **hub_kwargs,
+):
+    """A complete pipeline from an official checkpoint: `PixNerdPipeline` (with ImageNet `id2label` for 1000
+    classes) or `PixNerdT2IPipeline` (with `text_encoder`, a Qwen3 name/path or model, `None` to leave it out).
+
+    The scheduler is `PixNerdFlowMatchScheduler.from_official_preset(scheduler_preset)`, by default the paper's
+    setting: "c2i-euler100" for class-conditional checkpoints, "t2i" for text-to-image ones.
+    """
+    from .pipelines import PixNerdPipeline, PixNerdT2IPipeline, imagenet_id2label
+    from .schedulers import PixNerdFlowMatchScheduler
+
+    transformer = convert_official_checkpoint(checkpoint, ema, sample_size, torch_dtype, **hub_kwargs)
+    if not transformer.is_text_conditional:
+        scheduler = PixNerdFlowMatchScheduler.from_official_preset(scheduler_preset or "c2i-euler100")
+        id2label = imagenet_id2label() if transformer.config.num_classes == 1000 else None
+        return PixNerdPipeline(transformer=transformer, scheduler=scheduler, id2label=id2label)
+    scheduler = PixNerdFlowMatchScheduler.from_official_preset(scheduler_preset or "t2i")
+    if isinstance(text_encoder, str):
+        from transformers import AutoModel, AutoTokenizer
+
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(text_encoder)
+        text_encoder = AutoModel.from_pretrained(text_encoder, torch_dtype=torch_dtype or torch.bfloat16)
+    return PixNerdT2IPipeline(transformer=transformer, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer)
+
+
+def official_pipeline_folder(
+    name_or_path: str,
+    checkpoint_name: str | None = None,
+    ema: bool = True,
+    sample_size: int | None = None,
+    cache_dir: str | None = None,
+    token: str | None = None,
+    revision: str | None = None,
+) -> str | None:
+    """For a folder or Hub repo that holds an official Lightning checkpoint and no `model_index.json`: the path of
+    its converted pipeline (text encoder left out), converted once and cached. `None` for anything else.
+
+    The cache lives in `cache_dir` (default `$HF_HOME/diffusers_pixnerd`) and is written atomically; a cached
+    conversion is used without network access.
+    """
+    from huggingface_hub import constants
+
+    root = os.path.join(cache_dir or os.path.join(constants.HF_HOME, "diffusers_pixnerd"), "converted")
+    tag = f"{'ema' if ema else 'online'}-{sample_size or 'default'}"
+    if os.path.isdir(name_or_path):
+        if os.path.isfile(os.path.join(name_or_path, "model_index.json")):
+            return None
+        checkpoints = sorted(f for f in os.listdir(name_or_path) if f.endswith(".ckpt"))
+        key = os.path.abspath(name_or_path).strip(os.sep).replace(os.sep, "--")
+        fetch = lambda name: os.path.join(name_or_path, name)  # noqa: E731
+    else:
+        if re.fullmatch(r"[\w.-]+/[\w.-]+", name_or_path) is None:
+            return None
+        key = name_or_path.replace("/", "--")
+        cached = sorted(glob.glob(os.path.join(root, key, f"{checkpoint_name or '*'}-{tag}", "model_index.json")))
+        if cached:
+            return os.path.dirname(cached[0])
+        from huggingface_hub import HfApi, hf_hub_download
+
+        files = HfApi().list_repo_files(name_or_path, revision=revision, token=token)
+        if "model_index.json" in files:
+            return None
+        checkpoints = sorted(f for f in files if f.endswith(".ckpt"))
+        fetch = lambda name: hf_hub_download(name_or_path, name, revision=revision, token=token)  # noqa: E731
+    if checkpoint_name is not None:
+        if checkpoint_name not in checkpoints:
+            raise ValueError(f"`checkpoint_name` {checkpoint_name!r} is not in {name_or_path!r}: {checkpoints}.")
+        checkpoints = [checkpoint_name]
+    if not checkpoints:
+        return None
+    if len(checkpoints) > 1:
+        logger.warning(f"{name_or_path!r} holds {checkpoints}; converting {checkpoints[0]!r} (choose with `checkpoint_name`).")
+    target = os.path.join(root, key, f"{checkpoints[0]}-{tag}")
+    if not os.path.isfile(os.path.join(target, "model_index.json")):
+        pipe = convert_official_pipeline(fetch(checkpoints[0]), ema=ema, sample_size=sample_size, text_encoder=None)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        staging = tempfile.mkdtemp(dir=os.path.dirname(target), prefix=".converting-")
+        try:
+            pipe.save_pretrained(staging)
+            shutil.rmtree(target, ignore_errors=True)  # an earlier, incomplete conversion
+            os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        logger.info(f"Converted {name_or_path!r} ({checkpoints[0]}) to {target}")
+    return target
+
+
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description="Convert an official PixNerd checkpoint to a diffusers model folder.")
     parser.add_argument("--checkpoint", required=True, help="Official Lightning .ckpt (local path or org/repo/file).")
@@ -235,14 +339,28 @@ def parse_args(input_args=None):
     parser.add_argument("--no-ema", "--no_ema", dest="ema", action="store_false", help="Use `denoiser.*`, not EMA.")
     parser.add_argument("--sample_size", type=int, default=None, help="Trained resolution (default 256 C2I, 512 T2I).")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument(
+        "--pipeline", action="store_true", help="Write a complete pipeline folder (scheduler, labels, text encoder)."
+    )
+    parser.add_argument("--scheduler_preset", default=None, help="c2i-euler100 (C2I default), c2i-adams50 or t2i.")
+    parser.add_argument(
+        "--text_encoder", default=DEFAULT_TEXT_ENCODER, help="Text-to-image pipelines: Qwen3 name/path, or 'none'."
+    )
     return parser.parse_args(input_args)
 
 
 def main(input_args=None):
     args = parse_args(input_args)
-    model = convert_official_checkpoint(
-        args.checkpoint, ema=args.ema, sample_size=args.sample_size, torch_dtype=getattr(torch, args.dtype)
-    )
+    dtype = getattr(torch, args.dtype)
+    if args.pipeline:
+        text_encoder = None if args.text_encoder.lower() == "none" else args.text_encoder
+        pipe = convert_official_pipeline(
+            args.checkpoint, args.ema, args.sample_size, dtype, args.scheduler_preset, text_encoder=text_encoder
+        )
+        pipe.save_pretrained(args.output)
+        print(f"Wrote the {type(pipe).__name__} folder {args.output}")
+        return
+    model = convert_official_checkpoint(args.checkpoint, ema=args.ema, sample_size=args.sample_size, torch_dtype=dtype)
     model.save_pretrained(args.output)
     print(f"Wrote {args.output} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters)")
 

@@ -6,7 +6,7 @@ Reference implementation: github MCG-NJU/PixNerd (`src/models/transformer/pixner
 `pixnerd_t2i_heavydecoder.py`). Weights converted from the official checkpoints reproduce its outputs.
 """
 
-from functools import partial
+import math
 from typing import Any
 
 import torch
@@ -337,6 +337,12 @@ class PixNerdTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     @property
     def is_text_conditional(self) -> bool:
         return self.config.text_embed_dim is not None
+
+    @property
+    def resolution_multiple(self) -> int:
+        """Heights and widths must be multiples of this: the patch size, and for the text model also the token grid."""
+        p = self.config.patch_size
+        return math.lcm(p, self.config.sample_size // p) if self.is_text_conditional else p
 
     def _grid(self, height: int, width: int) -> tuple[int, int, int, int]:
         """Token grid and neural-field patch size (grid_h, grid_w, patch_h, patch_w) for an input size."""

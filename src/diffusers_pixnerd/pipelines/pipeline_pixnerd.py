@@ -1,0 +1,194 @@
+# Copyright 2026 The diffusers-pixnerd authors. MIT License.
+"""Class-conditional PixNerd pipeline (ImageNet, or any label set stored in `id2label`)."""
+
+import difflib
+import json
+import os
+from typing import Any, Callable
+
+import torch
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.utils import replace_example_docstring
+
+from ..models.transformer_pixnerd import PixNerdTransformer2DModel
+from ..schedulers.scheduling_pixnerd import PixNerdFlowMatchScheduler
+from .pipeline_utils import PixNerdBasePipeline
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> from diffusers_pixnerd import PixNerdPipeline
+
+        >>> pipe = PixNerdPipeline.from_pretrained("MCG-NJU/PixNerd-XL-P16-C2I")
+        >>> image = pipe(class_labels="golden retriever", generator=torch.Generator().manual_seed(0)).images[0]
+        >>> image.save("golden_retriever.png")
+        ```
+"""
+
+
+def imagenet_id2label() -> dict[str, str]:
+    """The 1000 ImageNet-1k class names (WordNet lemmas, comma-separated synonyms), keyed by class id."""
+    with open(os.path.join(os.path.dirname(__file__), "imagenet_id2label.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+class PixNerdPipeline(PixNerdBasePipeline):
+    r"""
+    Class-conditional image generation with PixNerd ([paper](https://arxiv.org/abs/2507.23268)): a pixel-space
+    diffusion transformer, no VAE.
+
+    This model inherits from [`DiffusionPipeline`]. Check the superclass documentation for the generic methods
+    implemented for all pipelines (downloading, saving, running on a particular device, etc.).
+
+    Parameters:
+        transformer ([`PixNerdTransformer2DModel`]):
+            A class-conditional PixNerd transformer.
+        scheduler ([`PixNerdFlowMatchScheduler`] or [`FlowMatchEulerDiscreteScheduler`]):
+            The sampler; a [`PixNerdFlowMatchScheduler`] config also carries the default steps, guidance scale and
+            guidance interval of the checkpoint.
+        id2label (`dict[str, str]`, *optional*):
+            Class names by id (comma-separated synonyms allowed), saved with the pipeline. `class_labels` may then be
+            names.
+    """
+
+    def __init__(
+        self,
+        transformer: PixNerdTransformer2DModel,
+        scheduler: PixNerdFlowMatchScheduler,
+        id2label: dict[str, str] | None = None,
+    ):
+        super().__init__()
+        self.register_modules(transformer=transformer, scheduler=scheduler)
+        self.register_to_config(id2label={str(k): v for k, v in id2label.items()} if id2label else None)
+        self.labels = {}
+        for key, value in (id2label or {}).items():
+            for label in value.split(","):
+                self.labels[label.strip()] = int(key)
+        self.labels = dict(sorted(self.labels.items()))
+
+    def get_label_ids(self, label: str | list[str]) -> list[int]:
+        """Class ids of class names (any of the comma-separated synonyms in `id2label`)."""
+        ids = []
+        for name in [label] if isinstance(label, str) else label:
+            if name not in self.labels:
+                close = difflib.get_close_matches(name, list(self.labels), n=5)
+                hint = f" Close matches: {close}." if close else ""
+                known = f"{len(self.labels)} known names" if self.labels else "no `id2label` in this pipeline"
+                raise ValueError(f"Unknown class name {name!r} in `class_labels` ({known}).{hint}")
+            ids.append(self.labels[name])
+        return ids
+
+    def _class_ids(self, class_labels) -> list[int]:
+        labels = class_labels if isinstance(class_labels, (list, tuple)) else [class_labels]
+        if isinstance(class_labels, torch.Tensor):
+            labels = class_labels.reshape(-1).tolist()
+        if len(labels) == 0:
+            raise ValueError("`class_labels` is empty.")
+        num_classes = self.transformer.config.num_classes
+        ids = []
+        for label in labels:
+            if isinstance(label, str):
+                ids.extend(self.get_label_ids(label))
+            elif isinstance(label, int) and 0 <= label <= num_classes:
+                ids.append(label)  # num_classes itself is the null class: unconditional samples
+            else:
+                raise ValueError(
+                    f"`class_labels` entries must be class names or ids in [0, {num_classes}] "
+                    f"({num_classes} = unconditional), got {label!r}."
+                )
+        return ids
+
+    @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
+    def __call__(
+        self,
+        class_labels: int | str | list[int | str] | torch.Tensor,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        guidance_interval: tuple[float, float] | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+    ) -> ImagePipelineOutput | tuple:
+        r"""
+        Generates images of the given classes.
+
+        Args:
+            class_labels (`int`, `str`, `list` or `torch.Tensor`):
+                Class ids or names (see `get_label_ids`); the id `num_classes` asks for an unconditional sample.
+            height (`int`, *optional*):
+                Image height in pixels, a multiple of the patch size; defaults to the model's `sample_size`.
+            width (`int`, *optional*):
+                Image width in pixels; defaults to the model's `sample_size`.
+            num_inference_steps (`int`, *optional*):
+                Sampling steps; defaults to the scheduler config's `num_inference_steps` (the checkpoint's setting).
+            guidance_scale (`float`, *optional*):
+                Classifier-free guidance scale; `<= 1` disables guidance. Defaults to the scheduler config's.
+            guidance_interval (`tuple[float, float]`, *optional*):
+                `(min, max)` in the paper's time t (0 = noise, 1 = data): guidance only where `min < t < max`.
+                Defaults to the scheduler config's.
+            num_images_per_prompt (`int`, defaults to 1):
+                Images per class label.
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
+                Seeds the initial noise (drawn on the CPU, so a seed gives the same image on any device).
+            latents (`torch.Tensor`, *optional*):
+                Initial noise of shape `(batch, 3, height, width)`, instead of drawing it.
+            output_type (`str`, defaults to `"pil"`):
+                `"pil"`, `"np"` or `"pt"` (images in [0, 1]), or `"latent"` (the raw pixels in [-1, 1]).
+            return_dict (`bool`, defaults to `True`):
+                Whether to return an [`ImagePipelineOutput`] or a tuple.
+            attention_kwargs (`dict`, *optional*):
+                Passed to the transformer, e.g. `{"scale": 0.5}` for loaded LoRA weights.
+            callback_on_step_end (`Callable`, *optional*):
+                Called as `callback_on_step_end(pipe, step, timestep, callback_kwargs)` after each step; it may
+                return `{"latents": ...}` to replace the latents.
+            callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`):
+                The tensors passed in `callback_kwargs`.
+
+        Examples:
+
+        Returns:
+            [`ImagePipelineOutput`] or `tuple`: the generated images.
+        """
+        height, width, num_inference_steps, guidance_scale, guidance_interval = self._defaults(
+            height, width, num_inference_steps, guidance_scale, guidance_interval
+        )
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"`num_images_per_prompt` must be a positive integer, got {num_images_per_prompt!r}.")
+        # 1. Check inputs and map names to ids.
+        class_ids = self._class_ids(class_labels)
+        batch_size = len(class_ids) * num_images_per_prompt
+        self.check_common_inputs(
+            batch_size, height, width, num_inference_steps, guidance_interval, generator, latents, output_type,
+            callback_on_step_end_tensor_inputs,
+        )
+        self._guidance_scale, self._interrupt = guidance_scale, False
+        device = self._execution_device
+
+        # 2. Conditions: the labels, and the null class for the unconditional half.
+        labels = torch.tensor(class_ids, device=device).repeat_interleave(num_images_per_prompt)
+        null = torch.full_like(labels, self.transformer.config.num_classes)
+
+        # 3. Noise and 4. the denoising loop.
+        latents = self.prepare_latents(batch_size, height, width, generator, latents, device)
+        latents = self.denoise(
+            latents,
+            {"class_labels": labels},
+            {"class_labels": null},
+            num_inference_steps,
+            guidance_interval,
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+            attention_kwargs,
+        )
+        # 5. Images.
+        return self.postprocess(latents, output_type, return_dict)
+

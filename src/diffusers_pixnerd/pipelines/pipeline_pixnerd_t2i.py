@@ -1,0 +1,271 @@
+# Copyright 2026 The diffusers-pixnerd authors. MIT License.
+"""Text-to-image PixNerd pipeline with a Qwen3 text encoder."""
+
+from typing import Any, Callable
+
+import torch
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.utils import replace_example_docstring
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ..models.transformer_pixnerd import PixNerdTransformer2DModel
+from ..schedulers.scheduling_pixnerd import PixNerdFlowMatchScheduler
+from .pipeline_utils import PixNerdBasePipeline
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> from diffusers_pixnerd import PixNerdT2IPipeline
+
+        >>> pipe = PixNerdT2IPipeline.from_pretrained("MCG-NJU/PixNerd-XXL-P16-T2I", torch_dtype=torch.bfloat16)
+        >>> pipe.to("cuda")
+        >>> image = pipe("a red fox in the snow, golden hour", height=512, width=768).images[0]
+        >>> image.save("fox.png")
+        ```
+"""
+
+
+class PixNerdT2IPipeline(PixNerdBasePipeline):
+    r"""
+    Text-to-image generation with PixNerd ([paper](https://arxiv.org/abs/2507.23268)): pixel-space diffusion with a
+    Qwen3 text encoder, any resolution (multiples of 32 for the official model) and any aspect ratio.
+
+    This model inherits from [`DiffusionPipeline`]. Check the superclass documentation for the generic methods
+    implemented for all pipelines (downloading, saving, running on a particular device, etc.).
+
+    Parameters:
+        transformer ([`PixNerdTransformer2DModel`]):
+            A text-conditional PixNerd transformer.
+        scheduler ([`PixNerdFlowMatchScheduler`] or [`FlowMatchEulerDiscreteScheduler`]):
+            The sampler; a [`PixNerdFlowMatchScheduler`] config also carries the checkpoint's default settings.
+        text_encoder ([`~transformers.Qwen3Model`], *optional*):
+            The text encoder (Qwen/Qwen3-1.7B for the official model); its last hidden state conditions the image.
+            May be `None` when `prompt_embeds` are passed.
+        tokenizer ([`~transformers.Qwen2Tokenizer`], *optional*):
+            The tokenizer of the text encoder.
+    """
+
+    model_cpu_offload_seq = "text_encoder->transformer"
+    _optional_components = ["text_encoder", "tokenizer"]
+
+    def __init__(
+        self,
+        transformer: PixNerdTransformer2DModel,
+        scheduler: PixNerdFlowMatchScheduler,
+        text_encoder: PreTrainedModel | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+    ):
+        super().__init__()
+        self.register_modules(transformer=transformer, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer)
+
+    def _encode(self, texts: list[str], device: torch.device, max_sequence_length: int) -> torch.Tensor:
+        """The official conditioner: right-padded to max length, truncated, last hidden state, cut/padded in width."""
+        tokens = self.tokenizer(
+            texts, padding="max_length", max_length=max_sequence_length, truncation=True, padding_side="right",
+            return_tensors="pt",
+        )
+        hidden = self.text_encoder(
+            input_ids=tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device)
+        )[0]
+        width = self.transformer.config.text_embed_dim
+        hidden = hidden[..., :width]
+        if hidden.shape[-1] < width:
+            hidden = torch.nn.functional.pad(hidden, (0, width - hidden.shape[-1]))
+        return hidden
+
+    def encode_prompt(
+        self,
+        prompt: str | list[str] | None,
+        negative_prompt: str | list[str] | None = None,
+        do_classifier_free_guidance: bool = True,
+        num_images_per_prompt: int = 1,
+        device: torch.device | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        max_sequence_length: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        r"""
+        Encodes prompts (and the unconditional prompts) into text encoder hidden states.
+
+        Args:
+            prompt (`str` or `list[str]`, *optional*):
+                The prompts; not needed when `prompt_embeds` are given.
+            negative_prompt (`str` or `list[str]`, *optional*):
+                The unconditional prompts for guidance, one for all or one per prompt; defaults to `""` as in the
+                official code.
+            do_classifier_free_guidance (`bool`, defaults to `True`):
+                Whether to return the unconditional embeddings too.
+            num_images_per_prompt (`int`, defaults to 1):
+                Copies of each embedding.
+            device (`torch.device`, *optional*):
+                Where to run the text encoder; defaults to the pipeline's execution device.
+            prompt_embeds (`torch.Tensor`, *optional*):
+                Precomputed `(batch, text_max_length, text_embed_dim)` embeddings.
+            negative_prompt_embeds (`torch.Tensor`, *optional*):
+                Precomputed unconditional embeddings.
+            max_sequence_length (`int`, *optional*):
+                Tokens per prompt; must equal the transformer's `text_max_length` (its learned positions).
+
+        Returns:
+            `(prompt_embeds, negative_prompt_embeds)` in the transformer's dtype, the second `None` without guidance.
+        """
+        device = device or self._execution_device
+        max_sequence_length = max_sequence_length or self.transformer.config.text_max_length
+        if prompt_embeds is None:
+            prompt = [prompt] if isinstance(prompt, str) else list(prompt)
+            prompt_embeds = self._encode(prompt, device, max_sequence_length)
+        if do_classifier_free_guidance and negative_prompt_embeds is None:
+            batch = prompt_embeds.shape[0]
+            negative_prompt = negative_prompt if negative_prompt is not None else ""
+            negative_prompt = [negative_prompt] * batch if isinstance(negative_prompt, str) else list(negative_prompt)
+            if len(set(negative_prompt)) == 1:  # encode once, like the official cached "" embedding
+                negative_prompt_embeds = self._encode(negative_prompt[:1], device, max_sequence_length).expand(batch, -1, -1)
+            else:
+                negative_prompt_embeds = self._encode(negative_prompt, device, max_sequence_length)
+
+        dtype = self.transformer.dtype
+        prompt_embeds = prompt_embeds.to(device, dtype).repeat_interleave(num_images_per_prompt, dim=0)
+        if negative_prompt_embeds is not None:
+            negative_prompt_embeds = negative_prompt_embeds.to(device, dtype).repeat_interleave(num_images_per_prompt, dim=0)
+        return prompt_embeds, negative_prompt_embeds
+
+    def check_inputs(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, max_sequence_length, guided):
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError("Pass exactly one of `prompt` and `prompt_embeds`.")
+        if prompt is not None and not (isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(p, str) for p in prompt))):
+            raise ValueError(f"`prompt` must be a string or a list of strings, got {type(prompt).__name__}.")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("Pass at most one of `negative_prompt` and `negative_prompt_embeds`.")
+        config = self.transformer.config
+        if max_sequence_length is not None and max_sequence_length != config.text_max_length:
+            raise ValueError(
+                f"`max_sequence_length` must be {config.text_max_length}, the transformer's learned text length; "
+                f"got {max_sequence_length}."
+            )
+        needs_encoder = prompt is not None or (guided and negative_prompt_embeds is None)
+        if needs_encoder and (self.text_encoder is None or self.tokenizer is None):
+            raise ValueError(
+                "This pipeline has no `text_encoder`/`tokenizer`: pass `prompt_embeds` (and `negative_prompt_embeds` "
+                "when guidance is on)."
+            )
+        batch = len(prompt) if isinstance(prompt, list) else 1 if prompt is not None else prompt_embeds.shape[0]
+        if isinstance(negative_prompt, list) and len(negative_prompt) != batch:
+            raise ValueError(f"`negative_prompt` has {len(negative_prompt)} entries for {batch} prompts.")
+        expected = (batch, config.text_max_length, config.text_embed_dim)
+        for name, embeds in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
+            if embeds is not None and tuple(embeds.shape) != expected:
+                raise ValueError(f"`{name}` must have shape {expected}, got {tuple(embeds.shape)}.")
+        return batch
+
+    @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        guidance_interval: tuple[float, float] | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        max_sequence_length: int | None = None,
+    ) -> ImagePipelineOutput | tuple:
+        r"""
+        Generates images from text.
+
+        Args:
+            prompt (`str` or `list[str]`, *optional*):
+                The prompts; or pass `prompt_embeds`.
+            negative_prompt (`str` or `list[str]`, *optional*):
+                The unconditional prompts of guidance (one for all or one per prompt); default `""`.
+            height (`int`, *optional*):
+                Image height in pixels, a multiple of `transformer.resolution_multiple` (32 for the official model);
+                defaults to the model's `sample_size`. Other sizes than the trained one are decoded by the neural field
+                from the trained token grid.
+            width (`int`, *optional*):
+                Image width in pixels; defaults to the model's `sample_size`.
+            num_inference_steps (`int`, *optional*):
+                Sampling steps; defaults to the scheduler config's (25 for the official model).
+            guidance_scale (`float`, *optional*):
+                Classifier-free guidance scale; `<= 1` disables guidance. Defaults to the scheduler config's (4).
+            guidance_interval (`tuple[float, float]`, *optional*):
+                `(min, max)` in the paper's time t (0 = noise, 1 = data): guidance only where `min < t < max`.
+            num_images_per_prompt (`int`, defaults to 1):
+                Images per prompt.
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
+                Seeds the initial noise (drawn on the CPU, so a seed gives the same image on any device).
+            latents (`torch.Tensor`, *optional*):
+                Initial noise of shape `(batch, 3, height, width)`.
+            prompt_embeds (`torch.Tensor`, *optional*):
+                Precomputed text embeddings `(batch, text_max_length, text_embed_dim)`.
+            negative_prompt_embeds (`torch.Tensor`, *optional*):
+                Precomputed unconditional embeddings.
+            output_type (`str`, defaults to `"pil"`):
+                `"pil"`, `"np"` or `"pt"` (images in [0, 1]), or `"latent"` (the raw pixels in [-1, 1]).
+            return_dict (`bool`, defaults to `True`):
+                Whether to return an [`ImagePipelineOutput`] or a tuple.
+            attention_kwargs (`dict`, *optional*):
+                Passed to the transformer, e.g. `{"scale": 0.5}` for loaded LoRA weights.
+            callback_on_step_end (`Callable`, *optional*):
+                Called as `callback_on_step_end(pipe, step, timestep, callback_kwargs)` after each step; it may
+                return `{"latents": ...}` to replace the latents.
+            callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`):
+                The tensors passed in `callback_kwargs`.
+            max_sequence_length (`int`, *optional*):
+                Tokens per prompt; must equal the transformer's `text_max_length` (128 for the official model).
+
+        Examples:
+
+        Returns:
+            [`ImagePipelineOutput`] or `tuple`: the generated images.
+        """
+        height, width, num_inference_steps, guidance_scale, guidance_interval = self._defaults(
+            height, width, num_inference_steps, guidance_scale, guidance_interval
+        )
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"`num_images_per_prompt` must be a positive integer, got {num_images_per_prompt!r}.")
+        # 1. Check inputs.
+        guided = guidance_scale > 1.0
+        num_prompts = self.check_inputs(
+            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, max_sequence_length, guided
+        )
+        batch_size = num_prompts * num_images_per_prompt
+        self.check_common_inputs(
+            batch_size, height, width, num_inference_steps, guidance_interval, generator, latents, output_type,
+            callback_on_step_end_tensor_inputs,
+        )
+        self._guidance_scale, self._interrupt = guidance_scale, False
+        device = self._execution_device
+
+        # 2. Text embeddings (no attention mask inside the transformer: the padded slots count, as officially).
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt, negative_prompt, guided, num_images_per_prompt, device, prompt_embeds, negative_prompt_embeds,
+            max_sequence_length,
+        )
+        uncondition = {"encoder_hidden_states": negative_prompt_embeds} if guided else {}
+
+        # 3. Noise and 4. the denoising loop.
+        latents = self.prepare_latents(batch_size, height, width, generator, latents, device)
+        latents = self.denoise(
+            latents,
+            {"encoder_hidden_states": prompt_embeds},
+            uncondition,
+            num_inference_steps,
+            guidance_interval,
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+            attention_kwargs,
+        )
+        # 5. Images.
+        return self.postprocess(latents, output_type, return_dict)

@@ -1,0 +1,300 @@
+# Copyright 2026 The diffusers-pixnerd authors. MIT License.
+"""The denoising loop shared by the class-conditional and the text-to-image PixNerd pipelines."""
+
+import json
+import os
+import tempfile
+from typing import Any, Callable
+
+import torch
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.loaders.lora_pipeline import SanaLoraLoaderMixin
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
+from huggingface_hub import create_repo
+
+from ..schedulers.scheduling_pixnerd import check_guidance_interval
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+class PixNerdLoraLoaderMixin(SanaLoraLoaderMixin):
+    """`load_lora_weights`, `save_lora_weights`, `fuse_lora`, `unfuse_lora`, `set_adapters` for the transformer.
+
+    Nothing in diffusers' transformer-only LoRA loader is Sana-specific: the diffusers LoRA format
+    (`transformer.<module>.lora_A.weight`) applies to any PEFT-enabled transformer.
+    """
+
+
+MODEL_CARD = """---
+library_name: diffusers
+license: mit
+pipeline_tag: {pipeline_tag}
+tags:
+- diffusers-pixnerd
+- pixnerd
+- pixel-diffusion
+- {task_tag}
+---
+
+# {title}
+
+A [PixNerd](https://arxiv.org/abs/2507.23268) (Pixel Neural Field Diffusion) pipeline for the `diffusers-pixnerd`
+package: a diffusion transformer on pixels, no VAE, whose output head is a per-patch neural field (official code:
+github.com/MCG-NJU/PixNerd). Install `diffusers-pixnerd`, then:
+
+```py
+import torch
+from diffusers_pixnerd import {class_name}
+
+pipe = {class_name}.from_pretrained("{repo_id}")
+image = pipe({example_input}, generator=torch.Generator().manual_seed(0)).images[0]
+```
+
+Sampling defaults (scheduler config): {sampling}. Trained resolution {size}x{size}.
+
+{extra}
+## Citation
+
+```bibtex
+@inproceedings{{wang2026pixnerd,
+  title={{PixNerd: Pixel Neural Field Diffusion}},
+  author={{Wang, Shuai and Gao, Ziteng and Zhu, Chenhui and Huang, Weilin and Wang, Limin}},
+  booktitle={{ICLR}},
+  year={{2026}}
+}}
+```
+"""
+
+
+class PixNerdBasePipeline(DiffusionPipeline, PixNerdLoraLoaderMixin):
+    """Sampling in pixel space: noise -> flow ODE with interval classifier-free guidance -> images."""
+
+    model_cpu_offload_seq = "transformer"
+    _callback_tensor_inputs = ["latents"]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
+        """`DiffusionPipeline.from_pretrained`, which also takes an official PixNerd Hub repo or folder holding a
+        Lightning checkpoint and no `model_index.json` (e.g. "MCG-NJU/PixNerd-XL-P16-C2I"): it is converted once and
+        cached (see `convert.official_pipeline_folder`; options `checkpoint_name`, `ema`, `sample_size`).
+        The text-to-image pipeline then loads Qwen/Qwen3-1.7B as its text encoder unless `text_encoder` is given.
+        """
+        from ..convert import DEFAULT_TEXT_ENCODER, official_pipeline_folder
+
+        options = {k: kwargs.pop(k) for k in ("checkpoint_name", "ema", "sample_size") if k in kwargs}
+        hub = {k: kwargs.get(k) for k in ("cache_dir", "token", "revision")}
+        converted = official_pipeline_folder(str(pretrained_model_name_or_path), **options, **hub)
+        if converted is not None:
+            pretrained_model_name_or_path = converted
+            if cls._is_text_pipeline(converted) and "text_encoder" not in kwargs:
+                from transformers import AutoModel, AutoTokenizer
+
+                dtype = kwargs.get("torch_dtype") or torch.bfloat16
+                kwargs["text_encoder"] = AutoModel.from_pretrained(DEFAULT_TEXT_ENCODER, torch_dtype=dtype)
+                kwargs.setdefault("tokenizer", AutoTokenizer.from_pretrained(DEFAULT_TEXT_ENCODER))
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @staticmethod
+    def _is_text_pipeline(folder: str) -> bool:
+        with open(os.path.join(folder, "model_index.json"), encoding="utf-8") as f:
+            return json.load(f)["_class_name"] == "PixNerdT2IPipeline"
+
+    @classmethod
+    def from_single_file(cls, pretrained_model_link_or_path: str, **kwargs):
+        """A complete pipeline from an official checkpoint (local path, `org/repo/file.ckpt` or Hub URL); see
+        `convert.convert_official_pipeline` for the options (`ema`, `sample_size`, `torch_dtype`, `text_encoder`, ...).
+        """
+        from ..convert import convert_official_pipeline
+
+        pipe = convert_official_pipeline(pretrained_model_link_or_path, **kwargs)
+        if not isinstance(pipe, cls):
+            raise ValueError(
+                f"{pretrained_model_link_or_path!r} is a checkpoint for {type(pipe).__name__}, not {cls.__name__}."
+            )
+        return pipe
+
+    def __init__(self):
+        super().__init__()
+        # Pixels in [-1, 1] to images in [0, 1]; no VAE (scale factor 1).
+        self.image_processor = VaeImageProcessor(vae_scale_factor=1, do_normalize=True)
+
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
+
+    def _defaults(self, height, width, num_inference_steps, guidance_scale, guidance_interval):
+        """`None` arguments take the transformer's trained size and the scheduler config's sampling settings."""
+        config, size = self.scheduler.config, self.transformer.config.sample_size
+        if guidance_interval is None:
+            guidance_interval = (config.get("guidance_interval_min", 0.0), config.get("guidance_interval_max", 1.0))
+        return (
+            height or size,
+            width or size,
+            num_inference_steps if num_inference_steps is not None else config.get("num_inference_steps", 50),
+            guidance_scale if guidance_scale is not None else config.get("guidance_scale", 4.0),
+            tuple(guidance_interval),
+        )
+
+    def check_common_inputs(
+        self, batch_size, height, width, num_inference_steps, guidance_interval, generator, latents, output_type,
+        callback_on_step_end_tensor_inputs,
+    ):
+        multiple = self.transformer.resolution_multiple
+        if height % multiple or width % multiple or height <= 0 or width <= 0:
+            raise ValueError(f"`height` and `width` must be positive multiples of {multiple}, got ({height}, {width}).")
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}.")
+        if len(guidance_interval) != 2:
+            raise ValueError(f"`guidance_interval` must be a pair (min, max), got {guidance_interval!r}.")
+        check_guidance_interval(*guidance_interval)
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(
+                f"`generator` is a list of {len(generator)} generators; expected one per image ({batch_size})."
+            )
+        expected = (batch_size, self.transformer.config.in_channels, height, width)
+        if latents is not None and tuple(latents.shape) != expected:
+            raise ValueError(f"`latents` must have shape {expected}, got {tuple(latents.shape)}.")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        unknown = set(callback_on_step_end_tensor_inputs or []) - set(self._callback_tensor_inputs)
+        if unknown:
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` must be in {self._callback_tensor_inputs}, got {sorted(unknown)}."
+            )
+
+    def prepare_latents(self, batch_size, height, width, generator, latents, device) -> torch.Tensor:
+        """Initial noise in float32, drawn on the CPU so that a seed gives the same image on any device."""
+        if latents is None:
+            shape = (batch_size, self.transformer.config.in_channels, height, width)
+            latents = randn_tensor(shape, generator=generator, device=torch.device("cpu"), dtype=torch.float32)
+        return latents.to(device=device, dtype=torch.float32)
+
+    def guidance_active(self, timestep: torch.Tensor, guidance_interval: tuple[float, float]) -> bool:
+        """Whether CFG applies at `timestep`: the scheduler's rule, or `min < 1 - sigma < max` for other schedulers."""
+        if self.guidance_scale <= 1.0:
+            return False
+        if hasattr(self.scheduler, "is_guidance_active"):
+            return self.scheduler.is_guidance_active(timestep, guidance_interval=guidance_interval)
+        t = 1.0 - float(timestep) / self.scheduler.config.num_train_timesteps
+        return guidance_interval[0] < t < guidance_interval[1]
+
+    def denoise(
+        self,
+        latents: torch.Tensor,
+        condition: dict[str, torch.Tensor],
+        uncondition: dict[str, torch.Tensor],
+        num_inference_steps: int,
+        guidance_interval: tuple[float, float],
+        callback_on_step_end: Callable | None,
+        callback_on_step_end_tensor_inputs: list[str],
+        attention_kwargs: dict[str, Any] | None = None,
+    ) -> torch.Tensor:
+        """The sampling loop: the batch is [uncond, cond] where guidance is active, cond alone elsewhere."""
+        device, dtype = latents.device, self.transformer.dtype
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        self._num_timesteps = len(timesteps)
+        batch_size = latents.shape[0]
+        # Concatenated once: steps inside the interval reuse it.
+        guided = {k: torch.cat([uncondition[k], condition[k]]) for k in uncondition}
+
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                active = self.guidance_active(t, guidance_interval)
+                model_input = torch.cat([latents, latents]) if active else latents
+                noise_pred = self.transformer(
+                    model_input.to(dtype),
+                    t.expand(model_input.shape[0]),
+                    **(guided if active else condition),
+                    attention_kwargs=attention_kwargs,
+                ).sample.float()
+                if active:
+                    noise_uncond, noise_cond = noise_pred.chunk(2)
+                    noise_pred = noise_uncond + self.guidance_scale * (noise_cond - noise_uncond)
+                latents = self.scheduler.step(noise_pred, t, latents).prev_sample
+
+                if callback_on_step_end is not None:
+                    callback_kwargs = {k: locals()[k] for k in callback_on_step_end_tensor_inputs}
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    latents = callback_outputs.pop("latents", latents)
+                    if latents.shape[0] != batch_size:
+                        raise ValueError("The callback returned `latents` with another batch size.")
+                progress_bar.update()
+        return latents
+
+    def model_card(self, repo_id: str | None = None, extra: str = "") -> str:
+        """The README.md written beside the pipeline: library, tags, usage, sampling defaults, the paper."""
+        text = self.transformer.is_text_conditional
+        config = self.scheduler.config
+        sampling = ", ".join(
+            f"{k} {config[k]}" for k in ("num_inference_steps", "guidance_scale", "shift", "solver_order") if k in config
+        )
+        return MODEL_CARD.format(
+            pipeline_tag="text-to-image" if text else "unconditional-image-generation",
+            task_tag="text-to-image" if text else "class-conditional-image-generation",
+            title=repo_id or f"PixNerd {'text-to-image' if text else 'class-conditional'} pipeline",
+            class_name=type(self).__name__,
+            repo_id=repo_id or "path/to/this/folder",
+            example_input='"a red fox in the snow"' if text else "class_labels=[0]",
+            sampling=sampling or "see scheduler/scheduler_config.json",
+            size=self.transformer.config.sample_size,
+            extra=extra,
+        )
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        push_to_hub: bool = False,
+        repo_id: str | None = None,
+        model_card_extra: str = "",
+        **kwargs,
+    ):
+        """`DiffusionPipeline.save_pretrained` plus a model card (README.md); `push_to_hub=True` uploads the folder.
+
+        `model_card_extra` is markdown added to the card (training settings, sample images, ...).
+        """
+        hub_kwargs = {k: kwargs.pop(k) for k in ("token", "private", "commit_message", "create_pr") if k in kwargs}
+        super().save_pretrained(save_directory, push_to_hub=False, **kwargs)
+        if push_to_hub and repo_id is None:
+            repo_id = os.path.basename(os.path.normpath(save_directory))
+        with open(os.path.join(save_directory, "README.md"), "w", encoding="utf-8") as f:
+            f.write(self.model_card(repo_id, model_card_extra))
+        if push_to_hub:
+            return self._push_folder(save_directory, repo_id, **hub_kwargs)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | None = None,
+        create_pr: bool = False,
+        **save_kwargs,
+    ):
+        """Saves the whole pipeline (with its model card) to a temporary folder and uploads it to `repo_id`."""
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, repo_id=repo_id, **save_kwargs)
+            return self._push_folder(folder, repo_id, commit_message, private, token, create_pr)
+
+    def _push_folder(self, folder, repo_id, commit_message=None, private=None, token=None, create_pr=False):
+        repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        return self._upload_folder(folder, repo_id, token=token, commit_message=commit_message, create_pr=create_pr)
+
+    def postprocess(self, latents: torch.Tensor, output_type: str, return_dict: bool):
+        """Raw [-1, 1] pixels for "latent", else images in [0, 1] as PIL, numpy or torch."""
+        images = latents if output_type == "latent" else self.image_processor.postprocess(latents, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
