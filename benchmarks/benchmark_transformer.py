@@ -32,16 +32,24 @@ def official_model(repo: str, config: dict):
         from src.models.transformer.pixnerd_t2i_heavydecoder import PixNerDiT
 
         return PixNerDiT(
-            **common, decoder_hidden_size=64, num_encoder_blocks=config["num_layers"],
-            num_decoder_blocks=config["num_neural_field_layers"], num_text_blocks=config["num_text_refiner_layers"],
-            txt_embed_dim=config["text_embed_dim"], txt_max_length=config["text_max_length"],
+            **common,
+            decoder_hidden_size=64,
+            num_encoder_blocks=config["num_layers"],
+            num_decoder_blocks=config["num_neural_field_layers"],
+            num_text_blocks=config["num_text_refiner_layers"],
+            txt_embed_dim=config["text_embed_dim"],
+            txt_max_length=config["text_max_length"],
         )
     from src.models.transformer.pixnerd_c2i import PixNerDiT
 
     num_layers = config["num_layers"]
     return PixNerDiT(
-        **common, hidden_size_x=64, nerf_mlpratio=2, num_blocks=num_layers + config["num_neural_field_layers"],
-        num_cond_blocks=num_layers, num_classes=config["num_classes"],
+        **common,
+        hidden_size_x=64,
+        nerf_mlpratio=2,
+        num_blocks=num_layers + config["num_neural_field_layers"],
+        num_cond_blocks=num_layers,
+        num_classes=config["num_classes"],
     )
 
 
@@ -66,7 +74,9 @@ def build(args):
     x = torch.randn(args.batch_size, 3, res, res, device=args.device, dtype=dtype)
     t = torch.full((args.batch_size,), 0.3, device=args.device)
     if ours.is_text_conditional:
-        cond = torch.randn(args.batch_size, ours.config.text_max_length, ours.config.text_embed_dim, device=args.device, dtype=dtype)
+        cond = torch.randn(
+            args.batch_size, ours.config.text_max_length, ours.config.text_embed_dim, device=args.device, dtype=dtype
+        )
         run_ours = lambda: ours(x, (1 - t) * 1000, encoder_hidden_states=cond).sample  # noqa: E731
         run_official = lambda: official(x, t, cond)  # noqa: E731
     else:
@@ -157,8 +167,10 @@ def parse_args(input_args=None):
 def main(args):
     if args._memory_child:
         return memory_child(args)
-    print(f"{args.model} batch {args.batch_size} {args.dtype} on {args.device} (torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads{', compiled' if args.compile else ''})")
+    print(
+        f"{args.model} batch {args.batch_size} {args.dtype} on {args.device} (torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads{', compiled' if args.compile else ''})"
+    )
     times = benchmark(args)
     memory = {} if args.no_memory else {k: peak_memory(args, k) for k in times}
     for name in times:

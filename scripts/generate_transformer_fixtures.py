@@ -21,12 +21,27 @@ FIXTURES = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures")
 
 # Tiny official configurations (constructor arguments of the official classes).
 C2I_KWARGS = dict(
-    in_channels=3, num_groups=2, hidden_size=32, hidden_size_x=8, nerf_mlpratio=2, num_blocks=4, num_cond_blocks=2,
-    patch_size=4, num_classes=10,
+    in_channels=3,
+    num_groups=2,
+    hidden_size=32,
+    hidden_size_x=8,
+    nerf_mlpratio=2,
+    num_blocks=4,
+    num_cond_blocks=2,
+    patch_size=4,
+    num_classes=10,
 )
 T2I_KWARGS = dict(
-    in_channels=3, num_groups=2, hidden_size=32, decoder_hidden_size=8, num_encoder_blocks=2, num_decoder_blocks=2,
-    num_text_blocks=1, patch_size=4, txt_embed_dim=24, txt_max_length=6,
+    in_channels=3,
+    num_groups=2,
+    hidden_size=32,
+    decoder_hidden_size=8,
+    num_encoder_blocks=2,
+    num_decoder_blocks=2,
+    num_text_blocks=1,
+    patch_size=4,
+    txt_embed_dim=24,
+    txt_max_length=6,
 )
 T2I_SAMPLE_SIZE = 16  # the trained resolution the any-resolution path scales from (512 for the real model)
 
@@ -47,8 +62,14 @@ def randomize(model: torch.nn.Module, seed: int):
 
 def projector(hidden: int, seed: int) -> dict:
     gen = torch.Generator().manual_seed(seed)
-    shapes = {"0.weight": (hidden, hidden), "0.bias": (hidden,), "2.weight": (hidden, hidden), "2.bias": (hidden,),
-              "4.weight": (16, hidden), "4.bias": (16,)}
+    shapes = {
+        "0.weight": (hidden, hidden),
+        "0.bias": (hidden,),
+        "2.weight": (hidden, hidden),
+        "2.bias": (hidden,),
+        "4.weight": (16, hidden),
+        "4.bias": (16,),
+    }
     return {f"diffusion_trainer.proj.{k}": torch.randn(s, generator=gen) * 0.1 for k, s in shapes.items()}
 
 
@@ -56,8 +77,15 @@ def lightning_checkpoint(online, ema, hidden: int) -> dict:
     state_dict = {f"denoiser.{k}": v.clone() for k, v in online.state_dict().items()}
     state_dict.update({f"ema_denoiser.{k}": v.clone() for k, v in ema.state_dict().items()})
     state_dict.update(projector(hidden, seed=7))
-    return {"epoch": 0, "global_step": 1000, "pytorch-lightning_version": "2.4.0", "state_dict": state_dict,
-            "loops": {}, "optimizer_states": [], "lr_schedulers": []}
+    return {
+        "epoch": 0,
+        "global_step": 1000,
+        "pytorch-lightning_version": "2.4.0",
+        "state_dict": state_dict,
+        "loops": {},
+        "optimizer_states": [],
+        "lr_schedulers": [],
+    }
 
 
 @torch.no_grad()

@@ -10,12 +10,26 @@ FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
 # Tiny configurations of both variants (the shapes of the official-format fixtures in tests/fixtures/).
 TINY_C2I = dict(
-    sample_size=16, patch_size=4, num_layers=2, num_attention_heads=2, attention_head_dim=16,
-    num_neural_field_layers=2, neural_field_hidden_size=8, num_classes=10,
+    sample_size=16,
+    patch_size=4,
+    num_layers=2,
+    num_attention_heads=2,
+    attention_head_dim=16,
+    num_neural_field_layers=2,
+    neural_field_hidden_size=8,
+    num_classes=10,
 )
 TINY_T2I = dict(
-    sample_size=16, patch_size=4, num_layers=2, num_attention_heads=2, attention_head_dim=16,
-    num_neural_field_layers=2, neural_field_hidden_size=8, num_classes=None, text_embed_dim=24, text_max_length=6,
+    sample_size=16,
+    patch_size=4,
+    num_layers=2,
+    num_attention_heads=2,
+    attention_head_dim=16,
+    num_neural_field_layers=2,
+    neural_field_hidden_size=8,
+    num_classes=None,
+    text_embed_dim=24,
+    text_max_length=6,
     num_text_refiner_layers=1,
 )
 

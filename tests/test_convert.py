@@ -22,9 +22,16 @@ def official_state_dict(path=C2I_CKPT):
 def test_architecture_is_inferred_from_tensors():
     c2i = infer_config(select_denoiser(official_state_dict()))
     assert {k: c2i[k] for k in ("patch_size", "num_layers", "num_attention_heads", "attention_head_dim")} == {
-        "patch_size": 4, "num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 16
+        "patch_size": 4,
+        "num_layers": 2,
+        "num_attention_heads": 2,
+        "attention_head_dim": 16,
     }
-    assert (c2i["num_neural_field_layers"], c2i["neural_field_hidden_size"], c2i["neural_field_mlp_ratio"]) == (2, 8, 2)
+    assert (c2i["num_neural_field_layers"], c2i["neural_field_hidden_size"], c2i["neural_field_mlp_ratio"]) == (
+        2,
+        8,
+        2,
+    )
     assert c2i["num_classes"] == 10 and c2i["sample_size"] == 256
     t2i = infer_config(select_denoiser(official_state_dict(T2I_CKPT)))
     assert (t2i["text_embed_dim"], t2i["text_max_length"], t2i["num_text_refiner_layers"]) == (24, 6, 1)
@@ -40,20 +47,36 @@ def test_cli_writes_a_loadable_folder_with_one_copy_of_the_weights(tmp_path):
     weights = load_file(out / "diffusion_pytorch_model.safetensors")
     assert sum(t.numel() for t in weights.values()) == sum(p.numel() for p in model.parameters())
     # EMA weights by default: the class table equals the official `ema_denoiser.` one.
-    torch.testing.assert_close(weights["class_embedder.weight"], official_state_dict()["ema_denoiser.y_embedder.embedding_table.weight"])
+    torch.testing.assert_close(
+        weights["class_embedder.weight"], official_state_dict()["ema_denoiser.y_embedder.embedding_table.weight"]
+    )
 
 
 def test_cli_no_ema_takes_online_weights(tmp_path):
     main(["--checkpoint", C2I_CKPT, "--output", str(tmp_path), "--no-ema", "--sample_size", "512"])
     model = PixNerdTransformer2DModel.from_pretrained(tmp_path)
     assert model.config.sample_size == 512
-    torch.testing.assert_close(model.class_embedder.weight, official_state_dict()["denoiser.y_embedder.embedding_table.weight"])
+    torch.testing.assert_close(
+        model.class_embedder.weight, official_state_dict()["denoiser.y_embedder.embedding_table.weight"]
+    )
 
 
 def test_cli_runs_as_module(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "diffusers_pixnerd.convert", "--checkpoint", T2I_CKPT, "--output", str(tmp_path), "--dtype", "bfloat16"],
-        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        [
+            sys.executable,
+            "-m",
+            "diffusers_pixnerd.convert",
+            "--checkpoint",
+            T2I_CKPT,
+            "--output",
+            str(tmp_path),
+            "--dtype",
+            "bfloat16",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert result.returncode == 0, result.stderr
     assert "Wrote" in result.stdout
@@ -72,7 +95,9 @@ def test_from_single_file_local_and_hub(tmp_path):
     local = PixNerdTransformer2DModel.from_single_file(C2I_CKPT)
     with mock.patch("huggingface_hub.hf_hub_download", return_value=C2I_CKPT) as download:
         hub = PixNerdTransformer2DModel.from_single_file("MCG-NJU/PixNerd-XL-P16-C2I/model.ckpt")
-        url = PixNerdTransformer2DModel.from_single_file("https://huggingface.co/MCG-NJU/PixNerd-XL-P16-C2I/blob/main/model.ckpt")
+        url = PixNerdTransformer2DModel.from_single_file(
+            "https://huggingface.co/MCG-NJU/PixNerd-XL-P16-C2I/blob/main/model.ckpt"
+        )
     assert download.call_args_list[0].args == ("MCG-NJU/PixNerd-XL-P16-C2I", "model.ckpt")
     assert download.call_args_list[1].args == ("MCG-NJU/PixNerd-XL-P16-C2I", "model.ckpt")
     assert download.call_args_list[1].kwargs["revision"] == "main"
@@ -81,7 +106,7 @@ def test_from_single_file_local_and_hub(tmp_path):
 
 
 def test_plain_denoiser_state_dict_is_accepted(tmp_path):
-    sd = {k[len("ema_denoiser."):]: v for k, v in official_state_dict().items() if k.startswith("ema_denoiser.")}
+    sd = {k[len("ema_denoiser.") :]: v for k, v in official_state_dict().items() if k.startswith("ema_denoiser.")}
     path = tmp_path / "denoiser.pt"
     torch.save(sd, path)
     model = convert_official_checkpoint(str(path))

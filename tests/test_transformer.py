@@ -2,7 +2,7 @@ import os
 
 import pytest
 import torch
-from conftest import FIXTURES, TINY_C2I, TINY_T2I, randomize_
+from conftest import FIXTURES, TINY_C2I, TINY_T2I
 from safetensors.torch import load_file
 
 from diffusers_pixnerd import PIXNERD_PRESETS, PixNerdTransformer2DModel, convert_official_checkpoint
@@ -120,7 +120,10 @@ def test_save_load_round_trip(tiny_t2i, tmp_path):
     x, text = torch.randn(1, 3, 16, 16), torch.randn(1, 6, 24)
     with torch.no_grad():
         # Same weights; memory alignment of the loaded tensors may change the last bits of BLAS sums.
-        out, out_loaded = tiny_t2i(x, 250.0, encoder_hidden_states=text).sample, loaded(x, 250.0, encoder_hidden_states=text).sample
+        out, out_loaded = (
+            tiny_t2i(x, 250.0, encoder_hidden_states=text).sample,
+            loaded(x, 250.0, encoder_hidden_states=text).sample,
+        )
     assert relative_error(out_loaded, out) < 1e-5
 
 
@@ -153,7 +156,9 @@ def test_gradient_checkpointing_gives_same_gradients(tiny_t2i):
     tiny_t2i.enable_gradient_checkpointing()
     checkpointed = grads()
     assert tiny_t2i.is_gradient_checkpointing
-    assert all(plain[n].abs().sum() > 0 for n in ["text_refiner_blocks.0.ff.proj_in.weight", "neural_field.proj_out.weight"])
+    assert all(
+        plain[n].abs().sum() > 0 for n in ["text_refiner_blocks.0.ff.proj_in.weight", "neural_field.proj_out.weight"]
+    )
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6)
 
@@ -161,12 +166,19 @@ def test_gradient_checkpointing_gives_same_gradients(tiny_t2i):
 @pytest.mark.parametrize("variant", ["c2i", "t2i"])
 def test_compiles_without_graph_breaks(variant, tiny_c2i, tiny_t2i):
     model = tiny_c2i if variant == "c2i" else tiny_t2i
-    cond = {"class_labels": torch.tensor([1, 10])} if variant == "c2i" else {"encoder_hidden_states": torch.randn(2, 6, 24)}
+    cond = (
+        {"class_labels": torch.tensor([1, 10])}
+        if variant == "c2i"
+        else {"encoder_hidden_states": torch.randn(2, 6, 24)}
+    )
     x = torch.randn(2, 3, 16, 16)
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, backend="eager")  # fullgraph: any graph break raises
     with torch.no_grad():
-        torch.testing.assert_close(compiled(x, torch.tensor([250.0, 750.0]), **cond).sample, model(x, torch.tensor([250.0, 750.0]), **cond).sample)
+        torch.testing.assert_close(
+            compiled(x, torch.tensor([250.0, 750.0]), **cond).sample,
+            model(x, torch.tensor([250.0, 750.0]), **cond).sample,
+        )
 
 
 def test_official_init_zeroes_the_output_layer():
@@ -176,7 +188,9 @@ def test_official_init_zeroes_the_output_layer():
     assert torch.equal(out, torch.zeros_like(out))
 
 
-@pytest.mark.parametrize("name, millions", [("PixNerd-L/16", 452.1), ("PixNerd-XL/16", 700.6), ("PixNerd-XXL/16-T2I", 1171.5)])
+@pytest.mark.parametrize(
+    "name, millions", [("PixNerd-L/16", 452.1), ("PixNerd-XL/16", 700.6), ("PixNerd-XXL/16-T2I", 1171.5)]
+)
 def test_presets_build_official_sizes(name, millions):
     with torch.device("meta"):
         model = PixNerdTransformer2DModel.from_preset(name)
@@ -196,7 +210,9 @@ def test_lora_adapter_changes_and_restores_output(tiny_c2i):
     x, y = torch.randn(1, 3, 16, 16), torch.tensor([3])
     with torch.no_grad():
         before = tiny_c2i(x, 500.0, class_labels=y).sample
-    tiny_c2i.add_adapter(LoraConfig(r=4, target_modules=["to_qkv", "to_out", "param_generator"], init_lora_weights=False))
+    tiny_c2i.add_adapter(
+        LoraConfig(r=4, target_modules=["to_qkv", "to_out", "param_generator"], init_lora_weights=False)
+    )
     with torch.no_grad():
         with_lora = tiny_c2i(x, 500.0, class_labels=y).sample
         scaled_off = tiny_c2i(x, 500.0, class_labels=y, attention_kwargs={"scale": 0.0}).sample
@@ -216,7 +232,11 @@ def test_config_needs_exactly_one_condition():
 
 @pytest.mark.parametrize(
     "shape, match",
-    [((1, 4, 16, 16), "`hidden_states` must have shape \\(batch, 3"), ((1, 3, 18, 16), "multiples of 4"), ((3, 16, 16), "`hidden_states`")],
+    [
+        ((1, 4, 16, 16), "`hidden_states` must have shape \\(batch, 3"),
+        ((1, 3, 18, 16), "multiples of 4"),
+        ((3, 16, 16), "`hidden_states`"),
+    ],
 )
 def test_bad_hidden_states_are_rejected(tiny_c2i, shape, match):
     with pytest.raises(ValueError, match=match):
@@ -248,7 +268,9 @@ def test_wrong_text_shape_is_rejected(tiny_t2i, text_shape):
 def test_t2i_resolution_must_fit_the_token_grid(tiny_t2i):
     # sample_size 16 and patch 4: a 4x4 token grid at every resolution, so sides must be multiples of 4 (and 20 is).
     with torch.no_grad():
-        assert tiny_t2i(torch.randn(1, 3, 20, 12), 1.0, encoder_hidden_states=torch.randn(1, 6, 24)).sample.shape[-2:] == (20, 12)
+        assert tiny_t2i(torch.randn(1, 3, 20, 12), 1.0, encoder_hidden_states=torch.randn(1, 6, 24)).sample.shape[
+            -2:
+        ] == (20, 12)
     big = PixNerdTransformer2DModel(**{**TINY_T2I, "sample_size": 32})  # 8x8 grid: sides must be multiples of 8
     with pytest.raises(ValueError, match="multiples of 8"):
         big(torch.randn(1, 3, 20, 16), 1.0, encoder_hidden_states=torch.randn(1, 6, 24))

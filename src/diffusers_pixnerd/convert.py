@@ -81,12 +81,16 @@ def select_denoiser(state_dict: dict, ema: bool = True) -> dict:
         return selected
     state_dict = {k: v for k, v in state_dict.items() if not k.startswith(_IGNORED_PREFIXES)}
     if "s_embedder.proj.weight" not in state_dict:
-        raise ValueError("Not a PixNerd checkpoint: no `denoiser.*`, `ema_denoiser.*` or `s_embedder.proj.weight` key.")
+        raise ValueError(
+            "Not a PixNerd checkpoint: no `denoiser.*`, `ema_denoiser.*` or `s_embedder.proj.weight` key."
+        )
     return state_dict
 
 
 def _count_blocks(state_dict: dict, prefix: str, suffix: str) -> int:
-    return len({m.group(1) for k in state_dict if (m := re.match(rf"{re.escape(prefix)}(\d+)\.{re.escape(suffix)}", k))})
+    return len(
+        {m.group(1) for k in state_dict if (m := re.match(rf"{re.escape(prefix)}(\d+)\.{re.escape(suffix)}", k))}
+    )
 
 
 def infer_config(state_dict: dict, sample_size: int | None = None) -> dict:
@@ -134,7 +138,9 @@ def infer_config(state_dict: dict, sample_size: int | None = None) -> dict:
             sample_size=sample_size or DEFAULT_SAMPLE_SIZE["class"],
         )
         if int(2 * int(dim * 4.0) / 3) != mlp_hidden:
-            raise ValueError(f"Unsupported MLP width {mlp_hidden} for hidden size {dim} (expected the official 4x * 2/3).")
+            raise ValueError(
+                f"Unsupported MLP width {mlp_hidden} for hidden size {dim} (expected the official 4x * 2/3)."
+            )
     if patch_size**2 * in_channels != patch_in or max_freqs**2 + in_channels != nf_in:
         raise ValueError("Not a PixNerd checkpoint: inconsistent patch embedding or neural-field input shapes.")
     return config
@@ -267,7 +273,9 @@ def convert_official_pipeline(
 
         tokenizer = tokenizer or AutoTokenizer.from_pretrained(text_encoder)
         text_encoder = AutoModel.from_pretrained(text_encoder, torch_dtype=torch_dtype or torch.bfloat16)
-    return PixNerdT2IPipeline(transformer=transformer, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer)
+    return PixNerdT2IPipeline(
+        transformer=transformer, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer
+    )
 
 
 def official_pipeline_folder(
@@ -316,7 +324,9 @@ def official_pipeline_folder(
     if not checkpoints:
         return None
     if len(checkpoints) > 1:
-        logger.warning(f"{name_or_path!r} holds {checkpoints}; converting {checkpoints[0]!r} (choose with `checkpoint_name`).")
+        logger.warning(
+            f"{name_or_path!r} holds {checkpoints}; converting {checkpoints[0]!r} (choose with `checkpoint_name`)."
+        )
     target = os.path.join(root, key, f"{checkpoints[0]}-{tag}")
     if not os.path.isfile(os.path.join(target, "model_index.json")):
         pipe = convert_official_pipeline(fetch(checkpoints[0]), ema=ema, sample_size=sample_size, text_encoder=None)

@@ -1,1 +1,3 @@
 from .transformer_pixnerd import PIXNERD_PRESETS, PixNerdTransformer2DModel
+
+__all__ = ["PIXNERD_PRESETS", "PixNerdTransformer2DModel"]

@@ -290,12 +290,18 @@ class PixNerdTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             self.text_norm = RMSNorm(dim, eps=1e-6)
             self.text_pos_embed = nn.Parameter(torch.randn(1, text_max_length, dim))
             self.text_refiner_blocks = nn.ModuleList(
-                [PixNerdTransformerBlock(dim, num_attention_heads, mlp_hidden_dim) for _ in range(num_text_refiner_layers)]
+                [
+                    PixNerdTransformerBlock(dim, num_attention_heads, mlp_hidden_dim)
+                    for _ in range(num_text_refiner_layers)
+                ]
             )
         else:
             self.class_embedder = nn.Embedding(num_classes + 1, dim)  # + the null class
         self.transformer_blocks = nn.ModuleList(
-            [PixNerdTransformerBlock(dim, num_attention_heads, mlp_hidden_dim, added_kv=is_text) for _ in range(num_layers)]
+            [
+                PixNerdTransformerBlock(dim, num_attention_heads, mlp_hidden_dim, added_kv=is_text)
+                for _ in range(num_layers)
+            ]
         )
         self.neural_field = PixNerdNeuralField(
             in_channels,
@@ -386,11 +392,15 @@ class PixNerdTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
                 )
         else:
             if encoder_hidden_states is not None:
-                raise ValueError("`encoder_hidden_states` was given to a class-conditional model; pass `class_labels`.")
+                raise ValueError(
+                    "`encoder_hidden_states` was given to a class-conditional model; pass `class_labels`."
+                )
             if class_labels is None:
                 raise ValueError("`class_labels` is required by the class-conditional model.")
             if class_labels.ndim > 1 or class_labels.numel() not in (1, batch):
-                raise ValueError(f"`class_labels` must be a scalar or have shape ({batch},), got {tuple(class_labels.shape)}.")
+                raise ValueError(
+                    f"`class_labels` must be a scalar or have shape ({batch},), got {tuple(class_labels.shape)}."
+                )
             if not torch.compiler.is_compiling() and ((class_labels < 0) | (class_labels > cfg.num_classes)).any():
                 raise ValueError(
                     f"`class_labels` must lie in [0, {cfg.num_classes}] ({cfg.num_classes} is the null class), "
@@ -434,7 +444,9 @@ class PixNerdTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         dtype = self.patch_embed.weight.dtype
         p = self.config.patch_size
         grid_h, grid_w, patch_h, patch_w = self._grid(height, width)
-        checkpoint = self._gradient_checkpointing_func if torch.is_grad_enabled() and self.gradient_checkpointing else None
+        checkpoint = (
+            self._gradient_checkpointing_func if torch.is_grad_enabled() and self.gradient_checkpointing else None
+        )
 
         # 1. Time: the official t (0 = noise) and its sinusoid (max_period 10, [cos, sin]) in float32.
         t = 1 - timestep.float().reshape(-1).expand(batch) / NUM_TRAIN_TIMESTEPS

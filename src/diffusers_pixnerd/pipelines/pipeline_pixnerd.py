@@ -161,13 +161,19 @@ class PixNerdPipeline(PixNerdBasePipeline):
         height, width, num_inference_steps, guidance_scale, guidance_interval = self._defaults(
             height, width, num_inference_steps, guidance_scale, guidance_interval
         )
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"`num_images_per_prompt` must be a positive integer, got {num_images_per_prompt!r}.")
         # 1. Check inputs and map names to ids.
         class_ids = self._class_ids(class_labels)
         batch_size = len(class_ids) * num_images_per_prompt
         self.check_common_inputs(
-            batch_size, height, width, num_inference_steps, guidance_interval, generator, latents, output_type,
+            num_images_per_prompt,
+            batch_size,
+            height,
+            width,
+            num_inference_steps,
+            guidance_interval,
+            generator,
+            latents,
+            output_type,
             callback_on_step_end_tensor_inputs,
         )
         self._guidance_scale, self._interrupt = guidance_scale, False
@@ -191,4 +197,3 @@ class PixNerdPipeline(PixNerdBasePipeline):
         )
         # 5. Images.
         return self.postprocess(latents, output_type, return_dict)
-

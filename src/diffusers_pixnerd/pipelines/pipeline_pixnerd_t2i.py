@@ -57,12 +57,18 @@ class PixNerdT2IPipeline(PixNerdBasePipeline):
         tokenizer: PreTrainedTokenizerBase | None = None,
     ):
         super().__init__()
-        self.register_modules(transformer=transformer, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer)
+        self.register_modules(
+            transformer=transformer, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer
+        )
 
     def _encode(self, texts: list[str], device: torch.device, max_sequence_length: int) -> torch.Tensor:
         """The official conditioner: right-padded to max length, truncated, last hidden state, cut/padded in width."""
         tokens = self.tokenizer(
-            texts, padding="max_length", max_length=max_sequence_length, truncation=True, padding_side="right",
+            texts,
+            padding="max_length",
+            max_length=max_sequence_length,
+            truncation=True,
+            padding_side="right",
             return_tensors="pt",
         )
         hidden = self.text_encoder(
@@ -120,20 +126,28 @@ class PixNerdT2IPipeline(PixNerdBasePipeline):
             negative_prompt = negative_prompt if negative_prompt is not None else ""
             negative_prompt = [negative_prompt] * batch if isinstance(negative_prompt, str) else list(negative_prompt)
             if len(set(negative_prompt)) == 1:  # encode once, like the official cached "" embedding
-                negative_prompt_embeds = self._encode(negative_prompt[:1], device, max_sequence_length).expand(batch, -1, -1)
+                negative_prompt_embeds = self._encode(negative_prompt[:1], device, max_sequence_length).expand(
+                    batch, -1, -1
+                )
             else:
                 negative_prompt_embeds = self._encode(negative_prompt, device, max_sequence_length)
 
         dtype = self.transformer.dtype
         prompt_embeds = prompt_embeds.to(device, dtype).repeat_interleave(num_images_per_prompt, dim=0)
         if negative_prompt_embeds is not None:
-            negative_prompt_embeds = negative_prompt_embeds.to(device, dtype).repeat_interleave(num_images_per_prompt, dim=0)
+            negative_prompt_embeds = negative_prompt_embeds.to(device, dtype).repeat_interleave(
+                num_images_per_prompt, dim=0
+            )
         return prompt_embeds, negative_prompt_embeds
 
-    def check_inputs(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, max_sequence_length, guided):
+    def check_inputs(
+        self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, max_sequence_length, guided
+    ):
         if (prompt is None) == (prompt_embeds is None):
             raise ValueError("Pass exactly one of `prompt` and `prompt_embeds`.")
-        if prompt is not None and not (isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(p, str) for p in prompt))):
+        if prompt is not None and not (
+            isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(p, str) for p in prompt))
+        ):
             raise ValueError(f"`prompt` must be a string or a list of strings, got {type(prompt).__name__}.")
         if negative_prompt is not None and negative_prompt_embeds is not None:
             raise ValueError("Pass at most one of `negative_prompt` and `negative_prompt_embeds`.")
@@ -233,8 +247,6 @@ class PixNerdT2IPipeline(PixNerdBasePipeline):
         height, width, num_inference_steps, guidance_scale, guidance_interval = self._defaults(
             height, width, num_inference_steps, guidance_scale, guidance_interval
         )
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"`num_images_per_prompt` must be a positive integer, got {num_images_per_prompt!r}.")
         # 1. Check inputs.
         guided = guidance_scale > 1.0
         num_prompts = self.check_inputs(
@@ -242,7 +254,15 @@ class PixNerdT2IPipeline(PixNerdBasePipeline):
         )
         batch_size = num_prompts * num_images_per_prompt
         self.check_common_inputs(
-            batch_size, height, width, num_inference_steps, guidance_interval, generator, latents, output_type,
+            num_images_per_prompt,
+            batch_size,
+            height,
+            width,
+            num_inference_steps,
+            guidance_interval,
+            generator,
+            latents,
+            output_type,
             callback_on_step_end_tensor_inputs,
         )
         self._guidance_scale, self._interrupt = guidance_scale, False
@@ -250,7 +270,13 @@ class PixNerdT2IPipeline(PixNerdBasePipeline):
 
         # 2. Text embeddings (no attention mask inside the transformer: the padded slots count, as officially).
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, negative_prompt, guided, num_images_per_prompt, device, prompt_embeds, negative_prompt_embeds,
+            prompt,
+            negative_prompt,
+            guided,
+            num_images_per_prompt,
+            device,
+            prompt_embeds,
+            negative_prompt_embeds,
             max_sequence_length,
         )
         uncondition = {"encoder_hidden_states": negative_prompt_embeds} if guided else {}

@@ -145,12 +145,25 @@ class PixNerdBasePipeline(DiffusionPipeline, PixNerdLoraLoaderMixin):
         )
 
     def check_common_inputs(
-        self, batch_size, height, width, num_inference_steps, guidance_interval, generator, latents, output_type,
+        self,
+        num_images_per_prompt,
+        batch_size,
+        height,
+        width,
+        num_inference_steps,
+        guidance_interval,
+        generator,
+        latents,
+        output_type,
         callback_on_step_end_tensor_inputs,
     ):
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"`num_images_per_prompt` must be a positive integer, got {num_images_per_prompt!r}.")
         multiple = self.transformer.resolution_multiple
         if height % multiple or width % multiple or height <= 0 or width <= 0:
-            raise ValueError(f"`height` and `width` must be positive multiples of {multiple}, got ({height}, {width}).")
+            raise ValueError(
+                f"`height` and `width` must be positive multiples of {multiple}, got ({height}, {width})."
+            )
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}.")
         if len(guidance_interval) != 2:
@@ -238,7 +251,9 @@ class PixNerdBasePipeline(DiffusionPipeline, PixNerdLoraLoaderMixin):
         text = self.transformer.is_text_conditional
         config = self.scheduler.config
         sampling = ", ".join(
-            f"{k} {config[k]}" for k in ("num_inference_steps", "guidance_scale", "shift", "solver_order") if k in config
+            f"{k} {config[k]}"
+            for k in ("num_inference_steps", "guidance_scale", "shift", "solver_order")
+            if k in config
         )
         return MODEL_CARD.format(
             pipeline_tag="text-to-image" if text else "unconditional-image-generation",

@@ -4,5 +4,4 @@ from .scheduling_pixnerd import (
     PixNerdFlowMatchSchedulerOutput,
 )
 
-
 __all__ = ["OFFICIAL_SCHEDULER_PRESETS", "PixNerdFlowMatchScheduler", "PixNerdFlowMatchSchedulerOutput"]

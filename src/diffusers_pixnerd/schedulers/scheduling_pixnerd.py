@@ -11,7 +11,6 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput, logging
 
-
 logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
 
 # Sampler settings of the official checkpoints, for `PixNerdFlowMatchScheduler.from_official_preset`.
