@@ -9,8 +9,9 @@ PIP := $(PY) -m pip
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	# The CPU wheel of torch; a bare `pip install torch` would pull a multi-GB CUDA build.
-	$(PIP) install -q torch==2.13.0
+	# On the project's machines this pin resolves to the CPU wheel on local disk; a bare `pip install torch` would pull
+	# a multi-GB CUDA build. Elsewhere: make test TORCH_INDEX="--index-url https://download.pytorch.org/whl/cpu"
+	$(PIP) install -q torch==2.13.0 $(TORCH_INDEX)
 	$(PIP) install -q -e ".[test]"
 	touch $@
 

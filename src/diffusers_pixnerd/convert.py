@@ -211,8 +211,11 @@ def _resolve(path_or_hub_file: str, **hub_kwargs) -> str:
         raise FileNotFoundError(f"{path_or_hub_file!r} is neither a local file nor a Hub file path (`org/repo/file`).")
     from huggingface_hub import hf_hub_download
 
-    repo_id, revision, filename = m.groups()
-    return hf_hub_download(repo_id, filename, revision=revision or hub_kwargs.pop("revision", None), **hub_kwargs)
+    repo_id, url_revision, filename = m.groups()
+    revision = hub_kwargs.pop("revision", None)
+    if url_revision and revision and url_revision != revision:
+        raise ValueError(f"`revision` {revision!r} contradicts the revision {url_revision!r} in the URL.")
+    return hf_hub_download(repo_id, filename, revision=url_revision or revision, **hub_kwargs)
 
 
 def convert_official_checkpoint(
@@ -237,7 +240,7 @@ def convert_official_checkpoint(
         raise ValueError(f"The official checkpoint lacks weights for: {missing[:10]}")
     model.load_state_dict(converted, strict=True, assign=True)
     model.eval()
-    return model.to(torch_dtype) if torch_dtype is not None else model
+    return model.to(torch_dtype) if torch_dtype not in (None, torch.float32) else model
 
 
 DEFAULT_TEXT_ENCODER = "Qwen/Qwen3-1.7B"

@@ -278,6 +278,11 @@ class PixNerdTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             raise ValueError(f"`sample_size` ({sample_size}) must be a multiple of `patch_size` ({patch_size}).")
         dim = num_attention_heads * attention_head_dim
         is_text = text_embed_dim is not None
+        if is_text and neural_field_max_freqs**2 % 2:
+            raise ValueError(
+                f"`neural_field_max_freqs` ({neural_field_max_freqs}) must be even for the text model: its pixel "
+                "position features are x/y RoPE pairs."
+            )
         if is_text:
             mlp_hidden_dim = int(dim * mlp_ratio)
         else:
