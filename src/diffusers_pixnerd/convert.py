@@ -306,16 +306,25 @@ def official_pipeline_folder(
         checkpoints = sorted(f for f in os.listdir(name_or_path) if f.endswith(".ckpt"))
         key = os.path.abspath(name_or_path).strip(os.sep).replace(os.sep, "--")
         fetch = lambda name: os.path.join(name_or_path, name)  # noqa: E731
+        if checkpoints:  # a changed file gets a new conversion
+            stat = os.stat(fetch(checkpoint_name or checkpoints[0]))
+            tag += f"-{stat.st_size}-{int(stat.st_mtime)}"
     else:
+        from huggingface_hub import HfApi, hf_hub_download, try_to_load_from_cache
+        from huggingface_hub.errors import OfflineModeIsEnabled
+
         if re.fullmatch(r"[\w.-]+/[\w.-]+", name_or_path) is None:
             return None
-        key = name_or_path.replace("/", "--")
+        if isinstance(try_to_load_from_cache(name_or_path, "model_index.json", cache_dir, revision), str):
+            return None  # a diffusers-format repo already in the cache
+        key = name_or_path.replace("/", "--") + (f"@{revision}" if revision else "")
         cached = sorted(glob.glob(os.path.join(root, key, f"{checkpoint_name or '*'}-{tag}", "model_index.json")))
         if cached:
             return os.path.dirname(cached[0])
-        from huggingface_hub import HfApi, hf_hub_download
-
-        files = HfApi().list_repo_files(name_or_path, revision=revision, token=token)
+        try:
+            files = HfApi().list_repo_files(name_or_path, revision=revision, token=token)
+        except OfflineModeIsEnabled:
+            return None  # offline and not converted before: let diffusers say what is missing
         if "model_index.json" in files:
             return None
         checkpoints = sorted(f for f in files if f.endswith(".ckpt"))

@@ -3,6 +3,7 @@
 
 import difflib
 import json
+import numbers
 import os
 from typing import Any, Callable
 
@@ -90,8 +91,8 @@ class PixNerdPipeline(PixNerdBasePipeline):
         for label in labels:
             if isinstance(label, str):
                 ids.extend(self.get_label_ids(label))
-            elif isinstance(label, int) and 0 <= label <= num_classes:
-                ids.append(label)  # num_classes itself is the null class: unconditional samples
+            elif isinstance(label, numbers.Integral) and not isinstance(label, bool) and 0 <= label <= num_classes:
+                ids.append(int(label))  # num_classes itself is the null class: unconditional samples
             else:
                 raise ValueError(
                     f"`class_labels` entries must be class names or ids in [0, {num_classes}] "

@@ -164,6 +164,8 @@ class PixNerdT2IPipeline(PixNerdBasePipeline):
                 "when guidance is on)."
             )
         batch = len(prompt) if isinstance(prompt, list) else 1 if prompt is not None else prompt_embeds.shape[0]
+        if batch == 0:
+            raise ValueError("`prompt` (or `prompt_embeds`) is empty.")
         if isinstance(negative_prompt, list) and len(negative_prompt) != batch:
             raise ValueError(f"`negative_prompt` has {len(negative_prompt)} entries for {batch} prompts.")
         expected = (batch, config.text_max_length, config.text_embed_dim)

@@ -137,8 +137,8 @@ class PixNerdBasePipeline(DiffusionPipeline, PixNerdLoraLoaderMixin):
         if guidance_interval is None:
             guidance_interval = (config.get("guidance_interval_min", 0.0), config.get("guidance_interval_max", 1.0))
         return (
-            height or size,
-            width or size,
+            size if height is None else height,
+            size if width is None else width,
             num_inference_steps if num_inference_steps is not None else config.get("num_inference_steps", 50),
             guidance_scale if guidance_scale is not None else config.get("guidance_scale", 4.0),
             tuple(guidance_interval),
@@ -238,7 +238,8 @@ class PixNerdBasePipeline(DiffusionPipeline, PixNerdLoraLoaderMixin):
                 latents = self.scheduler.step(noise_pred, t, latents).prev_sample
 
                 if callback_on_step_end is not None:
-                    callback_kwargs = {k: locals()[k] for k in callback_on_step_end_tensor_inputs}
+                    tensors = {"latents": latents}
+                    callback_kwargs = {k: tensors[k] for k in callback_on_step_end_tensor_inputs}
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
                     latents = callback_outputs.pop("latents", latents)
                     if latents.shape[0] != batch_size:
