@@ -22,8 +22,9 @@ setup(
         "Pillow",
     ],
     extras_require={
-        "test": ["pytest>=8", "peft>=0.17"],
         "training": ["datasets>=3.0", "peft>=0.17", "tensorboard"],
+        "test": ["pytest>=8", "peft>=0.17", "datasets>=3.0", "tensorboard"],
+        "demo": ["gradio>=5"],
     },
     entry_points={"console_scripts": ["pixnerd-convert=diffusers_pixnerd.convert:main"]},
 )

@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 4
 

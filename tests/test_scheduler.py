@@ -18,7 +18,6 @@ from diffusers_pixnerd.schedulers import (
 )
 from diffusers_pixnerd.schedulers.scheduling_pixnerd import adams_coefficients
 
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 from generate_scheduler_fixtures import NUM_CLASSES, fake_network  # noqa: E402  (the network of the fixtures)

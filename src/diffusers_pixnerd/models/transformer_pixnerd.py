@@ -355,8 +355,8 @@ class PixNerdTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         p = self.config.patch_size
         return math.lcm(p, self.config.sample_size // p) if self.is_text_conditional else p
 
-    def _grid(self, height: int, width: int) -> tuple[int, int, int, int]:
-        """Token grid and neural-field patch size (grid_h, grid_w, patch_h, patch_w) for an input size."""
+    def token_grid(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """(grid_h, grid_w, patch_h, patch_w): the backbone's token grid and the neural-field patch for an input size."""
         p, size = self.config.patch_size, self.config.sample_size
         if not self.is_text_conditional or (height, width) == (size, size):
             return height // p, width // p, p, p
@@ -375,7 +375,7 @@ class PixNerdTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         if height % p or width % p:
             raise ValueError(f"`hidden_states` height and width ({height}, {width}) must be multiples of {p}.")
         if self.is_text_conditional:
-            grid_h, grid_w, patch_h, patch_w = self._grid(height, width)
+            grid_h, grid_w, patch_h, patch_w = self.token_grid(height, width)
             if (grid_h * patch_h, grid_w * patch_w) != (height, width):
                 step = cfg.sample_size // p
                 raise ValueError(
@@ -448,7 +448,7 @@ class PixNerdTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         batch, _, height, width = hidden_states.shape
         dtype = self.patch_embed.weight.dtype
         p = self.config.patch_size
-        grid_h, grid_w, patch_h, patch_w = self._grid(height, width)
+        grid_h, grid_w, patch_h, patch_w = self.token_grid(height, width)
         checkpoint = (
             self._gradient_checkpointing_func if torch.is_grad_enabled() and self.gradient_checkpointing else None
         )

@@ -1,5 +1,11 @@
 from .pipeline_pixnerd import PixNerdPipeline, imagenet_id2label
-from .pipeline_pixnerd_t2i import PixNerdT2IPipeline
+from .pipeline_pixnerd_t2i import PixNerdT2IPipeline, encode_qwen3_prompts
 from .pipeline_utils import PixNerdLoraLoaderMixin
 
-__all__ = ["PixNerdLoraLoaderMixin", "PixNerdPipeline", "PixNerdT2IPipeline", "imagenet_id2label"]
+__all__ = [
+    "PixNerdLoraLoaderMixin",
+    "PixNerdPipeline",
+    "PixNerdT2IPipeline",
+    "encode_qwen3_prompts",
+    "imagenet_id2label",
+]

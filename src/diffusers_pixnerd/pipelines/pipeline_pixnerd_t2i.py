@@ -26,6 +26,26 @@ EXAMPLE_DOC_STRING = """
 """
 
 
+def encode_qwen3_prompts(
+    text_encoder, tokenizer, prompts: list[str], max_length: int, embed_dim: int, device: torch.device
+) -> torch.Tensor:
+    """The official conditioner (qwen3_text_encoder.py): right padding to `max_length` with truncation, the encoder's
+    last hidden state (the attention mask goes to the encoder only), cut or zero-padded to `embed_dim` features."""
+    tokens = tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=max_length,
+        truncation=True,
+        padding_side="right",
+        return_tensors="pt",
+    )
+    hidden = text_encoder(input_ids=tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device))[0]
+    hidden = hidden[..., :embed_dim]
+    if hidden.shape[-1] < embed_dim:
+        hidden = torch.nn.functional.pad(hidden, (0, embed_dim - hidden.shape[-1]))
+    return hidden
+
+
 class PixNerdT2IPipeline(PixNerdBasePipeline):
     r"""
     Text-to-image generation with PixNerd ([paper](https://arxiv.org/abs/2507.23268)): pixel-space diffusion with a
@@ -62,23 +82,14 @@ class PixNerdT2IPipeline(PixNerdBasePipeline):
         )
 
     def _encode(self, texts: list[str], device: torch.device, max_sequence_length: int) -> torch.Tensor:
-        """The official conditioner: right-padded to max length, truncated, last hidden state, cut/padded in width."""
-        tokens = self.tokenizer(
+        return encode_qwen3_prompts(
+            self.text_encoder,
+            self.tokenizer,
             texts,
-            padding="max_length",
-            max_length=max_sequence_length,
-            truncation=True,
-            padding_side="right",
-            return_tensors="pt",
+            max_sequence_length,
+            self.transformer.config.text_embed_dim,
+            device,
         )
-        hidden = self.text_encoder(
-            input_ids=tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device)
-        )[0]
-        width = self.transformer.config.text_embed_dim
-        hidden = hidden[..., :width]
-        if hidden.shape[-1] < width:
-            hidden = torch.nn.functional.pad(hidden, (0, width - hidden.shape[-1]))
-        return hidden
 
     def encode_prompt(
         self,

@@ -143,7 +143,9 @@ class PixNerdFlowMatchScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"`shift` must be positive, got {shift}.")
         if num_inference_steps < 1:
             raise ValueError(f"`num_inference_steps` must be at least 1, got {num_inference_steps}.")
-        check_guidance_interval(guidance_interval_min, guidance_interval_max, "(guidance_interval_min, guidance_interval_max)")
+        check_guidance_interval(
+            guidance_interval_min, guidance_interval_max, "(guidance_interval_min, guidance_interval_max)"
+        )
 
         self.num_inference_steps = None
         self.timesteps = None

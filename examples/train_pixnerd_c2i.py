@@ -1,0 +1,187 @@
+#!/usr/bin/env python
+# Copyright 2026 The diffusers-pixnerd authors. MIT License.
+"""Train a class-conditional PixNerd model with Accelerate: from scratch (the paper's ImageNet recipe, REPA on) or
+further from a saved `PixNerdPipeline`.
+
+    accelerate launch examples/train_pixnerd_c2i.py --model_config PixNerd-XL/16 \\
+        --train_data_dir /data/imagenet/train --class_names imagenet --mixed_precision bf16 --output_dir pixnerd-xl-16
+
+The recipe (official `configs_c2i/*.yaml`): logit-normal timesteps, shift 1, 10% null class, REPA on DINOv2-B/14 at
+block 8 with weight 0.5, AdamW lr 1e-4 without warm-up or clipping, EMA 0.9999. See docs/training.md.
+"""
+
+import argparse
+import json
+import logging
+import os
+
+from diffusers_pixnerd import PIXNERD_PRESETS, PixNerdFlowMatchScheduler, PixNerdPipeline, PixNerdTransformer2DModel
+from diffusers_pixnerd.training_data import count_classes, load_training_dataset, read_class_names
+from diffusers_pixnerd.training_utils import (
+    PixNerdTrainingModule,
+    TrainingRun,
+    add_training_arguments,
+    check_training_arguments,
+    create_accelerator,
+    create_dataloader,
+    create_repa,
+    prepare_output_dir,
+    push_folder,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(description="Train a class-conditional PixNerd model with Accelerate.")
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--model_config",
+        type=str,
+        default="PixNerd-XL/16",
+        help=f"A preset ({', '.join(PIXNERD_PRESETS)}) or a JSON file of `PixNerdTransformer2DModel` arguments.",
+    )
+    model.add_argument(
+        "--model_config_json", type=str, default=None, help="Inline JSON on top of the config: '{\"num_layers\": 2}'."
+    )
+    model.add_argument(
+        "--pretrained_model_name_or_path", type=str, default=None, help="Train on from a PixNerdPipeline (folder/Hub)."
+    )
+    model.add_argument("--revision", type=str, default=None)
+    model.add_argument("--num_classes", type=int, default=None, help="Default: the number of classes of the data.")
+    model.add_argument(
+        "--scheduler_preset", type=str, default="c2i-euler100", help="Sampler saved with a new pipeline (scheduler)."
+    )
+    parser.add_argument("--label_column", type=str, default="label", help="Class ids column of `--dataset_name`.")
+    parser.add_argument(
+        "--class_names",
+        type=str,
+        default=None,
+        help='"imagenet", a JSON/text file or "a,b,c"; default: the class folder names (saved as `id2label`).',
+    )
+    parser.add_argument(
+        "--validation_class_labels", type=int, nargs="+", default=None, help="Classes sampled (default: the first 4)."
+    )
+    add_training_arguments(
+        parser,
+        image_preprocessing="adm_center_crop",
+        resolution=256,
+        shift=1.0,
+        use_repa=True,
+        repa_align_layer=8,
+        learning_rate=1e-4,
+        train_batch_size=32,
+        max_grad_norm=0.0,
+        output_dir="pixnerd-c2i",
+        tracker_project_name="pixnerd-c2i",
+    )
+    args = parser.parse_args(input_args)
+    check_training_arguments(args)
+    if args.pretrained_model_name_or_path is None and args.model_config not in PIXNERD_PRESETS:
+        if not os.path.isfile(args.model_config):
+            raise ValueError(f"`--model_config` {args.model_config!r} is neither a preset nor a JSON file.")
+    return args
+
+
+def transformer_config(args, num_classes: int) -> dict:
+    """The preset or JSON file, the inline JSON on top, at the training resolution and with the data's classes."""
+    if args.model_config in PIXNERD_PRESETS:
+        config = dict(PIXNERD_PRESETS[args.model_config])
+    else:
+        with open(args.model_config, encoding="utf-8") as f:
+            config = json.load(f)
+    config.update(json.loads(args.model_config_json) if args.model_config_json else {})
+    config.update(sample_size=args.resolution, num_classes=num_classes)
+    return config
+
+
+def main(args):
+    accelerator = create_accelerator(args)
+    checkpoint = prepare_output_dir(accelerator, args)
+
+    # 1. Data: class subfolders or a dataset with image and label columns, checked before anything trains.
+    dataset, class_names = load_training_dataset(
+        args.train_data_dir,
+        args.dataset_name,
+        args.dataset_config_name,
+        args.dataset_split,
+        args.image_column,
+        label_column=args.label_column,
+        streaming=args.streaming,
+        cache_dir=args.cache_dir,
+    )
+    class_names = read_class_names(args.class_names, class_names)
+    data_classes = count_classes(dataset, class_names)
+    train_dataloader = create_dataloader(accelerator, args, dataset)
+
+    # 2. The model: a preset/config from scratch, or a saved pipeline trained on.
+    if args.pretrained_model_name_or_path is not None:
+        pipeline = PixNerdPipeline.from_pretrained(
+            args.pretrained_model_name_or_path, revision=args.revision, cache_dir=args.cache_dir
+        )
+        transformer, scheduler, id2label = pipeline.transformer, pipeline.scheduler, pipeline.config.id2label
+    else:
+        num_classes = args.num_classes or data_classes
+        if num_classes is None:
+            raise ValueError("A streamed dataset without class names has no known class count: pass `--num_classes`.")
+        transformer = PixNerdTransformer2DModel(**transformer_config(args, num_classes))
+        scheduler = PixNerdFlowMatchScheduler.from_official_preset(args.scheduler_preset)
+        id2label = None
+    if class_names is not None:
+        id2label = {str(i): name for i, name in enumerate(class_names)}
+    if data_classes is not None and data_classes > transformer.config.num_classes:
+        raise ValueError(
+            f"The data has {data_classes} classes but the model {transformer.config.num_classes} (`--num_classes`)."
+        )
+    if args.validation_class_labels is None:
+        args.validation_class_labels = list(range(min(4, transformer.config.num_classes)))
+    if any(not 0 <= label < transformer.config.num_classes for label in args.validation_class_labels):
+        raise ValueError(
+            f"`--validation_class_labels` {args.validation_class_labels} must be in [0, {transformer.config.num_classes})."
+        )
+    transformer.train()
+    if args.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    logger.info(
+        "Transformer: %.1fM parameters, %d classes", transformer.num_parameters() / 1e6, transformer.config.num_classes
+    )
+
+    # 3. The objective: flow matching, plus REPA (frozen DINOv2 + a projector that trains and is not exported).
+    repa_encoder, projector = create_repa(accelerator, args, transformer)
+    model = PixNerdTrainingModule(
+        transformer, projector, args.repa_align_layer, args.repa_loss_weight, args.weighting_scheme
+    )
+
+    # 4. AdamW, lr schedule, Accelerate, EMA, resume; then train.
+    run = TrainingRun(accelerator, args, model, train_dataloader, checkpoint)
+    model, trained = run.model, run.trained
+
+    def validate(final=False):
+        pipeline = PixNerdPipeline(transformer=trained.transformer, scheduler=scheduler, id2label=id2label)
+        labels = args.validation_class_labels
+        captions = [id2label[str(i)] if id2label else f"class {i}" for i in labels]
+        return run.validation_images(pipeline, captions, final, class_labels=labels)
+
+    for batch in run.batches():
+        with accelerator.accumulate(model):
+            inputs = run.step_inputs(batch["pixel_values"], repa_encoder)
+            losses = model(**inputs, class_labels=batch["label"])
+            run.backward(losses)
+        if run.end_step(batch) and run.validation_due:
+            validate()
+    run.finish()
+
+    # 5. Export: the EMA weights in a PixNerdPipeline (no projector), with a model card and sample images.
+    samples = validate(final=True)
+    state = run.export_state()
+    if accelerator.is_main_process:
+        pipeline = PixNerdPipeline(transformer=run.exported_transformer(state), scheduler=scheduler, id2label=id2label)
+        pipeline.save_pretrained(args.output_dir, model_card_extra=run.model_card("train_pixnerd_c2i.py", samples))
+        logger.info("Saved the pipeline to %s", args.output_dir)
+        if args.push_to_hub:
+            push_folder(args)
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,306 @@
+#!/usr/bin/env python
+# Copyright 2026 The diffusers-pixnerd authors. MIT License.
+"""Fine-tune a text-to-image PixNerd pipeline with Accelerate: full fine-tuning (the paper's SFT recipe) or LoRA.
+
+    accelerate launch examples/train_pixnerd_t2i.py --pretrained_model_name_or_path MCG-NJU/PixNerd-XXL-P16-T2I \\
+        --train_data_dir /data/captioned --resolution 512 --mixed_precision bf16 --output_dir pixnerd-t2i-sft
+
+    accelerate launch examples/train_pixnerd_t2i.py --pretrained_model_name_or_path MCG-NJU/PixNerd-XXL-P16-T2I \\
+        --train_data_dir /data/captioned --use_lora --lora_rank 32 --precompute_text_embeddings --output_dir my-lora
+
+The official SFT (`configs_t2i/sft_res512.yaml`): logit-normal timesteps with shift 4 at 512 (2 at 256), 10% empty
+prompts, REPA at block 6, AdamW lr 1e-5 betas (0.9, 0.999), clipping 1.0, EMA 0.9999; Qwen3 frozen. See
+docs/training.md.
+"""
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+
+import torch
+from accelerate.utils import DistributedType
+
+from diffusers_pixnerd import PixNerdT2IPipeline
+from diffusers_pixnerd.training_data import add_prompt_embeddings, load_training_dataset
+from diffusers_pixnerd.training_utils import (
+    PixNerdTrainingModule,
+    TrainingRun,
+    add_training_arguments,
+    check_training_arguments,
+    create_accelerator,
+    create_dataloader,
+    create_repa,
+    ema_weights,
+    encode_prompts,
+    prepare_output_dir,
+    push_folder,
+    sub_state_dict,
+    weight_dtype,
+)
+
+logger = logging.getLogger(__name__)
+
+LORA_TARGET_MODULES = "to_qkv,add_kv_proj,to_out,proj_in,proj_out,param_generator"
+LORA_MODEL_CARD = """---
+library_name: diffusers
+license: mit
+base_model: {base}
+tags:
+- diffusers-pixnerd
+- pixnerd
+- lora
+- text-to-image
+---
+
+# {title}
+
+LoRA weights (rank {rank}) for the PixNerd text-to-image pipeline [{base}]({base}), in diffusers' format.
+
+```py
+from diffusers_pixnerd import PixNerdT2IPipeline
+
+pipe = PixNerdT2IPipeline.from_pretrained("{base}")
+pipe.load_lora_weights("{repo}")
+image = pipe("{prompt}").images[0]
+```
+
+{extra}"""
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(description="Fine-tune a text-to-image PixNerd pipeline with Accelerate.")
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--pretrained_model_name_or_path",
+        type=str,
+        required=True,
+        help="A PixNerdT2IPipeline folder or Hub repo (ours, or an official one, converted on load).",
+    )
+    model.add_argument("--revision", type=str, default=None)
+    model.add_argument(
+        "--train_text_encoder_layers", type=int, default=0, help="Also train the last N Qwen3 layers (and its norm)."
+    )
+    model.add_argument(
+        "--precompute_text_embeddings",
+        action="store_true",
+        help="Encode every caption once before training (frozen encoder; saves its memory and time during training).",
+    )
+    lora = parser.add_argument_group("LoRA")
+    lora.add_argument("--use_lora", action="store_true", help="Train LoRA adapters instead of the full transformer.")
+    lora.add_argument("--lora_rank", type=int, default=32)
+    lora.add_argument("--lora_alpha", type=int, default=None, help="Default: the rank.")
+    lora.add_argument("--lora_dropout", type=float, default=0.0)
+    lora.add_argument(
+        "--lora_target_modules",
+        type=str,
+        default=LORA_TARGET_MODULES,
+        help="Comma-separated module names: attention (to_qkv, add_kv_proj, to_out), MLP (proj_in, proj_out), "
+        "neural-field weight generator (param_generator).",
+    )
+    parser.add_argument("--caption_column", type=str, default="text", help="Captions column (metadata.jsonl/dataset).")
+    parser.add_argument(
+        "--validation_prompts",
+        type=str,
+        nargs="+",
+        default=["a red fox in the snow, golden hour", "a bowl of ramen on a wooden table"],
+    )
+    add_training_arguments(
+        parser,
+        image_preprocessing="resize_center_crop",
+        shift=None,
+        use_repa=None,
+        use_ema=None,
+        repa_align_layer=6,
+        train_batch_size=8,
+        max_grad_norm=1.0,
+        output_dir="pixnerd-t2i",
+        tracker_project_name="pixnerd-t2i",
+    )
+    args = parser.parse_args(input_args)
+    # Defaults that depend on the mode: the official SFT for full fine-tuning, the usual LoRA settings otherwise.
+    if args.learning_rate is None:
+        args.learning_rate = 1e-4 if args.use_lora else 1e-5
+    if args.use_repa is None:
+        args.use_repa = not args.use_lora
+    if args.use_ema is None:
+        args.use_ema = not args.use_lora
+    args.lora_alpha = args.lora_alpha or args.lora_rank
+    check_training_arguments(args)
+    if args.train_text_encoder_layers < 0:
+        raise ValueError(f"`--train_text_encoder_layers` must be >= 0, got {args.train_text_encoder_layers}.")
+    if args.train_text_encoder_layers and (args.precompute_text_embeddings or args.use_lora):
+        raise ValueError(
+            "`--train_text_encoder_layers` needs the text encoder in the loop: not with `--precompute_text_embeddings` "
+            "or `--use_lora`."
+        )
+    if args.precompute_text_embeddings and args.streaming:
+        raise ValueError("`--precompute_text_embeddings` needs a map-style dataset, not `--streaming`.")
+    return args
+
+
+def main(args):
+    accelerator = create_accelerator(args)
+    checkpoint = prepare_output_dir(accelerator, args)
+    device, dtype = accelerator.device, weight_dtype(accelerator)
+    if accelerator.distributed_type == DistributedType.FSDP and (args.use_lora or args.train_text_encoder_layers):
+        raise ValueError("With FSDP only full fine-tuning of the transformer is supported; use DDP or DeepSpeed.")
+
+    # 1. The data (captioned images, checked before anything loads), and the pipeline to fine-tune.
+    dataset, _ = load_training_dataset(
+        args.train_data_dir,
+        args.dataset_name,
+        args.dataset_config_name,
+        args.dataset_split,
+        args.image_column,
+        caption_column=args.caption_column,
+        streaming=args.streaming,
+        cache_dir=args.cache_dir,
+    )
+    pipeline = PixNerdT2IPipeline.from_pretrained(
+        args.pretrained_model_name_or_path, revision=args.revision, cache_dir=args.cache_dir
+    )
+    transformer, scheduler = pipeline.transformer, pipeline.scheduler
+    text_encoder, tokenizer = pipeline.text_encoder, pipeline.tokenizer
+    if text_encoder is None or tokenizer is None:
+        raise ValueError(f"{args.pretrained_model_name_or_path!r} has no text encoder or tokenizer.")
+    args.resolution = args.resolution or transformer.config.sample_size
+    if args.shift is None:
+        args.shift = 4.0 if args.resolution >= 512 else 2.0  # official: 2 at 256, 4 at 512 and in the SFT
+
+    # 2. Qwen3: frozen in the mixed-precision dtype, partly trained (float32 master weights), or used once.
+    text_encoder.requires_grad_(False).eval()
+    train_text_encoder = args.train_text_encoder_layers > 0
+    if train_text_encoder:
+        if args.train_text_encoder_layers > len(text_encoder.layers):
+            raise ValueError(
+                f"`--train_text_encoder_layers` {args.train_text_encoder_layers} > {len(text_encoder.layers)} layers."
+            )
+        text_encoder.layers[-args.train_text_encoder_layers :].requires_grad_(True)
+        text_encoder.norm.requires_grad_(True)
+        text_encoder.train()
+    text_encoder.to(device, dtype=torch.float32 if train_text_encoder else dtype)
+
+    def encode(prompts):
+        with torch.no_grad(), accelerator.autocast():
+            return encode_prompts(text_encoder, tokenizer, prompts, transformer.config, device)
+
+    validation = {"prompt": args.validation_prompts}
+    null_embeds = None if train_text_encoder else encode([""])
+    if args.precompute_text_embeddings:
+        key = [args.pretrained_model_name_or_path, text_encoder.config.to_dict(), transformer.config.text_max_length]
+        digest = hashlib.sha256(json.dumps([key, dataset["caption"]], default=str).encode()).hexdigest()[:16]
+        cache_dir = args.cache_dir or os.path.join(args.output_dir, "cache")
+        cache_file = os.path.join(cache_dir, f"prompt_embeds_{digest}.arrow")
+        with accelerator.main_process_first():
+            dataset = add_prompt_embeddings(dataset, encode, cache_file, batch_size=args.train_batch_size)
+        negative = null_embeds.expand(len(args.validation_prompts), -1, -1)
+        validation = {"prompt_embeds": encode(args.validation_prompts), "negative_prompt_embeds": negative}
+        text_encoder.to("cpu")  # only needed again to be saved with a fully fine-tuned pipeline
+    train_dataloader = create_dataloader(accelerator, args, dataset)
+
+    # 3. Full fine-tuning, or LoRA on attention, MLP and the neural-field weight generator (base frozen).
+    transformer.train()
+    if args.use_lora:
+        from peft import LoraConfig
+
+        transformer.requires_grad_(False)
+        if dtype != torch.float32:
+            transformer.to(dtype=dtype)
+        transformer.add_adapter(
+            LoraConfig(
+                r=args.lora_rank,
+                lora_alpha=args.lora_alpha,
+                lora_dropout=args.lora_dropout,
+                init_lora_weights="gaussian",
+                target_modules=[name.strip() for name in args.lora_target_modules.split(",")],
+            )
+        )
+        for p in transformer.parameters():  # the adapters train in float32
+            if p.requires_grad:
+                p.data = p.data.float()
+    if args.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+
+    # 4. The objective: flow matching, plus REPA (frozen DINOv2 + a projector that trains and is not exported).
+    repa_encoder, projector = create_repa(accelerator, args, transformer)
+    model = PixNerdTrainingModule(
+        transformer,
+        projector,
+        args.repa_align_layer,
+        args.repa_loss_weight,
+        args.weighting_scheme,
+        text_encoder=text_encoder if train_text_encoder else None,
+        tokenizer=tokenizer,
+        null_encoder_hidden_states=null_embeds,
+    )
+
+    # 5. AdamW, lr schedule, Accelerate, EMA, resume; then train.
+    run = TrainingRun(accelerator, args, model, train_dataloader, checkpoint)
+    model, trained = run.model, run.trained
+
+    def validate(final=False):
+        encoder = trained.text_encoder if train_text_encoder else text_encoder
+        encoder = None if args.precompute_text_embeddings else encoder  # the prompts come encoded
+        pipeline = PixNerdT2IPipeline(trained.transformer, scheduler, text_encoder=encoder, tokenizer=tokenizer)
+        size = {"height": args.resolution, "width": args.resolution}
+        return run.validation_images(pipeline, args.validation_prompts, final, **size, **validation)
+
+    for batch in run.batches():
+        with accelerator.accumulate(model):
+            inputs = run.step_inputs(batch["pixel_values"], repa_encoder)
+            if train_text_encoder:  # encoded inside the module, so that DDP sees the encoder's forward
+                condition = {"prompts": batch["caption"]}
+            elif args.precompute_text_embeddings:
+                condition = {"encoder_hidden_states": batch["prompt_embeds"].to(dtype)}
+            else:
+                condition = {"encoder_hidden_states": encode(batch["caption"])}
+            losses = model(**inputs, **condition)
+            run.backward(losses)
+        if run.end_step(batch) and run.validation_due:
+            validate()
+    run.finish()
+
+    # 6. Export: LoRA weights in diffusers' format, or the whole pipeline (EMA weights, no projector).
+    samples = validate(final=True)
+    card = run.model_card("train_pixnerd_t2i.py", samples)
+    state = {} if args.use_lora else run.export_state()
+    if accelerator.is_main_process and args.use_lora:
+        from peft.utils import get_peft_model_state_dict
+
+        with ema_weights(run.ema, run.ema_parameters):
+            lora_layers = get_peft_model_state_dict(trained.transformer)
+            lora_layers = {k: v.detach().cpu().clone() for k, v in lora_layers.items()}
+        PixNerdT2IPipeline.save_lora_weights(
+            args.output_dir,
+            transformer_lora_layers=lora_layers,
+            transformer_lora_adapter_metadata=trained.transformer.peft_config["default"].to_dict(),
+        )
+        with open(os.path.join(args.output_dir, "README.md"), "w", encoding="utf-8") as f:
+            base, repo = args.pretrained_model_name_or_path, args.hub_model_id or args.output_dir
+            title = os.path.basename(os.path.normpath(args.output_dir))
+            f.write(
+                LORA_MODEL_CARD.format(
+                    base=base,
+                    title=title,
+                    rank=args.lora_rank,
+                    repo=repo,
+                    prompt=args.validation_prompts[0],
+                    extra=card,
+                )
+            )
+    elif accelerator.is_main_process:
+        if train_text_encoder:
+            text_encoder.load_state_dict(sub_state_dict(state, "text_encoder"))
+        pipeline = PixNerdT2IPipeline(run.exported_transformer(state), scheduler, text_encoder, tokenizer)
+        pipeline.save_pretrained(args.output_dir, model_card_extra=card)
+    if accelerator.is_main_process:
+        logger.info("Saved the %s to %s", "LoRA weights" if args.use_lora else "pipeline", args.output_dir)
+        if args.push_to_hub:
+            push_folder(args)
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(parse_args())

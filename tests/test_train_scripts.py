@@ -1,0 +1,458 @@
+"""The training scripts end to end: `accelerate launch` in subprocesses (1 and 2 processes, CPU DDP over gloo), and
+in-process runs of `main` for the failure paths. Tiny models, 8..24 px images made here, no network."""
+
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from conftest import TINY_C2I, TINY_T2I, randomize_
+from safetensors.torch import load_file
+from test_training_utils import qwen3_tokenizer, tiny_dinov2, tiny_qwen3
+
+from diffusers_pixnerd import PixNerdFlowMatchScheduler, PixNerdPipeline, PixNerdT2IPipeline, PixNerdTransformer2DModel
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+C2I_SCRIPT = os.path.join(ROOT, "examples", "train_pixnerd_c2i.py")
+T2I_SCRIPT = os.path.join(ROOT, "examples", "train_pixnerd_t2i.py")
+CLASSES = ["cat", "dog", "fish"]
+TINY_MODEL = {k: v for k, v in TINY_C2I.items() if k not in ("sample_size", "num_classes")}
+
+
+def save_image(path, height, width, seed):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    rng = np.random.default_rng(seed)
+    PIL.Image.fromarray((rng.random((height, width, 3)) * 255).astype(np.uint8)).save(path)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """Image folders in every supported layout, a tiny DINOv2, a tiny model config and a tiny T2I pipeline."""
+    import datasets
+
+    root = tmp_path_factory.mktemp("assets")
+    # Class folders: one image per class (odd sizes, cropped to 16) and an unreadable file, so every epoch of a
+    # 2 x 2 batch meets it.
+    for label, name in enumerate(CLASSES):
+        save_image(root / "classes" / name / "0.png", 20 + 4 * label, 17, seed=label)
+    (root / "classes" / "dog" / "broken.png").write_bytes(b"this is not an image")
+    # A "Hub" dataset with other column names: 6 images in parquet.
+    paths = []
+    for i in range(6):
+        save_image(root / "hub_images" / f"{i}.png", 16, 16 + 2 * i, seed=10 + i)
+        paths.append(str(root / "hub_images" / f"{i}.png"))
+    table = datasets.Dataset.from_dict({"img": paths, "cls": [0, 1, 2, 0, 1, 2]}).cast_column("img", datasets.Image())
+    os.makedirs(root / "hub")
+    table.to_parquet(str(root / "hub" / "train.parquet"))
+    # Captions: the official layout (a .txt beside each image) and metadata.jsonl.
+    rows = []
+    for i, caption in enumerate(["a red square", "a blue circle", "green noise", "a cat on a mat"]):
+        save_image(root / "captions_txt" / f"{i}.jpg", 24, 20 + 4 * i, seed=20 + i)
+        (root / "captions_txt" / f"{i}.txt").write_text(caption)
+        save_image(root / "captions_jsonl" / "images" / f"{i}.png", 20 + 4 * i, 24, seed=30 + i)
+        rows.append(json.dumps({"file_name": f"images/{i}.png", "text": caption}))
+    (root / "captions_jsonl" / "metadata.jsonl").write_text("\n".join(rows))
+    tiny_dinov2().save_pretrained(root / "dinov2")
+    (root / "tiny.json").write_text(json.dumps(TINY_MODEL))
+    torch.manual_seed(0)
+    PixNerdT2IPipeline(
+        transformer=randomize_(PixNerdTransformer2DModel(**TINY_T2I)),
+        scheduler=PixNerdFlowMatchScheduler(num_inference_steps=2, guidance_scale=3.0),
+        text_encoder=tiny_qwen3(),
+        tokenizer=qwen3_tokenizer(),
+    ).save_pretrained(root / "t2i_pipeline")
+    return root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(script, args, tmp_path, num_processes=1, mixed_precision="no") -> str:
+    """`accelerate launch` as a user would type it (2 processes: CPU DDP); returns the combined log."""
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_machines",
+        "1",
+        "--num_processes",
+        str(num_processes),
+        "--mixed_precision",
+        mixed_precision,
+        "--dynamo_backend",
+        "no",
+    ]
+    if num_processes > 1:
+        command += ["--multi_gpu", "--main_process_port", str(free_port())]
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf_home"),
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    result = subprocess.run(
+        [*command, script, *map(str, args)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600
+    )
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-6000:]
+    return log
+
+
+def c2i_args(assets, output_dir, *extra):
+    return [
+        "--model_config",
+        assets / "tiny.json",
+        "--resolution",
+        16,
+        "--train_data_dir",
+        assets / "classes",
+        "--repa_encoder",
+        assets / "dinov2",
+        "--repa_align_layer",
+        1,
+        "--train_batch_size",
+        2,
+        "--dataloader_num_workers",
+        0,
+        "--validation_num_inference_steps",
+        2,
+        "--output_dir",
+        output_dir,
+        "--seed",
+        0,
+        "--report_to",
+        "none",
+        *extra,
+    ]
+
+
+def t2i_args(assets, data, output_dir, *extra):
+    return [
+        "--pretrained_model_name_or_path",
+        assets / "t2i_pipeline",
+        "--train_data_dir",
+        assets / data,
+        "--train_batch_size",
+        1,
+        "--dataloader_num_workers",
+        0,
+        "--validation_num_inference_steps",
+        2,
+        "--validation_prompts",
+        "a cat",
+        "--output_dir",
+        output_dir,
+        "--seed",
+        0,
+        "--report_to",
+        "none",
+        *extra,
+    ]
+
+
+def sample(pipe, *args, **kwargs):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(
+        *args, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="latent", **kwargs
+    ).images
+
+
+# --------------------------------------------------------------------------------------------- accelerate launch
+
+
+def test_c2i_two_processes_with_repa_ema_validation_and_export(assets, tmp_path):
+    out = tmp_path / "c2i"
+    log = launch(
+        C2I_SCRIPT,
+        c2i_args(
+            assets,
+            out,
+            "--max_train_steps",
+            4,
+            "--checkpointing_steps",
+            2,
+            "--validation_steps",
+            2,
+            "--ema_decay",
+            0.5,
+            "--random_flip",
+            "--gradient_checkpointing",
+            "--dataloader_num_workers",
+            1,
+            "--report_to",
+            "tensorboard",
+            "--model_config",
+            "PixNerd-L/16",
+            "--model_config_json",
+            json.dumps(TINY_MODEL),  # a preset, made tiny
+        ),
+        tmp_path,
+        num_processes=2,
+    )
+    # Real DDP: two processes in one world, the same weights on both after a step.
+    assert "Processes: 2 (DistributedType.MULTI_CPU)" in log
+    assert "World size 2: all processes hold identical weights after step 1" in log
+    # The unreadable image is skipped, counted and named, and training goes on.
+    assert "Skipping unreadable image" in log and "broken.png" in log
+    assert "Unreadable images skipped so far" in log
+    # Checkpoints hold the REPA projector and the EMA; the export holds the EMA weights and no projector.
+    checkpoint = load_file(out / "checkpoint-4" / "model.safetensors")
+    assert any(k.startswith("projector.") for k in checkpoint)
+    ema = torch.load(out / "checkpoint-4" / "ema.pt")["shadow_params"]
+    pipe = PixNerdPipeline.from_pretrained(out)
+    exported = list(pipe.transformer.parameters())
+    assert len(exported) == len(ema) and all(torch.equal(p, e) for p, e in zip(exported, ema))
+    trained = [checkpoint[f"transformer.{name}"] for name, _ in pipe.transformer.named_parameters()]
+    assert not all(torch.equal(p, t) for p, t in zip(exported, trained))
+    assert not any("projector" in f for f in os.listdir(out / "transformer"))
+    # Class names from the folders, and the pipeline samples by name.
+    assert pipe.config.id2label == {"0": "cat", "1": "dog", "2": "fish"}
+    assert torch.isfinite(sample(pipe, "fish")).all()
+    # Validation images: saved, logged to TensorBoard, shown in the model card.
+    assert sorted(os.listdir(out / "validation")) == ["final", "step-2", "step-4"]
+    assert len(os.listdir(out / "validation" / "final")) == 3
+    events = [os.path.join(d, f) for d, _, files in os.walk(out / "logs") for f in files if "tfevents" in f]
+    assert any(b"validation" in open(f, "rb").read() for f in events)
+    card = (out / "README.md").read_text()
+    assert "## Training" in card and "validation/final/00_cat.png" in card and "`use_repa` | `True`" in card
+
+
+def test_c2i_resumed_run_ends_in_the_same_state(assets, tmp_path):
+    """Stop after checkpoint-2 (here: a copy of it in a fresh folder) and resume: model, EMA, optimizer, lr schedule
+    and step equal the uninterrupted run's at step 4, across an epoch boundary and with gradient accumulation."""
+    common = [
+        "--dataset_name",
+        assets / "hub",
+        "--image_column",
+        "img",
+        "--label_column",
+        "cls",
+        "--train_batch_size",
+        1,
+        "--gradient_accumulation_steps",
+        2,
+        "--max_train_steps",
+        4,
+        "--checkpointing_steps",
+        2,
+        "--random_flip",
+        "--ema_decay",
+        0.5,
+        "--lr_scheduler",
+        "cosine",
+        "--lr_warmup_steps",
+        1,
+        "--max_grad_norm",
+        1.0,
+    ]
+    args = c2i_args(assets, tmp_path / "full", *common)
+    args[args.index("--train_data_dir") : args.index("--train_data_dir") + 2] = []
+    launch(C2I_SCRIPT, args, tmp_path)
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    os.makedirs(resumed)
+    shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
+    args[args.index("--output_dir") + 1] = resumed
+    log = launch(C2I_SCRIPT, [*args, "--resume_from_checkpoint", "latest"], tmp_path)
+    assert "Resuming from" in log and "checkpoint-2 (step 2)" in log
+    a, b = full / "checkpoint-4", resumed / "checkpoint-4"
+    model_a, model_b = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert model_a.keys() == model_b.keys() and all(torch.equal(model_a[k], model_b[k]) for k in model_a)
+    ema_a, ema_b = torch.load(a / "ema.pt"), torch.load(b / "ema.pt")
+    assert ema_a["optimization_step"] == ema_b["optimization_step"] == 4
+    assert all(torch.equal(x, y) for x, y in zip(ema_a["shadow_params"], ema_b["shadow_params"]))
+    opt_a, opt_b = (torch.load(c / "optimizer.bin", weights_only=False) for c in (a, b))
+    assert opt_a["param_groups"] == opt_b["param_groups"]
+    for key, state in opt_a["state"].items():
+        assert all(torch.equal(state[name], opt_b["state"][key][name]) for name in state)
+    sched_a, sched_b = (torch.load(c / "scheduler.bin", weights_only=False) for c in (a, b))
+    assert sched_a == sched_b and sched_a["last_epoch"] == 4
+    assert json.loads((b / "training_state.json").read_text())["global_step"] == 4
+    # The run really moved: the state at step 4 is not the state at step 2.
+    model_2 = load_file(full / "checkpoint-2" / "model.safetensors")
+    assert not all(torch.equal(model_2[k], model_a[k]) for k in model_a)
+
+
+def test_t2i_full_fine_tuning_two_processes_with_text_encoder_layers(assets, tmp_path):
+    out = tmp_path / "t2i"
+    log = launch(
+        T2I_SCRIPT,
+        t2i_args(
+            assets,
+            "captions_jsonl",
+            out,
+            "--max_train_steps",
+            2,
+            "--checkpointing_steps",
+            2,
+            "--train_text_encoder_layers",
+            1,
+            "--repa_encoder",
+            assets / "dinov2",
+            "--repa_align_layer",
+            1,
+            "--ema_decay",
+            0.5,
+            "--learning_rate",
+            1e-3,
+        ),
+        tmp_path,
+        num_processes=2,
+    )
+    assert "World size 2: all processes hold identical weights after step 1" in log
+    base = PixNerdT2IPipeline.from_pretrained(assets / "t2i_pipeline")
+    tuned = PixNerdT2IPipeline.from_pretrained(out)
+    assert tuned.text_encoder is not None and tuned.tokenizer is not None
+
+    def up_proj(pipe, layer):
+        return pipe.text_encoder.layers[layer].mlp.up_proj.weight
+
+    assert not torch.equal(up_proj(base, -1), up_proj(tuned, -1))  # the trained last layer
+    assert torch.equal(up_proj(base, 0), up_proj(tuned, 0))  # a frozen one
+    assert not torch.equal(base.transformer.patch_embed.weight, tuned.transformer.patch_embed.weight)
+    assert any(k.startswith("projector.") for k in load_file(out / "checkpoint-2" / "model.safetensors"))
+    assert torch.isfinite(sample(tuned, "a cat")).all()
+
+
+def test_t2i_lora_with_precomputed_embeddings_loads_into_the_pipeline(assets, tmp_path):
+    out = tmp_path / "lora"
+    log = launch(
+        T2I_SCRIPT,
+        t2i_args(
+            assets,
+            "captions_txt",
+            out,
+            "--use_lora",
+            "--lora_rank",
+            4,
+            "--precompute_text_embeddings",
+            "--learning_rate",
+            1e-2,
+            "--max_train_steps",
+            2,
+            "--checkpointing_steps",
+            2,
+        ),
+        tmp_path,
+        mixed_precision="bf16",
+    )
+    assert "Saved the LoRA weights" in log and os.path.exists(out / "pytorch_lora_weights.safetensors")
+    assert not os.path.exists(out / "model_index.json")  # LoRA runs export the adapters only
+    assert any(f.startswith("prompt_embeds_") for f in os.listdir(out / "cache"))
+    pipe = PixNerdT2IPipeline.from_pretrained(assets / "t2i_pipeline")
+    before = sample(pipe, "a cat")
+    pipe.load_lora_weights(out)
+    after = sample(pipe, "a cat")
+    assert (after - before).abs().max() > 1e-3
+    assert "load_lora_weights" in (out / "README.md").read_text()
+
+
+# --------------------------------------------------------------------------------------- failures (in process)
+
+
+@pytest.fixture
+def run_main(monkeypatch, tmp_path):
+    """Runs a script's `main(parse_args(args))` in this process (for the failure paths: fast, exceptions visible)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+
+    def run(script, args):
+        spec = importlib.util.spec_from_file_location(os.path.basename(script)[:-3], script)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        return module.main(module.parse_args([str(a) for a in args]))
+
+    yield run
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    torch.set_num_threads(threads)
+
+
+def test_an_earlier_run_needs_resume_or_overwrite(assets, tmp_path, run_main):
+    os.makedirs(tmp_path / "out" / "checkpoint-3")
+    with pytest.raises(ValueError, match="--resume_from_checkpoint latest.*--overwrite_output_dir"):
+        run_main(C2I_SCRIPT, c2i_args(assets, tmp_path / "out", "--max_train_steps", 1))
+
+
+def test_a_flat_folder_is_reported_before_training(assets, tmp_path, run_main):
+    save_image(tmp_path / "flat" / "0.png", 16, 16, seed=0)
+    args = c2i_args(assets, tmp_path / "out", "--max_train_steps", 1)
+    args[args.index("--train_data_dir") + 1] = tmp_path / "flat"
+    with pytest.raises(ValueError, match="one subfolder per class"):
+        run_main(C2I_SCRIPT, args)
+    assert os.listdir(tmp_path / "out") == []
+
+
+def test_a_missing_caption_column_is_reported_before_anything_loads(assets, tmp_path, run_main):
+    save_image(tmp_path / "data" / "0.png", 16, 16, seed=0)
+    (tmp_path / "data" / "metadata.jsonl").write_text(json.dumps({"file_name": "0.png", "caption": "x"}))
+    args = t2i_args(assets, "captions_txt", tmp_path / "out", "--max_train_steps", 1)
+    args[args.index("--train_data_dir") + 1] = tmp_path / "data"
+    args[args.index("--pretrained_model_name_or_path") + 1] = tmp_path / "no-such-pipeline"  # never reached
+    with pytest.raises(ValueError, match=r"`--caption_column` \('text'\)"):
+        run_main(T2I_SCRIPT, args)
+
+
+def test_corrupt_images_are_fatal_on_request(assets, tmp_path, run_main):
+    args = c2i_args(assets, tmp_path / "out", "--max_train_steps", 3, "--fail_on_corrupt_images", "--no_use_repa")
+    with pytest.raises(RuntimeError, match="broken.png"):
+        run_main(C2I_SCRIPT, args)
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(assets, tmp_path, run_main):
+    out = tmp_path / "out"
+    args = c2i_args(
+        assets, out, "--max_train_steps", 5, "--checkpointing_steps", 1, "--learning_rate", 1e30, "--no_use_repa"
+    )
+    with pytest.raises(FloatingPointError, match="Non-finite loss at step 2.*checkpoint-1"):
+        run_main(C2I_SCRIPT, args)
+    assert sorted(os.listdir(out)) == ["checkpoint-1"]
+    assert json.loads((out / "checkpoint-1" / "training_state.json").read_text())["global_step"] == 1
+
+
+def test_a_kill_during_a_save_leaves_the_latest_checkpoint_intact(assets, tmp_path, run_main, monkeypatch):
+    from accelerate import Accelerator
+
+    out = tmp_path / "out"
+    args = c2i_args(assets, out, "--max_train_steps", 4, "--checkpointing_steps", 2, "--no_use_repa")
+    save_state = Accelerator.save_state
+
+    def killed_while_saving_step_4(self, output_dir=None, **kwargs):
+        save_state(self, output_dir, **kwargs)
+        if str(output_dir).endswith("checkpoint-4.tmp"):
+            raise KeyboardInterrupt  # the state is written, the EMA and the rename are not
+
+    monkeypatch.setattr(Accelerator, "save_state", killed_while_saving_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        run_main(C2I_SCRIPT, args)
+    assert sorted(os.listdir(out)) == ["checkpoint-2", "checkpoint-4.tmp"]
+    monkeypatch.setattr(Accelerator, "save_state", save_state)
+    run_main(C2I_SCRIPT, [*args, "--resume_from_checkpoint", "latest"])  # resumes from checkpoint-2
+    assert {"checkpoint-2", "checkpoint-4", "model_index.json"} <= set(os.listdir(out))
+    assert "checkpoint-4.tmp" not in os.listdir(out)
+
+
+def test_a_streamed_dataset_trains_and_resumes(assets, tmp_path, run_main):
+    out = tmp_path / "out"
+    args = c2i_args(assets, out, "--streaming", "--max_train_steps", 2, "--checkpointing_steps", 1, "--no_use_repa")
+    run_main(C2I_SCRIPT, args)
+    assert {"checkpoint-1", "checkpoint-2", "model_index.json"} <= set(os.listdir(out))
+    args[args.index("--max_train_steps") + 1] = 3
+    run_main(C2I_SCRIPT, [*args, "--resume_from_checkpoint", "latest"])
+    assert json.loads((out / "checkpoint-3" / "training_state.json").read_text())["global_step"] == 3
