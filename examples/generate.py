@@ -1,0 +1,120 @@
+"""Generate a labelled image grid with a PixNerd pipeline (the README's demo command).
+
+    python examples/generate.py                                      # the bundled Fashion-MNIST model, offline
+    python examples/generate.py --model MCG-NJU/PixNerd-XL-P16-C2I --class_labels "golden retriever" 207
+    python examples/generate.py --model MCG-NJU/PixNerd-XXL-P16-T2I --prompt "a red fox in the snow"
+    python examples/generate.py --model path/to/official.ckpt        # an official checkpoint file
+
+`--model` is a pipeline folder, a Hub repo id (diffusers format or an official one, converted on first use) or an
+official checkpoint file. Prints the path of the grid it writes.
+"""
+
+import argparse
+import os
+
+import torch
+from diffusers import DiffusionPipeline
+from PIL import Image, ImageDraw, ImageFont
+
+from diffusers_pixnerd import PixNerdPipeline, PixNerdT2IPipeline
+from diffusers_pixnerd.convert import convert_official_pipeline, official_pipeline_folder
+
+BUNDLED_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "models", "pixnerd-fashion-mnist")
+
+
+def load_pipeline(model: str, dtype: torch.dtype) -> PixNerdPipeline | PixNerdT2IPipeline:
+    """A pipeline folder or Hub repo (diffusers format or official), or an official checkpoint file."""
+    if os.path.isfile(model):
+        return convert_official_pipeline(model, torch_dtype=dtype)
+    converted = official_pipeline_folder(model)  # official repos: converted once, cached
+    if converted is not None:
+        cls = PixNerdT2IPipeline if PixNerdT2IPipeline._is_text_pipeline(converted) else PixNerdPipeline
+        return cls.from_pretrained(model, torch_dtype=dtype)
+    return DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
+
+
+def caption_font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.truetype("DejaVuSans.ttf", size)
+    except OSError:
+        return ImageFont.load_default()
+
+
+def labelled_grid(images: list[Image.Image], captions: list[str], columns: int, cell: int) -> Image.Image:
+    """Images scaled to `cell` pixels (nearest, so small images stay sharp) with a caption under each."""
+    font = caption_font(max(10, cell // 9))
+    caption_height = font.size + 8 if hasattr(font, "size") else 20
+    rows = (len(images) + columns - 1) // columns
+    grid = Image.new("RGB", (columns * cell, rows * (cell + caption_height)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (image, caption) in enumerate(zip(images, captions)):
+        x, y = (i % columns) * cell, (i // columns) * (cell + caption_height)
+        scaled = image.resize((cell, round(cell * image.height / image.width)), Image.NEAREST).crop((0, 0, cell, cell))
+        grid.paste(scaled, (x, y))
+        text = caption if draw.textlength(caption, font=font) <= cell - 4 else caption[: max(1, cell // 8)] + "..."
+        draw.text((x + cell / 2, y + cell + 4), text, fill="black", font=font, anchor="ma")
+    return grid
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=BUNDLED_MODEL, help="Pipeline folder, Hub repo id or official .ckpt.")
+    parser.add_argument("--prompt", nargs="+", default=None, help="Text-to-image prompts.")
+    parser.add_argument(
+        "--class_labels", nargs="+", default=None, help="Class names or ids (default: every class, up to 10)."
+    )
+    parser.add_argument("--num_images_per_label", type=int, default=None, help="Default: 4 (bundled) or 1.")
+    parser.add_argument("--num_inference_steps", type=int, default=None, help="Default: the model's setting.")
+    parser.add_argument("--guidance_scale", type=float, default=None)
+    parser.add_argument("--guidance_interval", type=float, nargs=2, default=None, metavar=("MIN", "MAX"))
+    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--output", default="outputs/demo_grid.png")
+    return parser.parse_args(input_args)
+
+
+def main(args):
+    pipe = load_pipeline(args.model, getattr(torch, args.dtype)).to(args.device)
+    text = isinstance(pipe, PixNerdT2IPipeline)
+    if text:
+        if not args.prompt:
+            raise ValueError("This is a text-to-image model: pass `--prompt`.")
+        conditions, captions = args.prompt, args.prompt
+    else:
+        if args.prompt:
+            raise ValueError("This is a class-conditional model: pass `--class_labels`, not `--prompt`.")
+        names = dict(sorted((int(k), v.split(",")[0].strip()) for k, v in (pipe.config.id2label or {}).items()))
+        labels = args.class_labels or list(names)[:10] or list(range(min(10, pipe.transformer.config.num_classes)))
+        conditions = [int(label) if str(label).isdigit() else label for label in labels]
+        captions = [names.get(c, str(c)) if isinstance(c, int) else c for c in conditions]
+    per_label = args.num_images_per_label or (
+        4 if os.path.abspath(args.model) == os.path.abspath(BUNDLED_MODEL) else 1
+    )
+    # One generator per image, so every image depends only on its seed, not on the batch.
+    generator = [torch.Generator().manual_seed(args.seed + i) for i in range(len(conditions) * per_label)]
+    kwargs = dict(
+        height=args.height,
+        width=args.width,
+        num_inference_steps=args.num_inference_steps,
+        guidance_scale=args.guidance_scale,
+        guidance_interval=args.guidance_interval,
+        num_images_per_prompt=per_label,
+        generator=generator,
+    )
+    images = (pipe(prompt=conditions, **kwargs) if text else pipe(class_labels=conditions, **kwargs)).images
+    # Columns: the images of one label; rows: labels.
+    columns_first = [images[row * per_label + col] for col in range(per_label) for row in range(len(conditions))]
+    captions = [captions[row] for _ in range(per_label) for row in range(len(conditions))]
+    cell = max(96, min(256, images[0].width))
+    grid = labelled_grid(columns_first, captions, columns=len(conditions), cell=cell)
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    grid.save(args.output)
+    print(f"Wrote {os.path.abspath(args.output)}")
+    return args.output
+
+
+if __name__ == "__main__":
+    main(parse_args())

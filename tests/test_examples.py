@@ -1,0 +1,146 @@
+"""The demo, evaluation and web-demo scripts of examples/, on the bundled Fashion-MNIST model."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+BUNDLED = os.path.join(ROOT, "models", "pixnerd-fashion-mnist")
+CLASSIFIER = os.path.join(ROOT, "models", "fashion-mnist-classifier.safetensors")
+
+import evaluate  # noqa: E402
+import generate  # noqa: E402
+
+
+def test_demo_writes_a_labelled_grid(tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    generate.main(generate.parse_args(["--output", str(out), "--num_inference_steps", "10"]))
+    assert f"Wrote {out}" in capsys.readouterr().out
+    grid = np.asarray(Image.open(out).convert("L"), dtype=np.float32)
+    # 10 classes x 4 images, cells of 96 px with a caption strip below each.
+    assert grid.shape[1] == 10 * 96 and grid.shape[0] > 4 * 96
+    cells = [grid[:96, c * 96 : (c + 1) * 96] for c in range(10)]
+    assert all(cell.std() > 10 for cell in cells)  # garments on a dark background, not blank cells
+    assert not np.allclose(cells[1], cells[8])  # a trouser is not a bag
+
+
+def test_demo_rejects_a_prompt_for_a_class_model(tmp_path):
+    with pytest.raises(ValueError, match="--class_labels"):
+        generate.main(generate.parse_args(["--prompt", "a shoe", "--output", str(tmp_path / "x.png")]))
+
+
+def test_bundled_model_is_a_complete_pipeline():
+    from diffusers_pixnerd import PixNerdPipeline
+
+    pipe = PixNerdPipeline.from_pretrained(BUNDLED)
+    assert pipe.get_label_ids(["Trouser", "Ankle boot"]) == [1, 9]
+    assert os.path.isfile(os.path.join(BUNDLED, "README.md"))
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(BUNDLED) for f in files)
+    assert size < 20 * 2**20
+
+
+def test_frechet_distance_of_gaussians():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((4000, 8))
+    b = rng.standard_normal((4000, 8)) + np.array([2.0] + [0.0] * 7)
+    assert evaluate.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    # Same covariance, means 2 apart: FID = |mu_a - mu_b|^2 = 4 (up to sampling error).
+    assert evaluate.frechet_distance(a, b) == pytest.approx(4.0, abs=0.3)
+
+
+def test_precision_recall_of_identical_and_disjoint_sets():
+    rng = np.random.default_rng(0)
+    real = rng.standard_normal((200, 4))
+    assert evaluate.precision_recall(real, real.copy()) == (1.0, 1.0)
+    assert evaluate.precision_recall(real, real + 100.0) == (0.0, 0.0)
+
+
+def test_class_balanced_labels():
+    labels = evaluate.class_balanced_labels(25, 10)
+    assert labels[:12] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+    assert np.bincount(labels).tolist() == [3, 3, 3, 3, 3, 2, 2, 2, 2, 2]
+
+
+def test_inception_features_of_the_same_images_agree():
+    features = evaluate.InceptionFeatures()
+    images = np.random.default_rng(0).integers(0, 255, (3, 32, 32, 3), dtype=np.uint8)
+    pool, spatial = features(images, batch_size=2)
+    assert pool.shape == (3, 2048) and spatial.shape == (3, 7 * 17 * 17)
+    pool_again, _ = features(images[::-1].copy(), batch_size=3)
+    np.testing.assert_allclose(pool_again[::-1], pool, rtol=1e-4, atol=1e-4)
+    assert np.abs(pool[0] - pool[1]).max() > 1e-3
+
+
+def test_evaluate_samples_and_scores_class_accuracy(tmp_path):
+    args = evaluate.parse_args(
+        ["--model", BUNDLED, "--num_samples", "20", "--batch_size", "10", "--num_inference_steps", "10",
+         "--classifier", CLASSIFIER, "--output_dir", str(tmp_path)]
+    )  # fmt: skip
+    metrics = evaluate.main(args)
+    samples = np.load(tmp_path / "samples.npz")
+    assert samples["arr_0"].shape == (20, 32, 32, 3) and samples["arr_0"].dtype == np.uint8
+    assert samples["arr_1"].tolist() == [i % 10 for i in range(20)]
+    # The accuracy is the classifier's on these very samples (docs/results.md has the measured figure).
+    from fashion_mnist import accuracy, load_classifier
+
+    pixels = torch.from_numpy(samples["arr_0"]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    expected = accuracy(load_classifier(CLASSIFIER), pixels, torch.tensor(samples["arr_1"]))
+    assert metrics["class_accuracy"] == pytest.approx(expected) and 0.0 <= expected <= 1.0
+    # Per-index seeds: sample 3 alone is the same image as in the batch.
+    pipe = generate.load_pipeline(BUNDLED, torch.float32)
+    alone = pipe(
+        class_labels=[3], num_inference_steps=10, generator=[torch.Generator().manual_seed(3)], output_type="np"
+    )
+    np.testing.assert_allclose(np.round(alone.images[0] * 255), samples["arr_0"][3], atol=1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_web_demo_generates_an_image_in_chromium(tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    port = free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+    server = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "examples", "app.py"), "--port", str(port)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if server.poll() is not None or time.time() > deadline:
+                raise AssertionError(f"the app did not start:\n{server.stdout.read()}")
+            time.sleep(0.5)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(
+                executable_path="/usr/bin/chromium", args=["--no-sandbox", "--disable-gpu", "--no-first-run"]
+            )
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{port}/", timeout=60_000)
+            page.click("#generate-c2i")
+            image = page.wait_for_selector("#image-c2i img", timeout=60_000)
+            src = image.get_attribute("src")
+            page.wait_for_selector("#trajectory-c2i img", timeout=30_000)
+            page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
+            browser.close()
+        assert src and ("/file=" in src or "gradio_api/file" in src or src.startswith("data:image"))
+        shot = Image.open(tmp_path / "app.png")
+        assert shot.width > 300 and shot.height > 300
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
