@@ -3,6 +3,7 @@ in-process runs of `main` for the failure paths. Tiny models, 8..24 px images ma
 
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import socket
@@ -424,6 +425,23 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(assets, t
         run_main(C2I_SCRIPT, args)
     assert sorted(os.listdir(out)) == ["checkpoint-1"]
     assert json.loads((out / "checkpoint-1" / "training_state.json").read_text())["global_step"] == 1
+
+
+def test_ema_warmup_flag_and_the_warning_for_a_constant_decay_from_scratch(assets, tmp_path, run_main, caplog):
+    out = tmp_path / "warmup"
+    args = c2i_args(
+        assets, out, "--max_train_steps", 2, "--checkpointing_steps", 2, "--no_use_repa", "--ema_decay", 0.5
+    )
+    run_main(C2I_SCRIPT, [*args, "--ema_warmup"])
+    ema = torch.load(out / "checkpoint-2" / "ema.pt")
+    # diffusers' ramp (its arithmetic is checked in test_training_utils.py), saved with the EMA so a resume keeps it.
+    assert (ema["decay"], ema["min_decay"], ema["update_after_step"], ema["optimization_step"]) == (0.5, 0.0, 0, 2)
+    assert "starting weights still make up" not in caplog.text
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        run_main(C2I_SCRIPT, c2i_args(assets, tmp_path / "constant", "--max_train_steps", 1, "--no_use_repa"))
+    assert "starting weights still make up 100% of the exported EMA after 1 steps" in caplog.text
 
 
 def test_a_kill_during_a_save_leaves_the_latest_checkpoint_intact(assets, tmp_path, run_main, monkeypatch):

@@ -306,6 +306,30 @@ def test_ema_uses_the_constant_official_decay_from_the_first_step():
         assert torch.allclose(shadow, 0.9 * before + 0.1 * after)  # simple_ema.py, not diffusers' warm-up
 
 
+def test_ema_warmup_ramps_the_decay_and_forgets_the_initial_weights():
+    model = torch.nn.Linear(3, 2)
+    initial = [p.detach().clone() for p in model.parameters()]
+    ema = create_ema(model.parameters(), decay=0.9, warmup=True)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.step(model.parameters())  # first update: decay 0, the EMA becomes the current weights
+    for shadow, after in zip(ema.shadow_params, model.parameters()):
+        assert torch.allclose(shadow, after)
+    snapshot = [s.clone() for s in ema.shadow_params]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.step(model.parameters())  # second update: decay (1 + 1) / (10 + 1)
+    for shadow, before, after in zip(ema.shadow_params, snapshot, model.parameters()):
+        assert torch.allclose(shadow, 2 / 11 * before + 9 / 11 * after)
+    for _ in range(200):
+        ema.step(model.parameters())
+    assert ema.cur_decay_value == pytest.approx(0.9)  # capped at `decay`
+    for shadow, before in zip(ema.shadow_params, initial):
+        assert torch.allclose(shadow, before + 2.0)  # no trace of the initial weights is left
+
+
 def test_ema_weights_are_swapped_in_and_restored():
     model = torch.nn.Linear(3, 2)
     ema = create_ema(model.parameters(), decay=0.5)

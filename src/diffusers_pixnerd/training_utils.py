@@ -261,13 +261,19 @@ class PixNerdTrainingModule(nn.Module):
 # -------------------------------------------------------------------------------------------------------------- EMA
 
 
-def create_ema(parameters: Iterable[torch.nn.Parameter], decay: float = 0.9999) -> EMAModel:
-    """diffusers' `EMAModel` with the official constant decay (`simple_ema.py`) and float32 weights.
+def create_ema(parameters: Iterable[torch.nn.Parameter], decay: float = 0.9999, warmup: bool = False) -> EMAModel:
+    """diffusers' `EMAModel` in float32, with the official constant decay (`simple_ema.py`) or diffusers' warm-up.
 
-    `min_decay = decay` and `update_after_step = -1` turn off diffusers' `(1 + n) / (10 + n)` warm-up, so that every
-    update is `ema = decay ema + (1 - decay) param` from the first step on.
+    By default `min_decay = decay` and `update_after_step = -1` turn off diffusers' `(1 + n) / (10 + n)` warm-up, so
+    that every update is `ema = decay ema + (1 - decay) param` from the first step on, as in the official runs (which
+    are millions of steps long). A short run from scratch should pass `warmup=True`: the decay then follows
+    `min(decay, (1 + n) / (10 + n))`, and the random initial weights do not linger in the average (with the constant
+    decay they still weigh `decay ** steps` at the end: 9% after 2,400 steps at 0.999).
     """
-    ema = EMAModel(list(parameters), decay=decay, min_decay=decay, update_after_step=-1, foreach=False)
+    if warmup:
+        ema = EMAModel(list(parameters), decay=decay, min_decay=0.0, update_after_step=0, foreach=False)
+    else:
+        ema = EMAModel(list(parameters), decay=decay, min_decay=decay, update_after_step=-1, foreach=False)
     ema.to(dtype=torch.float32)
     return ema
 
@@ -460,6 +466,13 @@ def add_training_arguments(parser: argparse.ArgumentParser, **defaults) -> argpa
         "Keep an EMA of the weights and export it (default: on, off for LoRA).",
     )
     optim.add_argument("--ema_decay", type=float, default=0.9999)
+    add_switch(
+        optim,
+        "ema_warmup",
+        False,
+        "Ramp the EMA decay up as diffusers does, min(decay, (1 + n) / (10 + n)), instead of the official constant "
+        "decay from the first step (use it for short runs from scratch).",
+    )
 
     run = parser.add_argument_group("run")
     run.add_argument("--output_dir", type=str, default=defaults["output_dir"])
@@ -709,7 +722,16 @@ class TrainingRun:
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         # The EMA follows the trained transformer weights (not the projector, nor text encoder layers).
         self.ema_parameters = [p for p in self.trained.transformer.parameters() if p.requires_grad]
-        self.ema = create_ema(self.ema_parameters, args.ema_decay) if args.use_ema else None
+        self.ema = create_ema(self.ema_parameters, args.ema_decay, args.ema_warmup) if args.use_ema else None
+        initial_share = args.ema_decay**self.max_train_steps
+        if self.ema is not None and not args.ema_warmup and checkpoint is None and initial_share > 0.01:
+            logger.warning(
+                "With the constant EMA decay %g, the starting weights still make up %.0f%% of the exported EMA "
+                "after %d steps: fine when fine-tuning, not from scratch (pass --ema_warmup or a lower --ema_decay).",
+                args.ema_decay,
+                100 * initial_share,
+                self.max_train_steps,
+            )
         self.global_step, self.first_epoch, self.resume_batches = 0, 0, 0
         self.skipped_images = torch.zeros((), device=accelerator.device)
         self.logs: dict[str, float] = {}
@@ -931,7 +953,7 @@ class TrainingRun:
             self.ema.to(self.accelerator.device, dtype=torch.float32)
         elif ema_file is not None:
             logger.warning("%s has no EMA (trained without it): the EMA starts from its weights.", checkpoint)
-            self.ema = create_ema(self.ema_parameters, self.args.ema_decay)
+            self.ema = create_ema(self.ema_parameters, self.args.ema_decay, self.args.ema_warmup)
         self.global_step = state["global_step"]
         same = (state["num_processes"], state["train_batch_size"], state["gradient_accumulation_steps"]) == (
             self.accelerator.num_processes,
