@@ -158,11 +158,17 @@ def reference_images(reference: str, num: int) -> np.ndarray:
     return np.load(reference)["arr_0"][:num]
 
 
-def class_accuracy(classifier_path: str, images: np.ndarray, labels: list[int]) -> float:
-    from fashion_mnist import accuracy, load_classifier
+def class_accuracy(classifier_path: str, images: np.ndarray, labels: list[int], names: dict | None = None) -> dict:
+    """The share of samples the classifier puts in their class: overall, and per class (by name when known)."""
+    from fashion_mnist import load_classifier, predict
 
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-    return accuracy(load_classifier(classifier_path), x, torch.tensor(labels))
+    labels = torch.tensor(labels)
+    correct = predict(load_classifier(classifier_path), x) == labels
+    per_class = {
+        (names or {}).get(str(c), str(c)): correct[labels == c].float().mean().item() for c in labels.unique().tolist()
+    }
+    return {"class_accuracy": correct.float().mean().item(), "per_class_accuracy": per_class}
 
 
 def parse_args(input_args=None):
@@ -205,7 +211,7 @@ def main(args):
     np.savez(os.path.join(args.output_dir, "samples.npz"), arr_0=images, arr_1=np.array(labels))
     metrics = {"num_samples": len(images), "seed": args.seed, "settings": dict(pipe.scheduler.config)}
     if args.classifier:
-        metrics["class_accuracy"] = class_accuracy(args.classifier, images, labels)
+        metrics.update(class_accuracy(args.classifier, images, labels, pipe.config.get("id2label")))
     if args.reference:
         features = InceptionFeatures(args.device)
         real_pool, real_spatial = features(reference_images(args.reference, len(images)))

@@ -97,9 +97,12 @@ def to_model_input(images_uint8: np.ndarray) -> torch.Tensor:
 
 
 @torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    return torch.cat([model(images[i : i + batch_size]).argmax(-1) for i in range(0, len(images), batch_size)])
+
+
 def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> float:
-    predictions = torch.cat([model(images[i : i + batch_size]).argmax(-1) for i in range(0, len(images), batch_size)])
-    return (predictions == labels).float().mean().item()
+    return (predict(model, images, batch_size) == labels).float().mean().item()
 
 
 def train_classifier(args):
