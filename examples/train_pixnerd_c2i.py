@@ -11,7 +11,6 @@ block 8 with weight 0.5, AdamW lr 1e-4 without warm-up or clipping, EMA 0.9999. 
 """
 
 import argparse
-import json
 import logging
 import os
 
@@ -24,7 +23,10 @@ from diffusers_pixnerd.training_utils import (
     check_training_arguments,
     create_accelerator,
     create_dataloader,
-    create_repa,
+    create_repa_encoder,
+    create_repa_projector,
+    hub_model_id,
+    model_config_from_args,
     prepare_output_dir,
     push_folder,
 )
@@ -60,7 +62,11 @@ def parse_args(input_args=None):
         help='"imagenet", a JSON/text file or "a,b,c"; default: the class folder names (saved as `id2label`).',
     )
     parser.add_argument(
-        "--validation_class_labels", type=int, nargs="+", default=None, help="Classes sampled (default: the first 4)."
+        "--validation_class_labels",
+        type=str,
+        nargs="+",
+        default=None,
+        help="Classes sampled, by id or name as the pipeline takes them (default: the first 4).",
     )
     add_training_arguments(
         parser,
@@ -83,21 +89,10 @@ def parse_args(input_args=None):
     return args
 
 
-def transformer_config(args, num_classes: int) -> dict:
-    """The preset or JSON file, the inline JSON on top, at the training resolution and with the data's classes."""
-    if args.model_config in PIXNERD_PRESETS:
-        config = dict(PIXNERD_PRESETS[args.model_config])
-    else:
-        with open(args.model_config, encoding="utf-8") as f:
-            config = json.load(f)
-    config.update(json.loads(args.model_config_json) if args.model_config_json else {})
-    config.update(sample_size=args.resolution, num_classes=num_classes)
-    return config
-
-
 def main(args):
     accelerator = create_accelerator(args)
     checkpoint = prepare_output_dir(accelerator, args)
+    repa_encoder = create_repa_encoder(accelerator, args)  # first: a missing encoder stops before anything loads
 
     # 1. Data: class subfolders or a dataset with image and label columns, checked before anything trains.
     dataset, class_names = load_training_dataset(
@@ -124,7 +119,8 @@ def main(args):
         num_classes = args.num_classes or data_classes
         if num_classes is None:
             raise ValueError("A streamed dataset without class names has no known class count: pass `--num_classes`.")
-        transformer = PixNerdTransformer2DModel(**transformer_config(args, num_classes))
+        config = model_config_from_args(args, PIXNERD_PRESETS, sample_size=args.resolution, num_classes=num_classes)
+        transformer = PixNerdTransformer2DModel(**config)
         scheduler = PixNerdFlowMatchScheduler.from_official_preset(args.scheduler_preset)
         id2label = None
     if class_names is not None:
@@ -135,10 +131,11 @@ def main(args):
         )
     if args.validation_class_labels is None:
         args.validation_class_labels = list(range(min(4, transformer.config.num_classes)))
-    if any(not 0 <= label < transformer.config.num_classes for label in args.validation_class_labels):
-        raise ValueError(
-            f"`--validation_class_labels` {args.validation_class_labels} must be in [0, {transformer.config.num_classes})."
-        )
+    labels = [int(label) if str(label).isdigit() else label for label in args.validation_class_labels]
+    try:  # ids and names as the pipeline reads them (names through `id2label`)
+        args.validation_class_labels = PixNerdPipeline(transformer, scheduler, id2label=id2label)._class_ids(labels)
+    except ValueError as error:
+        raise ValueError(f"`--validation_class_labels`: {error}") from None
     transformer.train()
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
@@ -147,7 +144,7 @@ def main(args):
     )
 
     # 3. The objective: flow matching, plus REPA (frozen DINOv2 + a projector that trains and is not exported).
-    repa_encoder, projector = create_repa(accelerator, args, transformer)
+    projector = create_repa_projector(args, transformer, repa_encoder)
     model = PixNerdTrainingModule(
         transformer, projector, args.repa_align_layer, args.repa_loss_weight, args.weighting_scheme
     )
@@ -176,7 +173,12 @@ def main(args):
     state = run.export_state()
     if accelerator.is_main_process:
         pipeline = PixNerdPipeline(transformer=run.exported_transformer(state), scheduler=scheduler, id2label=id2label)
-        pipeline.save_pretrained(args.output_dir, model_card_extra=run.model_card("train_pixnerd_c2i.py", samples))
+        pipeline.save_pretrained(
+            args.output_dir,
+            repo_id=getattr(args, "hub_repo_id", None),
+            base_model=hub_model_id(args.pretrained_model_name_or_path),
+            model_card_extra=run.model_card("train_pixnerd_c2i.py", samples),
+        )
         logger.info("Saved the pipeline to %s", args.output_dir)
         if args.push_to_hub:
             push_folder(args)

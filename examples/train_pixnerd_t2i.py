@@ -1,12 +1,16 @@
 #!/usr/bin/env python
 # Copyright 2026 The diffusers-pixnerd authors. MIT License.
-"""Fine-tune a text-to-image PixNerd pipeline with Accelerate: full fine-tuning (the paper's SFT recipe) or LoRA.
+"""Fine-tune a text-to-image PixNerd pipeline with Accelerate: full fine-tuning (the paper's SFT recipe) or LoRA; or
+train one from scratch (`--model_config`, a Qwen3 text encoder and tokenizer by name or path).
 
     accelerate launch examples/train_pixnerd_t2i.py --pretrained_model_name_or_path MCG-NJU/PixNerd-XXL-P16-T2I \\
         --train_data_dir /data/captioned --resolution 512 --mixed_precision bf16 --output_dir pixnerd-t2i-sft
 
     accelerate launch examples/train_pixnerd_t2i.py --pretrained_model_name_or_path MCG-NJU/PixNerd-XXL-P16-T2I \\
         --train_data_dir /data/captioned --use_lora --lora_rank 32 --precompute_text_embeddings --output_dir my-lora
+
+    accelerate launch examples/train_pixnerd_t2i.py --model_config PixNerd-XXL/16-T2I \\
+        --text_encoder_name_or_path Qwen/Qwen3-1.7B --train_data_dir /data/captioned --output_dir pixnerd-t2i-new
 
 The official SFT (`configs_t2i/sft_res512.yaml`): logit-normal timesteps with shift 4 at 512 (2 at 256), 10% empty
 prompts, REPA at block 6, AdamW lr 1e-5 betas (0.9, 0.999), clipping 1.0, EMA 0.9999; Qwen3 frozen. See
@@ -22,7 +26,13 @@ import os
 import torch
 from accelerate.utils import DistributedType
 
-from diffusers_pixnerd import PixNerdT2IPipeline
+from diffusers_pixnerd import (
+    OFFICIAL_SCHEDULER_PRESETS,
+    PIXNERD_PRESETS,
+    PixNerdFlowMatchScheduler,
+    PixNerdT2IPipeline,
+    PixNerdTransformer2DModel,
+)
 from diffusers_pixnerd.training_data import add_prompt_embeddings, load_training_dataset
 from diffusers_pixnerd.training_utils import (
     PixNerdTrainingModule,
@@ -31,9 +41,12 @@ from diffusers_pixnerd.training_utils import (
     check_training_arguments,
     create_accelerator,
     create_dataloader,
-    create_repa,
+    create_repa_encoder,
+    create_repa_projector,
     ema_weights,
     encode_prompts,
+    hub_model_id,
+    model_config_from_args,
     prepare_output_dir,
     push_folder,
     sub_state_dict,
@@ -42,12 +55,13 @@ from diffusers_pixnerd.training_utils import (
 
 logger = logging.getLogger(__name__)
 
+T2I_PRESETS = {name: config for name, config in PIXNERD_PRESETS.items() if config.get("text_embed_dim")}
+
 LORA_TARGET_MODULES = "to_qkv,add_kv_proj,to_out,proj_in,proj_out,param_generator"
 LORA_MODEL_CARD = """---
 library_name: diffusers
 license: mit
-base_model: {base}
-tags:
+{base_model_line}tags:
 - diffusers-pixnerd
 - pixnerd
 - lora
@@ -56,17 +70,34 @@ tags:
 
 # {title}
 
-LoRA weights (rank {rank}) for the PixNerd text-to-image pipeline [{base}]({base}), in diffusers' format.
+LoRA weights (rank {rank}, on the modules {targets}) for the PixNerd text-to-image pipeline {base}, in diffusers'
+format.
 
 ```py
 from diffusers_pixnerd import PixNerdT2IPipeline
 
-pipe = PixNerdT2IPipeline.from_pretrained("{base}")
+pipe = PixNerdT2IPipeline.from_pretrained("{base_id}")
 pipe.load_lora_weights("{repo}")
-image = pipe("{prompt}").images[0]
+image = pipe("{prompt}").images[0]  # attention_kwargs={{"scale": 0.5}} for half the effect
 ```
 
 {extra}"""
+
+
+def lora_model_card(args, extra: str) -> str:
+    """The LoRA card: `base_model` only when the base is a Hub repo, the real repo id when pushed, the targets."""
+    base_id = hub_model_id(args.pretrained_model_name_or_path)
+    return LORA_MODEL_CARD.format(
+        base_model_line=f"base_model: {base_id}\n" if base_id else "",
+        title=getattr(args, "hub_repo_id", None) or os.path.basename(os.path.normpath(args.output_dir)),
+        rank=args.lora_rank,
+        targets=", ".join(f"`{name.strip()}`" for name in args.lora_target_modules.split(",")),
+        base=f"[{base_id}](https://huggingface.co/{base_id})" if base_id else "(a local pipeline folder)",
+        base_id=base_id or "path/to/the/base/pipeline",
+        repo=getattr(args, "hub_repo_id", None) or args.output_dir,
+        prompt=args.validation_prompts[0],
+        extra=extra,
+    )
 
 
 def parse_args(input_args=None):
@@ -75,10 +106,35 @@ def parse_args(input_args=None):
     model.add_argument(
         "--pretrained_model_name_or_path",
         type=str,
-        required=True,
-        help="A PixNerdT2IPipeline folder or Hub repo (ours, or an official one, converted on load).",
+        default=None,
+        help="A PixNerdT2IPipeline folder or Hub repo to fine-tune (ours, or an official one, converted on load).",
     )
     model.add_argument("--revision", type=str, default=None)
+    model.add_argument(
+        "--model_config",
+        type=str,
+        default=None,
+        help=f"Train from scratch instead: a preset ({', '.join(T2I_PRESETS)}) or a JSON file of "
+        "`PixNerdTransformer2DModel` arguments (`text_embed_dim` is taken from the text encoder).",
+    )
+    model.add_argument(
+        "--model_config_json", type=str, default=None, help="Inline JSON on top of the config: '{\"num_layers\": 2}'."
+    )
+    model.add_argument(
+        "--text_encoder_name_or_path",
+        type=str,
+        default="Qwen/Qwen3-1.7B",
+        help="From scratch: the Qwen3 text encoder (Hub id or folder; the official model uses Qwen/Qwen3-1.7B).",
+    )
+    model.add_argument(
+        "--tokenizer_name_or_path", type=str, default=None, help="From scratch: default, the text encoder's."
+    )
+    model.add_argument(
+        "--scheduler_preset",
+        type=str,
+        default="t2i",
+        help="From scratch: the sampler saved with the pipeline (a `PixNerdFlowMatchScheduler` official preset).",
+    )
     model.add_argument(
         "--train_text_encoder_layers", type=int, default=0, help="Also train the last N Qwen3 layers (and its norm)."
     )
@@ -119,9 +175,23 @@ def parse_args(input_args=None):
         tracker_project_name="pixnerd-t2i",
     )
     args = parser.parse_args(input_args)
+    if (args.pretrained_model_name_or_path is None) == (args.model_config is None):
+        raise ValueError(
+            "Pass exactly one of `--pretrained_model_name_or_path` (fine-tune a pipeline) and `--model_config` (train "
+            "from scratch)."
+        )
+    if args.model_config is not None and args.use_lora:
+        raise ValueError("`--use_lora` trains adapters on a pretrained model: pass `--pretrained_model_name_or_path`.")
+    if args.model_config is not None and args.model_config not in T2I_PRESETS:
+        if not os.path.isfile(args.model_config):
+            raise ValueError(f"`--model_config` {args.model_config!r} is neither a preset nor a JSON file.")
+    if args.scheduler_preset not in OFFICIAL_SCHEDULER_PRESETS:
+        raise ValueError(
+            f"`--scheduler_preset` must be one of {sorted(OFFICIAL_SCHEDULER_PRESETS)}, got {args.scheduler_preset!r}."
+        )
     # Defaults that depend on the mode: the official SFT for full fine-tuning, the usual LoRA settings otherwise.
     if args.learning_rate is None:
-        args.learning_rate = 1e-4 if args.use_lora else 1e-5
+        args.learning_rate = 1e-4 if args.use_lora or args.model_config else 1e-5
     if args.use_repa is None:
         args.use_repa = not args.use_lora
     if args.use_ema is None:
@@ -140,9 +210,43 @@ def parse_args(input_args=None):
     return args
 
 
+def load_pipeline(args) -> PixNerdT2IPipeline:
+    return PixNerdT2IPipeline.from_pretrained(
+        args.pretrained_model_name_or_path, revision=args.revision, cache_dir=args.cache_dir
+    )
+
+
+def new_pipeline(args) -> PixNerdT2IPipeline:
+    """A pipeline to train from scratch: a new transformer (`--model_config`, the text width of the encoder, the
+    training resolution), the text encoder and tokenizer by name or path, and the `--scheduler_preset` sampler."""
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer_path = args.tokenizer_name_or_path or args.text_encoder_name_or_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, cache_dir=args.cache_dir)
+        text_encoder = AutoModel.from_pretrained(args.text_encoder_name_or_path, cache_dir=args.cache_dir)
+    except OSError as error:
+        raise ValueError(
+            f"Could not load the text encoder `--text_encoder_name_or_path` {args.text_encoder_name_or_path!r} or the "
+            f"tokenizer `--tokenizer_name_or_path` {tokenizer_path!r}: {error}"
+        ) from None
+    overrides = {"text_embed_dim": text_encoder.config.hidden_size, "num_classes": None}
+    if args.resolution is not None:
+        overrides["sample_size"] = args.resolution
+    transformer = PixNerdTransformer2DModel(**model_config_from_args(args, PIXNERD_PRESETS, **overrides))
+    logger.info(
+        "New transformer: %.1fM parameters, text width %d",
+        transformer.num_parameters() / 1e6,
+        overrides["text_embed_dim"],
+    )
+    scheduler = PixNerdFlowMatchScheduler.from_official_preset(args.scheduler_preset)
+    return PixNerdT2IPipeline(transformer, scheduler, text_encoder=text_encoder, tokenizer=tokenizer)
+
+
 def main(args):
     accelerator = create_accelerator(args)
     checkpoint = prepare_output_dir(accelerator, args)
+    repa_encoder = create_repa_encoder(accelerator, args)  # first: a missing encoder stops before anything loads
     device, dtype = accelerator.device, weight_dtype(accelerator)
     if accelerator.distributed_type == DistributedType.FSDP and (args.use_lora or args.train_text_encoder_layers):
         raise ValueError("With FSDP only full fine-tuning of the transformer is supported; use DDP or DeepSpeed.")
@@ -158,13 +262,12 @@ def main(args):
         streaming=args.streaming,
         cache_dir=args.cache_dir,
     )
-    pipeline = PixNerdT2IPipeline.from_pretrained(
-        args.pretrained_model_name_or_path, revision=args.revision, cache_dir=args.cache_dir
-    )
+    pipeline = new_pipeline(args) if args.model_config else load_pipeline(args)
     transformer, scheduler = pipeline.transformer, pipeline.scheduler
     text_encoder, tokenizer = pipeline.text_encoder, pipeline.tokenizer
     if text_encoder is None or tokenizer is None:
         raise ValueError(f"{args.pretrained_model_name_or_path!r} has no text encoder or tokenizer.")
+    text_encoder_dtype = text_encoder.dtype  # a frozen encoder is exported as it was loaded
     args.resolution = args.resolution or transformer.config.sample_size
     if args.shift is None:
         args.shift = 4.0 if args.resolution >= 512 else 2.0  # official: 2 at 256, 4 at 512 and in the SFT
@@ -224,7 +327,7 @@ def main(args):
         transformer.enable_gradient_checkpointing()
 
     # 4. The objective: flow matching, plus REPA (frozen DINOv2 + a projector that trains and is not exported).
-    repa_encoder, projector = create_repa(accelerator, args, transformer)
+    projector = create_repa_projector(args, transformer, repa_encoder)
     model = PixNerdTrainingModule(
         transformer,
         projector,
@@ -278,23 +381,19 @@ def main(args):
             transformer_lora_adapter_metadata=trained.transformer.peft_config["default"].to_dict(),
         )
         with open(os.path.join(args.output_dir, "README.md"), "w", encoding="utf-8") as f:
-            base, repo = args.pretrained_model_name_or_path, args.hub_model_id or args.output_dir
-            title = os.path.basename(os.path.normpath(args.output_dir))
-            f.write(
-                LORA_MODEL_CARD.format(
-                    base=base,
-                    title=title,
-                    rank=args.lora_rank,
-                    repo=repo,
-                    prompt=args.validation_prompts[0],
-                    extra=card,
-                )
-            )
+            f.write(lora_model_card(args, card))
     elif accelerator.is_main_process:
         if train_text_encoder:
             text_encoder.load_state_dict(sub_state_dict(state, "text_encoder"))
+        else:
+            text_encoder.to("cpu", dtype=text_encoder_dtype)
         pipeline = PixNerdT2IPipeline(run.exported_transformer(state), scheduler, text_encoder, tokenizer)
-        pipeline.save_pretrained(args.output_dir, model_card_extra=card)
+        pipeline.save_pretrained(
+            args.output_dir,
+            repo_id=getattr(args, "hub_repo_id", None),
+            base_model=hub_model_id(args.pretrained_model_name_or_path),
+            model_card_extra=card,
+        )
     if accelerator.is_main_process:
         logger.info("Saved the %s to %s", "LoRA weights" if args.use_lora else "pipeline", args.output_dir)
         if args.push_to_hub:

@@ -355,7 +355,11 @@ def test_t2i_lora_with_precomputed_embeddings_loads_into_the_pipeline(assets, tm
     pipe.load_lora_weights(out)
     after = sample(pipe, "a cat")
     assert (after - before).abs().max() > 1e-3
-    assert "load_lora_weights" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "load_lora_weights" in card
+    assert "base_model:" not in card  # the base is a local folder: never written as a Hub `base_model`
+    assert "`to_qkv`, `add_kv_proj`, `to_out`" in card and "| `lora_rank` | `4` |" in card
+    assert "repa_encoder" not in card and "ema_decay" not in card  # settings this run did not use
 
 
 # --------------------------------------------------------------------------------------- failures (in process)
@@ -403,7 +407,7 @@ def test_a_flat_folder_is_reported_before_training(assets, tmp_path, run_main):
 def test_a_missing_caption_column_is_reported_before_anything_loads(assets, tmp_path, run_main):
     save_image(tmp_path / "data" / "0.png", 16, 16, seed=0)
     (tmp_path / "data" / "metadata.jsonl").write_text(json.dumps({"file_name": "0.png", "caption": "x"}))
-    args = t2i_args(assets, "captions_txt", tmp_path / "out", "--max_train_steps", 1)
+    args = t2i_args(assets, "captions_txt", tmp_path / "out", "--max_train_steps", 1, "--no_use_repa")
     args[args.index("--train_data_dir") + 1] = tmp_path / "data"
     args[args.index("--pretrained_model_name_or_path") + 1] = tmp_path / "no-such-pipeline"  # never reached
     with pytest.raises(ValueError, match=r"`--caption_column` \('text'\)"):
@@ -440,8 +444,9 @@ def test_ema_warmup_flag_and_the_warning_for_a_constant_decay_from_scratch(asset
 
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        run_main(C2I_SCRIPT, c2i_args(assets, tmp_path / "constant", "--max_train_steps", 1, "--no_use_repa"))
-    assert "starting weights still make up 100% of the exported EMA after 1 steps" in caplog.text
+        args = c2i_args(assets, tmp_path / "constant", "--max_train_steps", 1, "--no_use_repa", "--ema_decay", 0.9999)
+        run_main(C2I_SCRIPT, args)
+    assert "still make up 100% of the exported EMA after 1 steps" in caplog.text
 
 
 def test_a_kill_during_a_save_leaves_the_latest_checkpoint_intact(assets, tmp_path, run_main, monkeypatch):
@@ -474,3 +479,185 @@ def test_a_streamed_dataset_trains_and_resumes(assets, tmp_path, run_main):
     args[args.index("--max_train_steps") + 1] = 3
     run_main(C2I_SCRIPT, [*args, "--resume_from_checkpoint", "latest"])
     assert json.loads((out / "checkpoint-3" / "training_state.json").read_text())["global_step"] == 3
+
+
+# ------------------------------------------------------------------------------- the export reflects the training
+
+
+def test_a_short_full_fine_tune_exports_changed_weights_and_samples(assets, tmp_path, run_main, caplog):
+    """With the default (run-length) EMA decay, 12 steps of full fine-tuning move the export away from the base; the
+    official constant 0.9999 would keep 99.9% of the base (and is warned about)."""
+    out = tmp_path / "sft"
+    args = t2i_args(assets, "captions_jsonl", out, "--max_train_steps", 12, "--no_use_repa", "--learning_rate", 1e-3)
+    with caplog.at_level(logging.INFO):
+        run_main(T2I_SCRIPT, args)
+    assert "EMA decay 0.166667, chosen from the run length (12 steps)" in caplog.text
+    assert torch.load(out / "checkpoint-12" / "ema.pt", weights_only=True)["decay"] == pytest.approx(1 - 10 / 12)
+    base = PixNerdT2IPipeline.from_pretrained(assets / "t2i_pipeline")
+    tuned = PixNerdT2IPipeline.from_pretrained(out)
+    base_weights = torch.cat([p.flatten() for p in base.transformer.parameters()])
+    tuned_weights = torch.cat([p.flatten() for p in tuned.transformer.parameters()])
+    assert (tuned_weights - base_weights).norm() / base_weights.norm() > 1e-3
+    change = (sample(tuned, "a cat") - sample(base, "a cat")).abs().mean()
+    assert change > 1e-2, change
+    card = (out / "README.md").read_text()
+    assert "Exported: the EMA of the weights (constant decay 0.166667" in card
+    assert "repa_encoder" not in card  # REPA was off: its settings are not listed
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        args = t2i_args(assets, "captions_jsonl", tmp_path / "slow", "--max_train_steps", 2, "--no_use_repa")
+        run_main(T2I_SCRIPT, [*args, "--ema_decay", 0.9999])
+    assert "still make up 100% of the exported EMA after 2 steps, so the export stays close to them" in caplog.text
+
+
+def test_a_missing_repa_encoder_stops_the_run_before_the_data_and_model_load(assets, tmp_path, run_main):
+    args = c2i_args(assets, tmp_path / "out", "--max_train_steps", 1)
+    args[args.index("--repa_encoder") + 1] = tmp_path / "no-dinov2-here"
+    args[args.index("--train_data_dir") + 1] = tmp_path / "no-data-either"  # would fail first if the data loaded first
+    with pytest.raises(ValueError, match=r"`--repa_encoder` .*no-dinov2-here.*`--no_use_repa`"):
+        run_main(C2I_SCRIPT, args)
+
+
+# ------------------------------------------------------------------------------------------ stopping and continuing
+
+
+def test_sigterm_saves_a_checkpoint_and_prints_the_resume_command(assets, tmp_path, run_main, monkeypatch, caplog):
+    import signal
+
+    from diffusers_pixnerd import training_utils
+
+    out = tmp_path / "out"
+    args = c2i_args(assets, out, "--max_train_steps", 6, "--checkpointing_steps", 100, "--no_use_repa")
+    log = training_utils.TrainingRun.log
+
+    def log_then_signal(self):
+        log(self)
+        if self.global_step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # as `kill PID` or a cluster's time limit would
+
+    monkeypatch.setattr(training_utils.TrainingRun, "log", log_then_signal)
+    monkeypatch.setattr(sys, "argv", ["train_pixnerd_c2i.py", *map(str, args)])
+    with caplog.at_level(logging.WARNING), pytest.raises(SystemExit) as stopped:
+        run_main(C2I_SCRIPT, args)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert sorted(os.listdir(out)) == ["checkpoint-2"]  # saved at the step it stopped, nothing exported
+    assert "Stopped by SIGTERM after step 2" in caplog.text
+    assert "train_pixnerd_c2i.py" in caplog.text and caplog.text.count("--resume_from_checkpoint latest") == 1
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back
+
+    monkeypatch.setattr(training_utils.TrainingRun, "log", log)
+    run_main(C2I_SCRIPT, [*args, "--resume_from_checkpoint", "latest"])
+    assert {"checkpoint-2", "checkpoint-6", "model_index.json"} <= set(os.listdir(out))
+
+
+def test_a_finished_run_continues_from_its_last_step(assets, tmp_path, run_main, caplog):
+    out = tmp_path / "out"
+    args = c2i_args(assets, out, "--max_train_steps", 3, "--checkpointing_steps", 100, "--no_use_repa")
+    run_main(C2I_SCRIPT, args)
+    assert {"checkpoint-3", "model_index.json"} <= set(os.listdir(out))  # the last step is always checkpointed
+    args[args.index("--max_train_steps") + 1] = 5
+    with caplog.at_level(logging.INFO):
+        run_main(C2I_SCRIPT, [*args, "--resume_from_checkpoint", "latest"])
+    assert "Resuming from" in caplog.text and "checkpoint-3 (step 3)" in caplog.text
+    assert json.loads((out / "checkpoint-5" / "training_state.json").read_text())["global_step"] == 5
+
+
+def test_resuming_an_export_without_checkpoints_is_an_error(assets, tmp_path, run_main):
+    out = tmp_path / "out"
+    args = c2i_args(assets, out, "--max_train_steps", 1, "--no_use_repa")
+    run_main(C2I_SCRIPT, args)
+    shutil.rmtree(out / "checkpoint-1")
+    with pytest.raises(ValueError, match="holds an exported model .* but no checkpoint"):
+        run_main(C2I_SCRIPT, [*args, "--resume_from_checkpoint", "latest"])
+    assert (out / "model_index.json").exists()
+
+
+def test_two_runs_cannot_write_into_one_output_dir(assets, tmp_path, run_main):
+    import fcntl
+
+    out = tmp_path / "out"
+    os.makedirs(out)
+    other_run = os.open(out, os.O_RDONLY)  # what a running training holds
+    fcntl.flock(other_run, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        with pytest.raises(RuntimeError, match="Another training run is writing into `--output_dir`"):
+            run_main(C2I_SCRIPT, c2i_args(assets, out, "--max_train_steps", 1, "--no_use_repa"))
+    finally:
+        os.close(other_run)
+    assert os.listdir(out) == []
+
+
+# -------------------------------------------------------------------------------------------------------- sharing
+
+
+def test_push_to_hub_checks_the_repo_id_and_token_before_training(assets, tmp_path, run_main, monkeypatch):
+    import huggingface_hub
+
+    def rejected(token=None):
+        raise OSError("401 Unauthorized")
+
+    monkeypatch.setattr(huggingface_hub, "whoami", rejected)
+    args = c2i_args(assets, tmp_path / "out", "--max_train_steps", 1, "--no_use_repa", "--push_to_hub")
+    with pytest.raises(ValueError, match="`--push_to_hub`: the Hub did not accept the token"):
+        run_main(C2I_SCRIPT, args)
+    with pytest.raises(ValueError, match="`--hub_model_id` 'not a/valid//id' is not a valid Hub repo id"):
+        run_main(C2I_SCRIPT, [*args, "--hub_model_id", "not a/valid//id"])
+    assert not (tmp_path / "out").exists()  # nothing trained, nothing written
+
+
+def test_the_pushed_card_names_the_real_repo_and_survives_a_reload_and_push(assets, tmp_path, run_main, monkeypatch):
+    from types import SimpleNamespace
+
+    import huggingface_hub
+
+    from diffusers_pixnerd.pipelines import pipeline_utils
+
+    monkeypatch.setattr(huggingface_hub, "whoami", lambda token=None: {"name": "me"})
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kw: SimpleNamespace(repo_id=repo_id))
+    monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kw: None)
+    out = tmp_path / "my-run"
+    run_main(C2I_SCRIPT, c2i_args(assets, out, "--max_train_steps", 1, "--no_use_repa", "--push_to_hub"))
+    card = (out / "README.md").read_text()
+    assert 'from_pretrained("me/my-run")' in card and "## Training" in card and "## Samples" in card
+    samples = [line for line in card.splitlines() if line.startswith("![")]
+    assert samples and all("validation/final/" in line for line in samples)
+
+    uploaded = {}
+
+    def upload(self, folder, repo_id, **kwargs):  # what push_to_hub of the reloaded pipeline sends
+        uploaded["card"] = open(os.path.join(folder, "README.md")).read()
+        uploaded["files"] = {os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs}
+
+    monkeypatch.setattr(pipeline_utils, "create_repo", lambda repo_id, **kw: SimpleNamespace(repo_id=repo_id))
+    monkeypatch.setattr(PixNerdPipeline, "_upload_folder", upload, raising=False)
+    PixNerdPipeline.from_pretrained(out).push_to_hub("me/my-run-copy")
+    assert "## Training" in uploaded["card"] and "Exported: the EMA" in uploaded["card"]
+    assert 'from_pretrained("me/my-run-copy")' in uploaded["card"]
+    for line in samples:
+        assert line in uploaded["card"]
+        assert line.split("](")[1].rstrip(")") in uploaded["files"]  # the sample images come along
+
+
+# ------------------------------------------------------------------------------------------------ data and labels
+
+
+def test_validation_class_labels_take_names(assets, tmp_path, run_main):
+    out = tmp_path / "out"
+    args = c2i_args(assets, out, "--max_train_steps", 1, "--no_use_repa", "--validation_class_labels", "dog", 0)
+    run_main(C2I_SCRIPT, args)
+    assert sorted(os.listdir(out / "validation" / "final")) == ["00_dog.png", "01_cat.png"]
+    with pytest.raises(ValueError, match="`--validation_class_labels`: Unknown class name 'dgo'.*'dog'"):
+        run_main(C2I_SCRIPT, [*args[:-2], "dgo", "--overwrite_output_dir"])
+
+
+def test_data_loader_workers_are_capped_by_the_cpus(monkeypatch):
+    from diffusers_pixnerd import training_utils
+
+    monkeypatch.setattr(training_utils, "available_cpus", lambda: 4)
+    assert training_utils.dataloader_workers(8, num_processes=1) == 4
+    assert training_utils.dataloader_workers(8, num_processes=2) == 2
+    assert training_utils.dataloader_workers(1, num_processes=2) == 1
+    assert training_utils.dataloader_workers(0) == 0
+    with pytest.raises(ValueError, match="`--dataloader_num_workers` must be >= 0"):
+        training_utils.dataloader_workers(-1)

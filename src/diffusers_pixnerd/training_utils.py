@@ -12,7 +12,10 @@ import json
 import logging
 import math
 import os
+import shlex
 import shutil
+import signal
+import sys
 import time
 from contextlib import contextmanager, nullcontext
 from typing import Iterable, Iterator
@@ -32,6 +35,7 @@ LOSS_WEIGHTING = ("none", "sigma_sqrt", "cosmap")
 CHECKPOINT_PREFIX = "checkpoint-"
 TMP_SUFFIX = ".tmp"
 TRAINING_STATE_FILE = "training_state.json"
+EXPORT_MARKERS = ("model_index.json", "pytorch_lora_weights.safetensors")  # the files of a finished run's export
 EMA_FILE = "ema.pt"
 # ImageNet normalisation of DINOv2's inputs (timm's IMAGENET_DEFAULT_MEAN / STD, as in the official encoder.py).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -278,6 +282,17 @@ def create_ema(parameters: Iterable[torch.nn.Parameter], decay: float = 0.9999, 
     return ema
 
 
+EMA_MAX_INITIAL_SHARE = 0.01  # the largest share of the starting weights in the exported EMA that is not warned about
+
+
+def ema_decay_for_run(max_train_steps: int, official_decay: float = 0.9999) -> float:
+    """The EMA decay of a run whose `--ema_decay` is not given: the official 0.9999 where the run is long enough for it
+    (the starting weights weigh `decay ** steps` at the end, under 1% after 46,000 steps), else `1 - 10 / steps`, an
+    average over about the last tenth of the run in which the starting weights weigh `exp(-10)`, 5e-5 (0 for runs of
+    up to 10 steps: the raw weights)."""
+    return min(official_decay, max(0.0, 1.0 - 10.0 / max_train_steps))
+
+
 @contextmanager
 def ema_weights(ema: EMAModel | None, parameters: list[torch.nn.Parameter]):
     """Swaps the EMA weights into `parameters` for the block (validation, export), then puts the trained ones back."""
@@ -344,6 +359,28 @@ def commit_checkpoint(temporary: str, total_limit: int | None = None) -> str:
     return final
 
 
+def load_checkpoint_weights(transformer: nn.Module, checkpoint: str, use_ema: bool = True) -> str:
+    """Puts the transformer weights of a full-training checkpoint folder into `transformer` (same config): its EMA
+    when the run kept one and `use_ema`, else the trained weights. Returns which ("ema" or "trained")."""
+    from safetensors.torch import load_file
+
+    model_file = os.path.join(checkpoint, "model.safetensors")
+    if not os.path.isfile(model_file):
+        raise ValueError(f"{checkpoint!r} is not a training checkpoint folder (no model.safetensors).")
+    transformer.load_state_dict(sub_state_dict(load_file(model_file), "transformer"))
+    ema_file = os.path.join(checkpoint, EMA_FILE)
+    if not (use_ema and os.path.isfile(ema_file)):
+        return "trained"
+    shadow = torch.load(ema_file, map_location="cpu", weights_only=True)["shadow_params"]
+    parameters = list(transformer.parameters())
+    if len(shadow) != len(parameters):
+        raise ValueError(f"{ema_file} holds {len(shadow)} tensors, the transformer {len(parameters)} parameters.")
+    with torch.no_grad():
+        for parameter, value in zip(parameters, shadow):
+            parameter.copy_(value)
+    return "ema"
+
+
 def remove_temporary_checkpoints(output_dir: str):
     """Deletes `checkpoint-N.tmp` folders left by a run killed while saving."""
     if not os.path.isdir(output_dir):
@@ -357,7 +394,7 @@ def remove_temporary_checkpoints(output_dir: str):
 def check_output_dir(output_dir: str, resume_from_checkpoint: str | None, overwrite_output_dir: bool):
     """Refuses to start a new run over an earlier one unless told to resume or overwrite."""
     earlier = [name for _, name in list_checkpoints(output_dir)]
-    for marker in ("model_index.json", "pytorch_lora_weights.safetensors"):
+    for marker in EXPORT_MARKERS:
         if os.path.exists(os.path.join(output_dir, marker)):
             earlier.append(os.path.join(output_dir, marker))
     if earlier and resume_from_checkpoint is None and not overwrite_output_dir:
@@ -365,6 +402,24 @@ def check_output_dir(output_dir: str, resume_from_checkpoint: str | None, overwr
             f"`--output_dir` {output_dir!r} holds an earlier run ({earlier[-1]}). Pass `--resume_from_checkpoint "
             "latest` to continue it or `--overwrite_output_dir` to start over (its checkpoints are then deleted)."
         )
+
+
+def resume_command(argv: list[str] | None = None) -> str:
+    """The command line of this run with `--resume_from_checkpoint latest` (and without `--overwrite_output_dir`)."""
+    argv = list(sys.argv if argv is None else argv)
+    kept, skip = [], False
+    for arg in argv[1:]:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name == "--resume_from_checkpoint":
+            skip = "=" not in arg
+            continue
+        if name != "--overwrite_output_dir":
+            kept.append(arg)
+    launcher = "accelerate launch" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "python"
+    return f"{launcher} {shlex.join([argv[0], *kept, '--resume_from_checkpoint', 'latest'])}"
 
 
 def parameters_fingerprint(parameters: Iterable[torch.Tensor]) -> str:
@@ -465,7 +520,13 @@ def add_training_arguments(parser: argparse.ArgumentParser, **defaults) -> argpa
         defaults.get("use_ema", True),
         "Keep an EMA of the weights and export it (default: on, off for LoRA).",
     )
-    optim.add_argument("--ema_decay", type=float, default=0.9999)
+    optim.add_argument(
+        "--ema_decay",
+        type=float,
+        default=None,
+        help="Default: from the run length, the official 0.9999 for runs of 46,000+ steps, else 1 - 10 / steps (so "
+        "the export always reflects the training; see docs/training.md#ema).",
+    )
     add_switch(
         optim,
         "ema_warmup",
@@ -509,7 +570,7 @@ def check_training_arguments(args: argparse.Namespace):
         raise ValueError(f"`--condition_dropout` must be in [0, 1), got {args.condition_dropout}.")
     if args.shift is not None and not (math.isfinite(args.shift) and args.shift > 0):
         raise ValueError(f"`--shift` must be a positive number, got {args.shift}.")
-    if not 0.0 <= args.ema_decay <= 1.0:
+    if args.ema_decay is not None and not 0.0 <= args.ema_decay <= 1.0:
         raise ValueError(f"`--ema_decay` must be in [0, 1], got {args.ema_decay}.")
     if args.report_to == "wandb" and args.hub_token is not None:
         raise ValueError("`--report_to wandb` with `--hub_token` would expose the token; use `hf auth login` instead.")
@@ -582,13 +643,56 @@ def create_accelerator(args: argparse.Namespace):
     return accelerator
 
 
+_held_locks: dict[str, int] = {}
+
+
+def lock_output_dir(output_dir: str):
+    """Takes an exclusive lock on the folder `output_dir` itself (`flock` on the directory, released when this process
+    exits; no file is left behind): a second run writing into the same folder stops with an error instead of mixing
+    its checkpoints with the first one's."""
+    import fcntl
+
+    os.makedirs(output_dir, exist_ok=True)
+    key = os.path.realpath(output_dir)
+    if key in _held_locks:  # this process already holds it (an earlier run in the same process)
+        os.close(_held_locks.pop(key))
+    descriptor = os.open(output_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        raise RuntimeError(
+            f"Another training run is writing into `--output_dir` {output_dir!r}. Wait for it to end, or choose "
+            "another `--output_dir`."
+        ) from None
+    _held_locks[key] = descriptor
+
+
+def unlock_output_dir(output_dir: str):
+    descriptor = _held_locks.pop(os.path.realpath(output_dir), None)
+    if descriptor is not None:
+        os.close(descriptor)
+
+
 def prepare_output_dir(accelerator, args: argparse.Namespace) -> str | None:
-    """Checks for an earlier run, clears it on `--overwrite_output_dir`, removes interrupted saves; returns the
-    checkpoint to resume from (`None`: a new run)."""
+    """Locks the folder, checks for an earlier run, clears it on `--overwrite_output_dir`, removes interrupted saves;
+    returns the checkpoint to resume from (`None`: a new run)."""
+    if args.push_to_hub:
+        args.hub_repo_id = check_hub_access(args)
+    if accelerator.is_main_process:
+        lock_output_dir(args.output_dir)
     check_output_dir(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
     checkpoint = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    if args.resume_from_checkpoint is not None and checkpoint is None:
+        exported = [m for m in EXPORT_MARKERS if os.path.exists(os.path.join(args.output_dir, m))]
+        if exported:
+            raise ValueError(
+                f"`--resume_from_checkpoint {args.resume_from_checkpoint}`: {args.output_dir!r} holds an exported "
+                f"model ({exported[0]}) but no checkpoint to continue from, so its training state is gone. Pass "
+                "`--overwrite_output_dir` to train again from the start, or train on from the exported model with "
+                "`--pretrained_model_name_or_path` and another `--output_dir`."
+            )
     if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
         remove_temporary_checkpoints(args.output_dir)
         if args.overwrite_output_dir:
             for _, path in list_checkpoints(args.output_dir):
@@ -599,11 +703,36 @@ def prepare_output_dir(accelerator, args: argparse.Namespace) -> str | None:
     return checkpoint
 
 
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def dataloader_workers(requested: int, num_processes: int = 1) -> int:
+    """`--dataloader_num_workers`, capped by the CPUs this process may use shared by the processes of the run (more
+    workers than cores only slow the training step down)."""
+    if requested < 0:
+        raise ValueError(f"`--dataloader_num_workers` must be >= 0, got {requested}.")
+    cap = max(1, available_cpus() // num_processes)
+    if requested > cap:
+        logger.info(
+            "Data loader workers: %d instead of %d (%d CPUs for %d processes).",
+            cap,
+            requested,
+            available_cpus(),
+            num_processes,
+        )
+    return min(requested, cap)
+
+
 def create_dataloader(accelerator, args: argparse.Namespace, dataset):
     """A shuffled data loader of decoded samples; map-style data is sharded and seeded by Accelerate (so resuming can
     skip to the exact batch), streamed data is split between processes here."""
     from .training_data import ImageSampleDataset, StreamingImageSampleDataset, collate_samples
 
+    num_workers = dataloader_workers(args.dataloader_num_workers, accelerator.num_processes)
     if args.streaming:
         from datasets.distributed import split_dataset_by_node
 
@@ -615,7 +744,7 @@ def create_dataloader(accelerator, args: argparse.Namespace, dataset):
         return torch.utils.data.DataLoader(
             samples,
             batch_size=args.train_batch_size,
-            num_workers=args.dataloader_num_workers,
+            num_workers=num_workers,  # not persistent: each epoch's stream position is set in the main process
             collate_fn=collate_samples,
             drop_last=True,
         )
@@ -624,7 +753,8 @@ def create_dataloader(accelerator, args: argparse.Namespace, dataset):
         samples,
         batch_size=args.train_batch_size,
         shuffle=True,
-        num_workers=args.dataloader_num_workers,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,  # no new worker processes (and image decoders) every epoch
         collate_fn=collate_samples,
         drop_last=True,
     )
@@ -670,15 +800,50 @@ def create_optimizer(accelerator, args: argparse.Namespace, parameters: list, ma
     return optimizer, lr_scheduler
 
 
-def create_repa(accelerator, args: argparse.Namespace, transformer) -> tuple[nn.Module | None, nn.Module | None]:
-    """The frozen DINOv2 (on the device, in the mixed-precision dtype) and a fresh projector, or `(None, None)`."""
+def create_repa_encoder(accelerator, args: argparse.Namespace) -> nn.Module | None:
+    """The frozen DINOv2 of REPA (on the device, in the mixed-precision dtype), or `None` without REPA. Loaded first
+    thing in a run, so that a missing encoder stops it before the data and the model load."""
     if not args.use_repa:
-        return None, None
-    encoder = load_repa_encoder(args.repa_encoder, cache_dir=args.cache_dir)
-    encoder.to(accelerator.device, dtype=weight_dtype(accelerator))
+        return None
+    try:
+        encoder = load_repa_encoder(args.repa_encoder, cache_dir=args.cache_dir)
+    except OSError as error:
+        raise ValueError(
+            f"REPA needs the DINOv2 encoder `--repa_encoder` {args.repa_encoder!r}, which could not be loaded "
+            f"({str(error).splitlines()[0]}). Give a local DINOv2 folder (or run once with Hub access to cache it), "
+            "or train without REPA: `--no_use_repa`."
+        ) from None
+    return encoder.to(accelerator.device, dtype=weight_dtype(accelerator))
+
+
+def create_repa_projector(args: argparse.Namespace, transformer, encoder: nn.Module | None) -> nn.Module | None:
+    """A fresh REPA projector from the transformer's width to the encoder's (trained, not exported)."""
+    if encoder is None:
+        return None
     hidden_size = transformer.config.num_attention_heads * transformer.config.attention_head_dim
-    projector = REPAProjector(hidden_size, encoder.config.hidden_size, args.repa_projector_dim)
-    return encoder, projector
+    return REPAProjector(hidden_size, encoder.config.hidden_size, args.repa_projector_dim)
+
+
+def model_config_from_args(args: argparse.Namespace, presets: dict, **overrides) -> dict:
+    """A new transformer's arguments: the preset or JSON file `--model_config`, the inline JSON `--model_config_json`
+    on top, then `overrides` (the training resolution, the data's classes, the text encoder's width)."""
+    if args.model_config in presets:
+        config = dict(presets[args.model_config])
+    else:
+        try:
+            with open(args.model_config, encoding="utf-8") as f:
+                config = json.load(f)
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(
+                f"`--model_config` {args.model_config!r}: not a preset nor a JSON file ({error})."
+            ) from None
+    if args.model_config_json:
+        try:
+            config.update(json.loads(args.model_config_json))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"`--model_config_json` is not valid JSON: {error}.") from None
+    config.update(overrides)
+    return config
 
 
 def weight_dtype(accelerator) -> torch.dtype:
@@ -722,22 +887,43 @@ class TrainingRun:
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         # The EMA follows the trained transformer weights (not the projector, nor text encoder layers).
         self.ema_parameters = [p for p in self.trained.transformer.parameters() if p.requires_grad]
+        if args.use_ema and args.ema_decay is None:
+            args.ema_decay = ema_decay_for_run(self.max_train_steps)
+            logger.info(
+                "EMA decay %.6g, chosen from the run length (%d steps): the export averages about the last %d steps.",
+                args.ema_decay,
+                self.max_train_steps,
+                round(1 / max(1 - args.ema_decay, 1e-12)),
+            )
         self.ema = create_ema(self.ema_parameters, args.ema_decay, args.ema_warmup) if args.use_ema else None
-        initial_share = args.ema_decay**self.max_train_steps
-        if self.ema is not None and not args.ema_warmup and checkpoint is None and initial_share > 0.01:
+        initial_share = 0.0 if args.ema_warmup else (args.ema_decay or 0.0) ** self.max_train_steps
+        if self.ema is not None and checkpoint is None and initial_share > EMA_MAX_INITIAL_SHARE:
             logger.warning(
-                "With the constant EMA decay %g, the starting weights still make up %.0f%% of the exported EMA "
-                "after %d steps: fine when fine-tuning, not from scratch (pass --ema_warmup or a lower --ema_decay).",
+                "With the constant EMA decay %g, the starting weights (the base model when fine-tuning, the random "
+                "initialisation from scratch) still make up %.0f%% of the exported EMA after %d steps, so the export "
+                "stays close to them. Leave `--ema_decay` unset to choose it from the run length, or pass "
+                "`--ema_warmup` or `--no_use_ema`.",
                 args.ema_decay,
                 100 * initial_share,
                 self.max_train_steps,
             )
         self.global_step, self.first_epoch, self.resume_batches = 0, 0, 0
+        self.saved_step, self.stop_signal, self.stopped_by = None, None, None
         self.skipped_images = torch.zeros((), device=accelerator.device)
         self.logs: dict[str, float] = {}
         self._sums: dict[str, float] = {}
         if checkpoint is not None:
             self.load(checkpoint)
+            self.saved_step = self.global_step
+            if self.global_step >= self.max_train_steps:
+                logger.warning(
+                    "%s is at step %d, already `--max_train_steps` (%d): nothing to train; exporting it again. Pass "
+                    "a higher `--max_train_steps` to continue.",
+                    checkpoint,
+                    self.global_step,
+                    self.max_train_steps,
+                )
+        self._install_signal_handlers()
         self.micro_step = self.global_step * args.gradient_accumulation_steps
         if accelerator.is_main_process and args.report_to != "none":
             accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args))
@@ -783,7 +969,7 @@ class TrainingRun:
                 if self.args.streaming:
                     batch = {k: v.to(self.accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
                 yield batch
-                if self.global_step >= self.max_train_steps:
+                if self.global_step >= self.max_train_steps or self.stopped_by is not None:
                     return
             if empty and not (epoch == self.first_epoch and self.resume_batches):
                 raise RuntimeError(
@@ -831,6 +1017,7 @@ class TrainingRun:
         accelerator = self.accelerator
         values = accelerator.gather(torch.stack([v.detach().float() for v in losses.values()])[None])
         if not torch.isfinite(values).all():
+            self._restore_signal_handlers()
             latest = list_checkpoints(self.args.output_dir)
             raise FloatingPointError(
                 f"Non-finite loss at step {self.global_step + 1} ({dict(zip(losses, values.T.tolist()))}): stopping "
@@ -859,8 +1046,12 @@ class TrainingRun:
         if self.global_step == 1:
             self.check_replicas()
         self.log()
-        if self.global_step % self.args.checkpointing_steps == 0:
-            self.save()
+        if self.global_step % self.args.checkpointing_steps == 0 or self.global_step == self.max_train_steps:
+            self.save()  # the last step is always checkpointed: a finished run can be continued
+        if self._stop_requested():
+            if self.saved_step != self.global_step:
+                self.save()
+            self.stopped_by = self.stop_signal or signal.SIGTERM
         return True
 
     @property
@@ -940,6 +1131,7 @@ class TrainingRun:
             commit_checkpoint(temporary, args.checkpoints_total_limit)
             logger.info("Saved %s", final)
         accelerator.wait_for_everyone()
+        self.saved_step = self.global_step
         return final
 
     def load(self, checkpoint: str):
@@ -949,7 +1141,8 @@ class TrainingRun:
         self.accelerator.load_state(checkpoint)
         ema_file = self._ema_file() or (EMA_FILE if self.ema is not None else None)
         if ema_file is not None and os.path.exists(os.path.join(checkpoint, ema_file)):
-            self.ema.load_state_dict(torch.load(os.path.join(checkpoint, ema_file), map_location="cpu"))
+            ema_state = torch.load(os.path.join(checkpoint, ema_file), map_location="cpu", weights_only=True)
+            self.ema.load_state_dict(ema_state)
             self.ema.to(self.accelerator.device, dtype=torch.float32)
         elif ema_file is not None:
             logger.warning("%s has no EMA (trained without it): the EMA starts from its weights.", checkpoint)
@@ -972,8 +1165,60 @@ class TrainingRun:
         self.resume_batches = steps_in_epoch * self.args.gradient_accumulation_steps
 
     def finish(self):
+        """After the loop: closes the progress bar; after a SIGINT/SIGTERM, says how to resume and exits (no export)."""
         self.progress.close()
         self.accelerator.wait_for_everyone()
+        self._restore_signal_handlers()
+        if self.stopped_by is not None:
+            name = signal.Signals(self.stopped_by).name
+            if self.accelerator.is_main_process:
+                checkpoint = os.path.join(self.args.output_dir, f"{CHECKPOINT_PREFIX}{self.saved_step}")
+                logger.warning(
+                    "Stopped by %s after step %d; the last checkpoint is %s. Resume with:\n  %s",
+                    name,
+                    self.global_step,
+                    checkpoint,
+                    resume_command(),
+                )
+            unlock_output_dir(self.args.output_dir)
+            raise SystemExit(128 + int(self.stopped_by))
+        if self.global_step >= self.max_train_steps and self.accelerator.is_main_process:
+            logger.info("Training done at step %d; the last checkpoint holds it.", self.global_step)
+
+    # ---- stopping on a signal
+    def _install_signal_handlers(self):
+        """SIGINT (Ctrl-C) and SIGTERM end the run after the current step, with a checkpoint; a second SIGINT stops at
+        once. Only in the main thread (signal handlers cannot be set elsewhere)."""
+        import threading
+
+        self._previous_handlers = {}
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def request_stop(signum, frame):
+            self.stop_signal = signum
+            signal.signal(signal.SIGINT, self._previous_handlers.get(signal.SIGINT, signal.default_int_handler))
+            if self.accelerator.is_local_main_process:
+                logger.warning(
+                    "%s received: stopping after this step with a checkpoint (Ctrl-C again to stop at once).",
+                    signal.Signals(signum).name,
+                )
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous_handlers[signum] = signal.signal(signum, request_stop)
+
+    def _restore_signal_handlers(self):
+        for signum, handler in getattr(self, "_previous_handlers", {}).items():
+            signal.signal(signum, handler)
+        self._previous_handlers = {}
+
+    def _stop_requested(self) -> bool:
+        """Whether any process got a stop signal (all processes stop at the same step)."""
+        flag = self.stop_signal or 0
+        if self.accelerator.num_processes > 1:
+            flag = int(self.accelerator.reduce(torch.tensor(flag, device=self.accelerator.device), "max").item())
+            self.stop_signal = self.stop_signal or (flag or None)
+        return bool(flag)
 
     # ---- validation and export
     def validation_images(self, pipeline, captions: list[str], final: bool = False, **call_kwargs) -> list[str]:
@@ -1047,63 +1292,135 @@ def log_validation(accelerator, images: list, captions: list[str], step: int, fo
     return paths
 
 
+# The settings a model card lists, each with the condition under which it was used.
+MODEL_CARD_SETTINGS = {
+    "pretrained_model_name_or_path": None,
+    "model_config": None,
+    "text_encoder_name_or_path": lambda a: a.model_config is not None,
+    "dataset_name": None,
+    "train_data_dir": None,
+    "resolution": None,
+    "train_batch_size": None,
+    "gradient_accumulation_steps": None,
+    "learning_rate": None,
+    "lr_scheduler": None,
+    "lr_warmup_steps": lambda a: a.lr_warmup_steps > 0,
+    "adam_beta1": None,
+    "adam_beta2": None,
+    "adam_weight_decay": None,
+    "max_grad_norm": lambda a: a.max_grad_norm > 0,
+    "mixed_precision": None,
+    "timestep_sampling": None,
+    "logit_mean": lambda a: a.timestep_sampling == "logit_normal",
+    "logit_std": lambda a: a.timestep_sampling == "logit_normal",
+    "shift": None,
+    "weighting_scheme": None,
+    "condition_dropout": None,
+    "use_repa": None,
+    "repa_encoder": lambda a: a.use_repa,
+    "repa_align_layer": lambda a: a.use_repa,
+    "repa_loss_weight": lambda a: a.use_repa,
+    "use_ema": None,
+    "ema_decay": lambda a: a.use_ema,
+    "ema_warmup": lambda a: a.use_ema and a.ema_warmup,
+    "use_lora": lambda a: getattr(a, "use_lora", False),
+    "lora_rank": lambda a: a.use_lora,
+    "lora_alpha": lambda a: a.use_lora,
+    "lora_dropout": lambda a: a.use_lora and a.lora_dropout > 0,
+    "lora_target_modules": lambda a: a.use_lora,
+    "train_text_encoder_layers": lambda a: getattr(a, "train_text_encoder_layers", 0) > 0,
+    "precompute_text_embeddings": lambda a: getattr(a, "precompute_text_embeddings", False),
+    "seed": None,
+}
+
+
+def used_settings(args: argparse.Namespace) -> dict:
+    """The flags of `MODEL_CARD_SETTINGS` that this run has and used (no REPA encoder when REPA was off, ...)."""
+    used = {}
+    for key, condition in MODEL_CARD_SETTINGS.items():
+        value = getattr(args, key, None)
+        if value is not None and (condition is None or condition(args)):
+            used[key] = value
+    return used
+
+
+def hub_model_id(name_or_path: str | None) -> str | None:
+    """`name_or_path` when it names a Hub repo ("org/name"), `None` for a local path (never written as `base_model`)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not name_or_path or os.path.exists(name_or_path):
+        return None
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError:
+        return None
+    return name_or_path
+
+
+def exported_weights_note(args: argparse.Namespace, global_step: int) -> str:
+    """Which weights an export holds, in a sentence (the EMA and how much of the starting weights it keeps)."""
+    if not getattr(args, "use_ema", False):
+        return "the trained weights (no EMA)"
+    if args.ema_warmup:
+        return f"the EMA of the weights (decay {args.ema_decay:g} with diffusers' warm-up)"
+    share = args.ema_decay**global_step
+    return (
+        f"the EMA of the weights (constant decay {args.ema_decay:g}, an average over about the last "
+        f"{round(1 / max(1 - args.ema_decay, 1e-12))} steps; the starting weights weigh {100 * share:.2g}% of it)"
+    )
+
+
 def model_card_training_section(args: argparse.Namespace, script: str, global_step: int, sample_paths: list) -> str:
-    """Markdown for the model card: how it was trained (the main settings) and the final validation samples."""
-    keys = [
-        "pretrained_model_name_or_path",
-        "model_config",
-        "dataset_name",
-        "train_data_dir",
-        "resolution",
-        "train_batch_size",
-        "gradient_accumulation_steps",
-        "learning_rate",
-        "lr_scheduler",
-        "lr_warmup_steps",
-        "adam_beta1",
-        "adam_beta2",
-        "adam_weight_decay",
-        "max_grad_norm",
-        "mixed_precision",
-        "timestep_sampling",
-        "shift",
-        "weighting_scheme",
-        "condition_dropout",
-        "use_repa",
-        "repa_encoder",
-        "repa_align_layer",
-        "repa_loss_weight",
-        "use_ema",
-        "ema_decay",
-        "use_lora",
-        "lora_rank",
-        "lora_alpha",
-        "train_text_encoder_layers",
-        "seed",
-    ]
-    rows = "\n".join(f"| `{k}` | `{getattr(args, k)}` |" for k in keys if getattr(args, k, None) is not None)
+    """Markdown for the model card: how it was trained (the settings used), what was exported, the final samples."""
+    rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in used_settings(args).items())
     images = "\n".join(
         f"![{os.path.splitext(os.path.basename(p))[0]}]({os.path.relpath(p, args.output_dir)})" for p in sample_paths
     )
     return (
-        f"## Training\n\nTrained with `examples/{script}` of diffusers-pixnerd for {global_step} steps "
-        f"(EMA weights: {bool(getattr(args, 'use_ema', False))}).\n\n| setting | value |\n| --- | --- |\n{rows}\n\n"
+        f"## Training\n\nTrained with `examples/{script}` of diffusers-pixnerd for {global_step} steps. Exported: "
+        f"{exported_weights_note(args, global_step)}.\n\n| setting | value |\n| --- | --- |\n{rows}\n\n"
         + (f"## Samples\n\n{images}\n" if images else "")
     )
+
+
+def check_hub_access(args: argparse.Namespace) -> str:
+    """Before training with `--push_to_hub`: a valid repo id and a token that the Hub accepts. Returns the full repo
+    id ("user/name"), which the model card names."""
+    from huggingface_hub import whoami
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    name = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
+    try:
+        validate_repo_id(name)
+    except HFValidationError as error:
+        raise ValueError(f"`--hub_model_id` {name!r} is not a valid Hub repo id: {error}") from None
+    try:
+        user = whoami(token=args.hub_token)["name"]
+    except Exception as error:  # no token, a rejected token, or no network: all stop the run before it trains
+        raise ValueError(
+            f"`--push_to_hub`: the Hub did not accept the token (`--hub_token`, or `hf auth login`): {error}"
+        ) from None
+    return name if "/" in name else f"{user}/{name}"
 
 
 def push_folder(args: argparse.Namespace, commit_message: str = "End of training"):
     """Uploads `--output_dir` without checkpoints, logs and intermediate validation images."""
     from huggingface_hub import create_repo, upload_folder
 
-    repo_id = create_repo(
-        args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir)), exist_ok=True, token=args.hub_token
-    ).repo_id
+    name = (
+        getattr(args, "hub_repo_id", None) or args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
+    )
+    repo_id = create_repo(name, exist_ok=True, token=args.hub_token).repo_id
     upload_folder(
         repo_id=repo_id,
         folder_path=args.output_dir,
         commit_message=commit_message,
         token=args.hub_token,
-        ignore_patterns=[f"{CHECKPOINT_PREFIX}*", f"{args.logging_dir}/*", "validation/step-*", "cache/*"],
+        ignore_patterns=[
+            f"{CHECKPOINT_PREFIX}*",
+            f"{args.logging_dir}/*",
+            "validation/step-*",
+            "cache/*",
+        ],
     )
     return repo_id

@@ -3,6 +3,8 @@
 
 import json
 import os
+import re
+import shutil
 import tempfile
 from typing import Any, Callable
 
@@ -16,6 +18,25 @@ from huggingface_hub import create_repo
 from ..schedulers.scheduling_pixnerd import check_guidance_interval
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+EXTRA_START, EXTRA_END = "<!-- model-card-extra:start -->", "<!-- model-card-extra:end -->"
+MARKDOWN_IMAGE = re.compile(r"!\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def read_model_card_extra(folder: str) -> tuple[str, list[str], str | None]:
+    """The extra section (training settings, samples) of our model card in `folder`, the local image files it shows
+    and its `base_model`, so that saving or pushing a loaded pipeline keeps them. `("", [], None)` without such a card.
+    """
+    path = os.path.join(folder, "README.md")
+    if not os.path.isfile(path):
+        return "", [], None
+    with open(path, encoding="utf-8") as f:
+        card = f.read()
+    if EXTRA_START not in card or EXTRA_END not in card:
+        return "", [], None
+    extra = card.split(EXTRA_START, 1)[1].split(EXTRA_END, 1)[0].strip("\n")
+    images = [m for m in MARKDOWN_IMAGE.findall(extra) if "://" not in m and os.path.isfile(os.path.join(folder, m))]
+    base_model = re.search(r"^base_model: (\S+)$", card.split("\n---", 1)[0], re.MULTILINE)
+    return extra, [os.path.join(folder, m) for m in images], base_model.group(1) if base_model else None
 
 
 class PixNerdLoraLoaderMixin(SanaLoraLoaderMixin):
@@ -30,7 +51,7 @@ MODEL_CARD = """---
 library_name: diffusers
 license: mit
 pipeline_tag: {pipeline_tag}
-tags:
+{base_model_line}tags:
 - diffusers-pixnerd
 - pixnerd
 - pixel-diffusion
@@ -53,7 +74,9 @@ image = pipe({example_input}, generator=torch.Generator().manual_seed(0)).images
 
 Sampling defaults (scheduler config): {sampling}. Trained resolution {size}x{size}.
 
+<!-- model-card-extra:start -->
 {extra}
+<!-- model-card-extra:end -->
 ## Citation
 
 ```bibtex
@@ -93,7 +116,10 @@ class PixNerdBasePipeline(DiffusionPipeline, PixNerdLoraLoaderMixin):
                 dtype = kwargs.get("torch_dtype") or torch.bfloat16
                 kwargs["text_encoder"] = AutoModel.from_pretrained(DEFAULT_TEXT_ENCODER, torch_dtype=dtype)
                 kwargs.setdefault("tokenizer", AutoTokenizer.from_pretrained(DEFAULT_TEXT_ENCODER))
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        pipeline = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        if os.path.isdir(pretrained_model_name_or_path):  # keep the card's training section and samples
+            pipeline._model_card_source = (os.fspath(pretrained_model_name_or_path),)
+        return pipeline
 
     @staticmethod
     def _is_text_pipeline(folder: str) -> bool:
@@ -247,8 +273,9 @@ class PixNerdBasePipeline(DiffusionPipeline, PixNerdLoraLoaderMixin):
                 progress_bar.update()
         return latents
 
-    def model_card(self, repo_id: str | None = None, extra: str = "") -> str:
-        """The README.md written beside the pipeline: library, tags, usage, sampling defaults, the paper."""
+    def model_card(self, repo_id: str | None = None, extra: str = "", base_model: str | None = None) -> str:
+        """The README.md written beside the pipeline: library, tags, usage, sampling defaults, the paper; `base_model`
+        (a Hub repo id) for a fine-tuned model."""
         text = self.transformer.is_text_conditional
         config = self.scheduler.config
         sampling = ", ".join(
@@ -258,6 +285,7 @@ class PixNerdBasePipeline(DiffusionPipeline, PixNerdLoraLoaderMixin):
         )
         return MODEL_CARD.format(
             pipeline_tag="text-to-image" if text else "unconditional-image-generation",
+            base_model_line=f"base_model: {base_model}\n" if base_model else "",
             task_tag="text-to-image" if text else "class-conditional-image-generation",
             title=repo_id or f"PixNerd {'text-to-image' if text else 'class-conditional'} pipeline",
             class_name=type(self).__name__,
@@ -274,6 +302,7 @@ class PixNerdBasePipeline(DiffusionPipeline, PixNerdLoraLoaderMixin):
         push_to_hub: bool = False,
         repo_id: str | None = None,
         model_card_extra: str = "",
+        base_model: str | None = None,
         **kwargs,
     ):
         """`DiffusionPipeline.save_pretrained` plus a model card (README.md); `push_to_hub=True` uploads the folder.
@@ -284,8 +313,18 @@ class PixNerdBasePipeline(DiffusionPipeline, PixNerdLoraLoaderMixin):
         super().save_pretrained(save_directory, push_to_hub=False, **kwargs)
         if push_to_hub and repo_id is None:
             repo_id = os.path.basename(os.path.normpath(save_directory))
+        if not model_card_extra and getattr(self, "_model_card_source", None):
+            # A loaded pipeline saved again: its card's training section and the sample images it shows come along.
+            source = self._model_card_source[0]
+            model_card_extra, images, source_base_model = read_model_card_extra(source)
+            base_model = base_model or source_base_model
+            for image in images:
+                target = os.path.join(save_directory, os.path.relpath(image, source))
+                if os.path.abspath(image) != os.path.abspath(target):
+                    os.makedirs(os.path.dirname(target), exist_ok=True)
+                    shutil.copyfile(image, target)
         with open(os.path.join(save_directory, "README.md"), "w", encoding="utf-8") as f:
-            f.write(self.model_card(repo_id, model_card_extra))
+            f.write(self.model_card(repo_id, model_card_extra, base_model))
         if push_to_hub:
             return self._push_folder(save_directory, repo_id, **hub_kwargs)
 
