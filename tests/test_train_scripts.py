@@ -391,6 +391,7 @@ def run_main(monkeypatch, tmp_path):
 
 def test_an_earlier_run_needs_resume_or_overwrite(assets, tmp_path, run_main):
     os.makedirs(tmp_path / "out" / "checkpoint-3")
+    (tmp_path / "out" / "checkpoint-3" / "training_state.json").write_text("{}")
     with pytest.raises(ValueError, match="--resume_from_checkpoint latest.*--overwrite_output_dir"):
         run_main(C2I_SCRIPT, c2i_args(assets, tmp_path / "out", "--max_train_steps", 1))
 
@@ -661,3 +662,99 @@ def test_data_loader_workers_are_capped_by_the_cpus(monkeypatch):
     assert training_utils.dataloader_workers(0) == 0
     with pytest.raises(ValueError, match="`--dataloader_num_workers` must be >= 0"):
         training_utils.dataloader_workers(-1)
+
+
+# -------------------------------------------------------------------------------------- faults while checkpointing
+
+
+def exported_weights(folder):
+    return load_file(os.path.join(folder, "transformer", "diffusion_pytorch_model.safetensors"))
+
+
+def test_a_kill_while_replacing_a_checkpoint_leaves_a_complete_one(assets, tmp_path, run_main, monkeypatch):
+    """A run resumed from checkpoint-2 saves step 4 again: the old checkpoint-4 is moved aside, the new one renamed
+    in, the old deleted. Killed between the two renames, the next start restores the old checkpoint-4."""
+    out = tmp_path / "out"
+    args = c2i_args(assets, out, "--max_train_steps", 4, "--checkpointing_steps", 2, "--no_use_repa")
+    run_main(C2I_SCRIPT, args)
+    old_state = (out / "checkpoint-4" / "model.safetensors").read_bytes()
+    rename = os.rename
+
+    def killed_after_moving_the_old_one_aside(source, target):
+        rename(source, target)
+        if str(target).endswith("checkpoint-4.old"):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "rename", killed_after_moving_the_old_one_aside)
+    with pytest.raises(KeyboardInterrupt):
+        run_main(C2I_SCRIPT, [*args, "--resume_from_checkpoint", "checkpoint-2"])
+    monkeypatch.setattr(os, "rename", rename)
+    assert {"checkpoint-2", "checkpoint-4.old", "checkpoint-4.tmp"} <= set(os.listdir(out))
+    assert "checkpoint-4" not in os.listdir(out)
+
+    run_main(C2I_SCRIPT, [*args, "--resume_from_checkpoint", "latest"])  # restores checkpoint-4, nothing to train
+    names = set(os.listdir(out))
+    assert "checkpoint-4" in names and not {"checkpoint-4.old", "checkpoint-4.tmp"} & names
+    assert (out / "checkpoint-4" / "model.safetensors").read_bytes() == old_state
+
+
+def test_a_full_disk_names_the_checkpoint_and_the_run_resumes_to_the_same_end(assets, tmp_path, run_main, monkeypatch):
+    import errno
+
+    from accelerate import Accelerator
+
+    reference, out = tmp_path / "reference", tmp_path / "out"
+    run_main(
+        C2I_SCRIPT, c2i_args(assets, reference, "--max_train_steps", 4, "--checkpointing_steps", 2, "--no_use_repa")
+    )
+    args = c2i_args(assets, out, "--max_train_steps", 4, "--checkpointing_steps", 2, "--no_use_repa")
+    save_state = Accelerator.save_state
+
+    def disk_full_at_step_4(self, output_dir=None, **kwargs):
+        if str(output_dir).endswith("checkpoint-4.tmp"):
+            os.makedirs(output_dir, exist_ok=True)
+            (tmp_path / "out" / "checkpoint-4.tmp" / "model.safetensors").write_bytes(b"half written")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save_state(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", disk_full_at_step_4)
+    with pytest.raises(OSError, match=r"The disk is full: could not write .*checkpoint-4 .*checkpoint-2, is intact"):
+        run_main(C2I_SCRIPT, args)
+    assert sorted(os.listdir(out)) == ["checkpoint-2"]
+    monkeypatch.setattr(Accelerator, "save_state", save_state)
+    run_main(C2I_SCRIPT, [*args, "--resume_from_checkpoint", "latest"])
+    resumed, uninterrupted = exported_weights(out), exported_weights(reference)
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+
+
+def test_overwrite_keeps_the_old_checkpoints_until_the_new_run_has_one(assets, tmp_path, run_main):
+    out = tmp_path / "out"
+    args = c2i_args(assets, out, "--max_train_steps", 4, "--checkpointing_steps", 2, "--no_use_repa")
+    run_main(C2I_SCRIPT, args)
+    broken = list(args)
+    broken[broken.index("--train_data_dir") + 1] = tmp_path / "missing"
+    with pytest.raises(ValueError):
+        run_main(C2I_SCRIPT, [*broken, "--overwrite_output_dir"])  # fails to start: nothing is deleted
+    assert {"checkpoint-2", "checkpoint-4"} <= set(os.listdir(out))
+    run_main(
+        C2I_SCRIPT,
+        [
+            *args[: args.index("--max_train_steps")],
+            "--max_train_steps",
+            1,
+            *args[args.index("--max_train_steps") + 2 :],
+            "--overwrite_output_dir",
+        ],
+    )
+    checkpoints = sorted(n for n in os.listdir(out) if n.startswith("checkpoint-"))
+    assert checkpoints == ["checkpoint-1"]  # the earlier run's went once the new run had committed one
+    assert json.loads((out / "checkpoint-1" / "training_state.json").read_text())["global_step"] == 1
+
+
+def test_a_folder_without_its_state_file_is_not_a_checkpoint(tmp_path):
+    from diffusers_pixnerd.training_utils import list_checkpoints
+
+    os.makedirs(tmp_path / "checkpoint-5")  # a half-copied folder
+    os.makedirs(tmp_path / "checkpoint-3")
+    (tmp_path / "checkpoint-3" / "training_state.json").write_text("{}")
+    assert list_checkpoints(tmp_path) == [(3, str(tmp_path / "checkpoint-3"))]

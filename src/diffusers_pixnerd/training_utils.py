@@ -8,6 +8,7 @@ sigma`.
 """
 
 import argparse
+import errno
 import json
 import logging
 import math
@@ -34,6 +35,7 @@ TIMESTEP_SAMPLING = ("logit_normal", "uniform", "mode")
 LOSS_WEIGHTING = ("none", "sigma_sqrt", "cosmap")
 CHECKPOINT_PREFIX = "checkpoint-"
 TMP_SUFFIX = ".tmp"
+OLD_SUFFIX = ".old"
 TRAINING_STATE_FILE = "training_state.json"
 EXPORT_MARKERS = ("model_index.json", "pytorch_lora_weights.safetensors")  # the files of a finished run's export
 EMA_FILE = "ema.pt"
@@ -311,14 +313,20 @@ def ema_weights(ema: EMAModel | None, parameters: list[torch.nn.Parameter]):
 
 
 def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
-    """Complete checkpoints `(step, path)` in `output_dir`, oldest first; temporary (`.tmp`) folders do not count."""
+    """Complete checkpoints `(step, path)` in `output_dir`, oldest first: `checkpoint-N` folders holding their
+    training state file (written last); temporary (`.tmp`) and replaced (`.old`) folders do not count."""
     if not os.path.isdir(output_dir):
         return []
     found = []
     for name in os.listdir(output_dir):
         step = name[len(CHECKPOINT_PREFIX) :]
-        if name.startswith(CHECKPOINT_PREFIX) and step.isdigit() and os.path.isdir(os.path.join(output_dir, name)):
-            found.append((int(step), os.path.join(output_dir, name)))
+        path = os.path.join(output_dir, name)
+        if (
+            name.startswith(CHECKPOINT_PREFIX)
+            and step.isdigit()
+            and os.path.isfile(os.path.join(path, TRAINING_STATE_FILE))
+        ):
+            found.append((int(step), path))
     return sorted(found)
 
 
@@ -343,14 +351,46 @@ def read_training_state(checkpoint: str) -> dict:
         return json.load(f)
 
 
-def commit_checkpoint(temporary: str, total_limit: int | None = None) -> str:
-    """Renames a fully written `checkpoint-N.tmp` to `checkpoint-N` (atomic on one file system), then deletes the
-    oldest checkpoints beyond `total_limit`. Until the rename, "latest" is the previous checkpoint."""
+def fsync_tree(folder: str):
+    """Flushes every file under `folder`, then the folders themselves, to the disk (before a rename commits them)."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(root)
+
+
+def fsync_dir(folder: str):
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def commit_checkpoint(temporary: str, total_limit: int | None = None, stale: Iterable[str] = ()) -> str:
+    """Commits a fully written `checkpoint-N.tmp` as `checkpoint-N`: its files are flushed to the disk, then it is
+    renamed (atomic on one file system). An existing `checkpoint-N` (the same step saved again by a resumed run) is
+    first moved aside to `checkpoint-N.old` and deleted only after the rename, so a kill at any point leaves a
+    complete `checkpoint-N`, old or new (`remove_temporary_checkpoints` puts an `.old` back). Then deletes the `stale`
+    checkpoints (of a run being overwritten) and the oldest ones beyond `total_limit`. Until the rename, "latest" is
+    the previous checkpoint."""
     output_dir, name = os.path.split(temporary.rstrip(os.sep))
     final = os.path.join(output_dir, name[: -len(TMP_SUFFIX)])
-    if os.path.exists(final):  # the same step saved again (a resumed run): replace it
-        shutil.rmtree(final)
+    fsync_tree(temporary)
+    replaced = final + OLD_SUFFIX
+    if os.path.exists(final):
+        if os.path.exists(replaced):
+            shutil.rmtree(replaced)
+        os.rename(final, replaced)
     os.rename(temporary, final)
+    fsync_dir(output_dir)
+    if os.path.exists(replaced):
+        shutil.rmtree(replaced)
+    for path in stale:
+        if os.path.abspath(path) != os.path.abspath(final) and os.path.isdir(path):
+            logger.info("Removing %s (an earlier run, `--overwrite_output_dir`)", path)
+            shutil.rmtree(path)
     if total_limit is not None:
         checkpoints = list_checkpoints(output_dir)
         for _, old in checkpoints[: max(0, len(checkpoints) - total_limit)]:
@@ -382,9 +422,23 @@ def load_checkpoint_weights(transformer: nn.Module, checkpoint: str, use_ema: bo
 
 
 def remove_temporary_checkpoints(output_dir: str):
-    """Deletes `checkpoint-N.tmp` folders left by a run killed while saving."""
+    """Cleans up after a run killed while saving: a `checkpoint-N.old` whose replacement never arrived becomes
+    `checkpoint-N` again (it is complete), one that was replaced is deleted; `checkpoint-N.tmp` folders (incomplete,
+    or complete but not committed) are deleted."""
     if not os.path.isdir(output_dir):
         return
+    for name in sorted(os.listdir(output_dir)):
+        path = os.path.join(output_dir, name)
+        if not name.startswith(CHECKPOINT_PREFIX) or not name.endswith(OLD_SUFFIX):
+            continue
+        final = path[: -len(OLD_SUFFIX)]
+        if os.path.isfile(os.path.join(final, TRAINING_STATE_FILE)):
+            shutil.rmtree(path)
+        else:
+            logger.warning("Restoring %s (a save replacing it was interrupted).", os.path.basename(final))
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.rename(path, final)
     for name in os.listdir(output_dir):
         if name.startswith(CHECKPOINT_PREFIX) and name.endswith(TMP_SUFFIX):
             logger.warning("Removing the incomplete checkpoint %s (a save was interrupted).", name)
@@ -675,12 +729,16 @@ def unlock_output_dir(output_dir: str):
 
 
 def prepare_output_dir(accelerator, args: argparse.Namespace) -> str | None:
-    """Locks the folder, checks for an earlier run, clears it on `--overwrite_output_dir`, removes interrupted saves;
-    returns the checkpoint to resume from (`None`: a new run)."""
+    """Locks the folder, repairs interrupted saves, checks for an earlier run; returns the checkpoint to resume from
+    (`None`: a new run). With `--overwrite_output_dir` the earlier checkpoints are only listed in
+    `args.stale_checkpoints`: they are deleted once this run has committed its first checkpoint, so a run that fails
+    to start loses nothing."""
     if args.push_to_hub:
         args.hub_repo_id = check_hub_access(args)
     if accelerator.is_main_process:
         lock_output_dir(args.output_dir)
+        remove_temporary_checkpoints(args.output_dir)
+    accelerator.wait_for_everyone()
     check_output_dir(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
     checkpoint = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
     if args.resume_from_checkpoint is not None and checkpoint is None:
@@ -692,11 +750,9 @@ def prepare_output_dir(accelerator, args: argparse.Namespace) -> str | None:
                 "`--overwrite_output_dir` to train again from the start, or train on from the exported model with "
                 "`--pretrained_model_name_or_path` and another `--output_dir`."
             )
-    if accelerator.is_main_process:
-        remove_temporary_checkpoints(args.output_dir)
-        if args.overwrite_output_dir:
-            for _, path in list_checkpoints(args.output_dir):
-                shutil.rmtree(path)
+    args.stale_checkpoints = (
+        [path for _, path in list_checkpoints(args.output_dir)] if args.overwrite_output_dir else []
+    )
     if args.resume_from_checkpoint is not None and checkpoint is None:
         logger.info("No checkpoint in %s: starting a new run.", args.output_dir)
     accelerator.wait_for_everyone()
@@ -1110,26 +1166,40 @@ class TrainingRun:
         if accelerator.is_main_process and os.path.exists(temporary):
             shutil.rmtree(temporary)
         accelerator.wait_for_everyone()
-        accelerator.save_state(temporary)
-        ema_file = self._ema_file()
-        if ema_file is not None:
-            torch.save(self.ema.state_dict(), os.path.join(temporary, ema_file))
-        if accelerator.is_main_process:
-            state = {
-                "global_step": self.global_step,
-                "seed": args.seed,
-                "num_processes": accelerator.num_processes,
-                "train_batch_size": args.train_batch_size,
-                "gradient_accumulation_steps": args.gradient_accumulation_steps,
-                "steps_per_epoch": self.steps_per_epoch,
-            }
-            with open(os.path.join(temporary, TRAINING_STATE_FILE), "w", encoding="utf-8") as f:
-                json.dump(state, f, indent=2)
-        accelerator.wait_for_everyone()
         final = temporary[: -len(TMP_SUFFIX)]
-        if accelerator.is_main_process:
-            commit_checkpoint(temporary, args.checkpoints_total_limit)
-            logger.info("Saved %s", final)
+        try:
+            accelerator.save_state(temporary)
+            ema_file = self._ema_file()
+            if ema_file is not None:
+                torch.save(self.ema.state_dict(), os.path.join(temporary, ema_file))
+            if accelerator.is_main_process:
+                state = {
+                    "global_step": self.global_step,
+                    "seed": args.seed,
+                    "num_processes": accelerator.num_processes,
+                    "train_batch_size": args.train_batch_size,
+                    "gradient_accumulation_steps": args.gradient_accumulation_steps,
+                    "steps_per_epoch": self.steps_per_epoch,
+                }
+                with open(os.path.join(temporary, TRAINING_STATE_FILE), "w", encoding="utf-8") as f:
+                    json.dump(state, f, indent=2)
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                commit_checkpoint(temporary, args.checkpoints_total_limit, getattr(args, "stale_checkpoints", ()))
+                args.stale_checkpoints = []
+                logger.info("Saved %s", final)
+        except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
+            if not (getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error)):
+                raise
+            shutil.rmtree(temporary, ignore_errors=True)
+            self._restore_signal_handlers()
+            latest = list_checkpoints(args.output_dir)
+            raise OSError(
+                errno.ENOSPC,
+                f"The disk is full: could not write {final} ({str(error).splitlines()[0]}). The last complete "
+                f"checkpoint, {latest[-1][1] if latest else 'none yet'}, is intact: free some space and resume with "
+                "`--resume_from_checkpoint latest`.",
+            ) from None
         accelerator.wait_for_everyone()
         self.saved_step = self.global_step
         return final
@@ -1205,7 +1275,11 @@ class TrainingRun:
                 )
 
         for signum in (signal.SIGINT, signal.SIGTERM):
-            self._previous_handlers[signum] = signal.signal(signum, request_stop)
+            previous = signal.signal(signum, request_stop)
+            # A run in this process that died by an exception left its handler: put back the one from before it.
+            previous = getattr(previous, "previous_handlers", {}).get(signum, previous)
+            self._previous_handlers[signum] = previous
+        request_stop.previous_handlers = self._previous_handlers
 
     def _restore_signal_handlers(self):
         for signum, handler in getattr(self, "_previous_handlers", {}).items():
