@@ -7,6 +7,7 @@ Reference implementation: github MCG-NJU/PixNerd (`src/models/transformer/pixner
 """
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -274,6 +275,30 @@ class PixNerdTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
                 f"Exactly one of `num_classes` ({num_classes}) and `text_embed_dim` ({text_embed_dim}) must be set: "
                 "it chooses the class-conditional or the text-to-image model."
             )
+        positive = dict(
+            sample_size=sample_size,
+            patch_size=patch_size,
+            in_channels=in_channels,
+            num_layers=num_layers,
+            num_attention_heads=num_attention_heads,
+            attention_head_dim=attention_head_dim,
+            num_neural_field_layers=num_neural_field_layers,
+            neural_field_hidden_size=neural_field_hidden_size,
+            neural_field_mlp_ratio=neural_field_mlp_ratio,
+            neural_field_max_freqs=neural_field_max_freqs,
+            num_classes=num_classes if num_classes is not None else 1,
+            text_embed_dim=text_embed_dim if text_embed_dim is not None else 1,
+            text_max_length=text_max_length,
+        )
+        for name, value in positive.items():
+            if not (isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1):
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if not (isinstance(num_text_refiner_layers, numbers.Integral) and num_text_refiner_layers >= 0):
+            raise ValueError(
+                f"`num_text_refiner_layers` must be a non-negative integer, got {num_text_refiner_layers!r}."
+            )
+        if not (isinstance(mlp_ratio, numbers.Real) and math.isfinite(mlp_ratio) and mlp_ratio > 0):
+            raise ValueError(f"`mlp_ratio` must be a positive number, got {mlp_ratio!r}.")
         if sample_size % patch_size:
             raise ValueError(f"`sample_size` ({sample_size}) must be a multiple of `patch_size` ({patch_size}).")
         dim = num_attention_heads * attention_head_dim

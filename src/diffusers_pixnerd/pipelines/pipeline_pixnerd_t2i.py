@@ -183,6 +183,8 @@ class PixNerdT2IPipeline(PixNerdBasePipeline):
         for name, embeds in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
             if embeds is not None and tuple(embeds.shape) != expected:
                 raise ValueError(f"`{name}` must have shape {expected}, got {tuple(embeds.shape)}.")
+            if embeds is not None and not torch.isfinite(embeds).all():
+                raise ValueError(f"`{name}` contain NaN or infinite values.")
         return batch
 
     @torch.no_grad()

@@ -2,6 +2,7 @@
 """The denoising loop shared by the class-conditional and the text-to-image PixNerd pipelines."""
 
 import json
+import math
 import os
 import re
 import shutil
@@ -15,7 +16,7 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineO
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import create_repo
 
-from ..schedulers.scheduling_pixnerd import check_guidance_interval
+from ..schedulers.scheduling_pixnerd import check_guidance_interval, is_integer, is_real
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 EXTRA_START, EXTRA_END = "<!-- model-card-extra:start -->", "<!-- model-card-extra:end -->"
@@ -162,11 +163,18 @@ class PixNerdBasePipeline(DiffusionPipeline, PixNerdLoraLoaderMixin):
         config, size = self.scheduler.config, self.transformer.config.sample_size
         if guidance_interval is None:
             guidance_interval = (config.get("guidance_interval_min", 0.0), config.get("guidance_interval_max", 1.0))
+        if guidance_scale is None:
+            guidance_scale = config.get("guidance_scale", 4.0)
+        if not is_real(guidance_scale) or not math.isfinite(guidance_scale):
+            raise ValueError(
+                f"`guidance_scale` must be a finite number, got {guidance_scale!r} (from the call, or else the scheduler "
+                "config's `guidance_scale`)."
+            )
         return (
             size if height is None else height,
             size if width is None else width,
             num_inference_steps if num_inference_steps is not None else config.get("num_inference_steps", 50),
-            guidance_scale if guidance_scale is not None else config.get("guidance_scale", 4.0),
+            float(guidance_scale),
             tuple(guidance_interval),
         )
 
@@ -183,14 +191,16 @@ class PixNerdBasePipeline(DiffusionPipeline, PixNerdLoraLoaderMixin):
         output_type,
         callback_on_step_end_tensor_inputs,
     ):
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+        if not is_integer(num_images_per_prompt) or num_images_per_prompt < 1:
             raise ValueError(f"`num_images_per_prompt` must be a positive integer, got {num_images_per_prompt!r}.")
+        if not (is_integer(height) and is_integer(width)):
+            raise ValueError(f"`height` and `width` must be integers, got ({height!r}, {width!r}).")
         multiple = self.transformer.resolution_multiple
         if height % multiple or width % multiple or height <= 0 or width <= 0:
             raise ValueError(
                 f"`height` and `width` must be positive multiples of {multiple}, got ({height}, {width})."
             )
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        if not is_integer(num_inference_steps) or num_inference_steps < 1:
             raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}.")
         if len(guidance_interval) != 2:
             raise ValueError(f"`guidance_interval` must be a pair (min, max), got {guidance_interval!r}.")
@@ -202,6 +212,8 @@ class PixNerdBasePipeline(DiffusionPipeline, PixNerdLoraLoaderMixin):
         expected = (batch_size, self.transformer.config.in_channels, height, width)
         if latents is not None and tuple(latents.shape) != expected:
             raise ValueError(f"`latents` must have shape {expected}, got {tuple(latents.shape)}.")
+        if latents is not None and not torch.isfinite(latents).all():
+            raise ValueError("`latents` contain NaN or infinite values.")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
         unknown = set(callback_on_step_end_tensor_inputs or []) - set(self._callback_tensor_inputs)

@@ -1,6 +1,7 @@
 # Copyright 2026 The diffusers-pixnerd authors. MIT License.
 """The flow-matching sampler of PixNerd: Euler or Adams-Bashforth on a shifted grid, with interval guidance."""
 
+import math
 import numbers
 from dataclasses import dataclass
 from typing import List, Optional, Tuple, Union
@@ -57,6 +58,16 @@ def adams_coefficients(nodes: List[float], start: float, end: float) -> List[flo
         integrals.append(float(np.polyval(np.polyint(basis), 1.0)))
     total = sum(integrals)
     return [c / total for c in integrals]
+
+
+def is_integer(value) -> bool:
+    """A Python or numpy integer (not a bool)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value) -> bool:
+    """A Python or numpy real number (not a bool)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def check_guidance_interval(low: float, high: float, name: str = "guidance_interval") -> None:
@@ -135,14 +146,18 @@ class PixNerdFlowMatchScheduler(SchedulerMixin, ConfigMixin):
         num_inference_steps: int = 50,
         guidance_scale: float = 3.5,
     ):
-        if solver_order not in (1, 2, 3, 4):
-            raise ValueError(f"`solver_order` must be 1, 2, 3 or 4, got {solver_order}.")
+        if not is_integer(solver_order) or solver_order not in (1, 2, 3, 4):
+            raise ValueError(f"`solver_order` must be the integer 1, 2, 3 or 4, got {solver_order!r}.")
+        if not is_integer(num_train_timesteps) or num_train_timesteps < 1:
+            raise ValueError(f"`num_train_timesteps` must be a positive integer, got {num_train_timesteps!r}.")
         if solver_order > 2:
             logger.warning(f"`solver_order={solver_order}`: the paper found orders above 2 unstable in pixel space.")
-        if not shift > 0:
-            raise ValueError(f"`shift` must be positive, got {shift}.")
-        if num_inference_steps < 1:
-            raise ValueError(f"`num_inference_steps` must be at least 1, got {num_inference_steps}.")
+        if not is_real(shift) or not math.isfinite(shift) or not shift > 0:
+            raise ValueError(f"`shift` must be a finite positive number, got {shift!r}.")
+        if not is_integer(num_inference_steps) or num_inference_steps < 1:
+            raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}.")
+        if not is_real(guidance_scale) or not math.isfinite(guidance_scale):
+            raise ValueError(f"`guidance_scale` must be a finite number, got {guidance_scale!r}.")
         check_guidance_interval(
             guidance_interval_min, guidance_interval_max, "(guidance_interval_min, guidance_interval_max)"
         )
@@ -216,7 +231,7 @@ class PixNerdFlowMatchScheduler(SchedulerMixin, ConfigMixin):
         shift = self.config.shift
         if sigmas is None:
             n = self.config.num_inference_steps if num_inference_steps is None else num_inference_steps
-            if not isinstance(n, numbers.Integral) or n < 1:
+            if not is_integer(n) or n < 1:
                 raise ValueError(f"`num_inference_steps` must be a positive integer, got {n}.")
             # Built in t and in float32 as EulerSampler/AdamLMSampler do, so the interval test sees the same t values.
             times = torch.cat([torch.linspace(0.0, 1.0 - 1.0 / n, n), torch.ones(1)])
@@ -225,7 +240,14 @@ class PixNerdFlowMatchScheduler(SchedulerMixin, ConfigMixin):
         else:
             sigmas = torch.as_tensor(sigmas, dtype=torch.float32).cpu()
             n = sigmas.numel()
-            if sigmas.ndim != 1 or n == 0 or (sigmas <= 0).any() or (sigmas > 1).any() or (sigmas.diff() >= 0).any():
+            if (
+                sigmas.ndim != 1
+                or n == 0
+                or not torch.isfinite(sigmas).all()
+                or (sigmas <= 0).any()
+                or (sigmas > 1).any()
+                or (sigmas.diff() >= 0).any()
+            ):
                 raise ValueError(
                     f"`sigmas` must be a strictly decreasing 1-D sequence in (0, 1], got {sigmas.tolist()}."
                 )
@@ -342,6 +364,11 @@ class PixNerdFlowMatchScheduler(SchedulerMixin, ConfigMixin):
         """
         if self.timesteps is None:
             raise ValueError("The schedule is not set: call `set_timesteps` before `step`.")
+        if model_output.shape != sample.shape:
+            raise ValueError(
+                f"`model_output` has shape {tuple(model_output.shape)} but `sample` {tuple(sample.shape)}: they must "
+                "match."
+            )
         if self._step_index is None:
             self._step_index = self.index_for_timestep(timestep) if self._begin_index is None else self._begin_index
         index = self._step_index

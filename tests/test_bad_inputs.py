@@ -1,0 +1,142 @@
+"""Bad input gets a clear error naming the argument (issue: no silent wrong result): the scheduler, the model config,
+the pipelines' numbers and tensors. Each case asserts the exception type and the argument named in the message."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_C2I
+from test_pipelines import sample, tiny_c2i_pipeline, tiny_t2i_pipeline
+
+from diffusers_pixnerd import PixNerdFlowMatchScheduler, PixNerdTransformer2DModel
+
+# ------------------------------------------------------------------------------------------------------ scheduler
+
+
+@pytest.mark.parametrize(
+    "kwargs, argument",
+    [
+        ({"shift": float("nan")}, "shift"),
+        ({"shift": float("inf")}, "shift"),
+        ({"shift": 0.0}, "shift"),
+        ({"shift": "3"}, "shift"),
+        ({"num_train_timesteps": 0}, "num_train_timesteps"),
+        ({"num_train_timesteps": 1000.5}, "num_train_timesteps"),
+        ({"solver_order": 2.0}, "solver_order"),
+        ({"solver_order": 5}, "solver_order"),
+        ({"solver_order": True}, "solver_order"),
+        ({"num_inference_steps": 0}, "num_inference_steps"),
+        ({"guidance_scale": float("nan")}, "guidance_scale"),
+        ({"guidance_scale": float("inf")}, "guidance_scale"),
+        ({"guidance_interval_min": float("nan")}, r"\(guidance_interval_min"),
+    ],
+)
+def test_scheduler_config_errors_name_the_argument(kwargs, argument):
+    with pytest.raises(ValueError, match=f"`{argument}"):
+        PixNerdFlowMatchScheduler(**kwargs)
+
+
+def test_scheduler_takes_numpy_numbers():
+    scheduler = PixNerdFlowMatchScheduler(solver_order=np.int64(1), shift=np.float32(2.0))
+    scheduler.set_timesteps(np.int64(4))
+    assert len(scheduler.timesteps) == 4
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_custom_sigmas_are_an_error(bad):
+    scheduler = PixNerdFlowMatchScheduler()
+    with pytest.raises(ValueError, match="`sigmas` must be a strictly decreasing"):
+        scheduler.set_timesteps(sigmas=[1.0, bad, 0.25])
+
+
+def test_step_with_a_model_output_of_another_shape_is_an_error():
+    scheduler = PixNerdFlowMatchScheduler()
+    scheduler.set_timesteps(4)
+    sample_ = torch.zeros(1, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"`model_output` has shape \(1, 3, 8, 4\) but `sample` \(1, 3, 8, 8\)"):
+        scheduler.step(torch.zeros(1, 3, 8, 4), scheduler.timesteps[0], sample_)
+
+
+# ---------------------------------------------------------------------------------------------------- model config
+
+
+@pytest.mark.parametrize(
+    "argument, value",
+    [
+        ("sample_size", 0),
+        ("patch_size", 0),
+        ("patch_size", 2.5),
+        ("num_layers", -1),
+        ("num_attention_heads", 0),
+        ("attention_head_dim", "16"),
+        ("num_neural_field_layers", 0),
+        ("neural_field_hidden_size", 0),
+        ("num_classes", 0),
+        ("in_channels", 0),
+        ("mlp_ratio", float("nan")),
+        ("mlp_ratio", 0),
+    ],
+)
+def test_model_config_errors_name_the_argument(argument, value):
+    with pytest.raises(ValueError, match=f"`{argument}` must be a positive"):
+        PixNerdTransformer2DModel(**{**TINY_C2I, argument: value})
+
+
+# ------------------------------------------------------------------------------------------------------- pipelines
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), "7", [3.0], torch.tensor(3.0)])
+def test_guidance_scale_must_be_a_finite_number(scale):
+    pipe = tiny_c2i_pipeline()
+    with pytest.raises(ValueError, match="`guidance_scale` must be a finite number"):
+        sample(pipe, class_labels=[1], guidance_scale=scale)
+
+
+def test_a_non_finite_guidance_scale_in_the_scheduler_config_is_an_error():
+    pipe = tiny_c2i_pipeline()
+    pipe.scheduler.register_to_config(guidance_scale=math.nan)  # e.g. an edited scheduler_config.json
+    with pytest.raises(ValueError, match="`guidance_scale` must be a finite number, got nan .*scheduler config"):
+        sample(pipe, class_labels=[1])
+
+
+def test_latents_with_nan_or_inf_are_an_error():
+    pipe = tiny_c2i_pipeline()
+    latents = torch.zeros(1, 3, 16, 16)
+    latents[0, 0, 0, 0] = math.nan
+    with pytest.raises(ValueError, match="`latents` contain NaN or infinite values"):
+        sample(pipe, class_labels=[1], latents=latents)
+
+
+@pytest.mark.parametrize("name", ["prompt_embeds", "negative_prompt_embeds"])
+def test_prompt_embeds_with_nan_or_inf_are_an_error(name):
+    pipe = tiny_t2i_pipeline()
+    embeds = {
+        "prompt_embeds": torch.zeros(1, 6, 24),
+        "negative_prompt_embeds": torch.zeros(1, 6, 24),
+    }
+    embeds[name][0, 0, 0] = math.inf
+    with pytest.raises(ValueError, match=f"`{name}` contain NaN or infinite values"):
+        sample(pipe, **embeds)
+
+
+@pytest.mark.parametrize("height", [16.0, "16", 16.5])
+def test_a_height_that_is_not_an_integer_is_named(height):
+    pipe = tiny_c2i_pipeline()
+    with pytest.raises(ValueError, match="`height` and `width` must be integers"):
+        sample(pipe, class_labels=[1], height=height)
+
+
+def test_numpy_integers_are_taken_wherever_python_ints_are():
+    pipe = tiny_c2i_pipeline()
+    expected = sample(pipe, class_labels=[1], num_inference_steps=2, num_images_per_prompt=1, height=16, width=16)
+    got = sample(
+        pipe,
+        class_labels=[np.int64(1)],
+        num_inference_steps=np.int32(2),
+        num_images_per_prompt=np.int64(1),
+        height=np.int64(16),
+        width=np.int16(16),
+        guidance_scale=np.float32(3.0),
+    )
+    torch.testing.assert_close(got, expected)
