@@ -174,3 +174,12 @@ def test_missing_ema_weights_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="no `ema_denoiser.\\*` weights"):
         convert_official_checkpoint(str(path))
     assert convert_official_checkpoint(str(path), ema=False).config.num_classes == 10
+
+
+def test_cli_refuses_an_output_that_is_an_existing_file(tmp_path, capsys):
+    target = tmp_path / "model.safetensors"
+    target.write_bytes(b"keep me")
+    with pytest.raises(SystemExit, match="`--output` .*model.safetensors' is an existing file") as exited:
+        main(["--checkpoint", C2I_CKPT, "--output", str(target)])
+    assert exited.value.code != 0 and target.read_bytes() == b"keep me"
+    assert "Wrote" not in capsys.readouterr().out

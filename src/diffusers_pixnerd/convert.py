@@ -371,8 +371,21 @@ def parse_args(input_args=None):
     return parser.parse_args(input_args)
 
 
+def check_output_folder(output: str):
+    """`--output` must be a folder that can be written: not an existing file, and its parent writable."""
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise SystemExit(f"error: `--output` {output!r} is an existing file; give a folder to write the model into.")
+    parent = os.path.dirname(os.path.abspath(output))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    target = output if os.path.isdir(output) else parent
+    if not os.access(target, os.W_OK):
+        raise SystemExit(f"error: `--output` {output!r} cannot be written (no write permission on {target!r}).")
+
+
 def main(input_args=None):
     args = parse_args(input_args)
+    check_output_folder(args.output)
     dtype = getattr(torch, args.dtype)
     if args.pipeline:
         text_encoder = None if args.text_encoder.lower() == "none" else args.text_encoder
