@@ -140,3 +140,23 @@ def test_numpy_integers_are_taken_wherever_python_ints_are():
         guidance_scale=np.float32(3.0),
     )
     torch.testing.assert_close(got, expected)
+
+
+# ------------------------------------------------------------------------------------------------- no lost files
+
+
+def test_save_pretrained_never_overwrites_a_readme_it_did_not_write(tmp_path, caplog):
+    import logging
+
+    pipe = tiny_c2i_pipeline()
+    (tmp_path / "README.md").write_text("# my notes\n")
+    with caplog.at_level(logging.WARNING):
+        pipe.save_pretrained(tmp_path)
+    assert (tmp_path / "README.md").read_text() == "# my notes\n"
+    assert "was not written by diffusers-pixnerd: kept as it is" in caplog.text
+    assert (tmp_path / "model_index.json").exists()  # the pipeline itself is saved
+
+    ours = tmp_path / "ours"
+    pipe.save_pretrained(ours)
+    pipe.save_pretrained(ours, model_card_extra="## Notes\n\nsecond save")  # our own card is rewritten
+    assert "second save" in (ours / "README.md").read_text()

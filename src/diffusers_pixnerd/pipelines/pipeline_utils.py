@@ -14,12 +14,38 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.loaders.lora_pipeline import SanaLoraLoaderMixin
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
+from diffusers.utils import logging
 from huggingface_hub import create_repo
 
 from ..schedulers.scheduling_pixnerd import check_guidance_interval, is_integer, is_real
 
+logger = logging.get_logger(__name__)
+
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 EXTRA_START, EXTRA_END = "<!-- model-card-extra:start -->", "<!-- model-card-extra:end -->"
+CARD_MARKER = "<!-- Model card written by diffusers-pixnerd: rewritten when the folder is saved again. -->"
+
+
+def write_model_card(folder: str, card: str) -> bool:
+    """Writes `card` as `folder/README.md` unless a README.md that is not ours is there: a file the user wrote is
+    never overwritten (a warning says so). Ours carry `CARD_MARKER` (or the extra-section markers). Returns whether
+    the card was written."""
+    path = os.path.join(folder, "README.md")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            existing = f.read()
+        if CARD_MARKER not in existing and EXTRA_START not in existing:
+            logger.warning(
+                "%s exists and was not written by diffusers-pixnerd: kept as it is, no model card written. Delete "
+                "it (or save to another folder) to get the generated card.",
+                path,
+            )
+            return False
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(card)
+    return True
+
+
 MARKDOWN_IMAGE = re.compile(r"!\[[^\]]*\]\(([^)\s]+)\)")
 
 
@@ -59,6 +85,7 @@ pipeline_tag: {pipeline_tag}
 - {task_tag}
 ---
 
+{marker}
 # {title}
 
 A [PixNerd](https://arxiv.org/abs/2507.23268) (Pixel Neural Field Diffusion) pipeline for the `diffusers-pixnerd`
@@ -296,6 +323,7 @@ class PixNerdBasePipeline(DiffusionPipeline, PixNerdLoraLoaderMixin):
             if k in config
         )
         return MODEL_CARD.format(
+            marker=CARD_MARKER,
             pipeline_tag="text-to-image" if text else "unconditional-image-generation",
             base_model_line=f"base_model: {base_model}\n" if base_model else "",
             task_tag="text-to-image" if text else "class-conditional-image-generation",
@@ -335,8 +363,7 @@ class PixNerdBasePipeline(DiffusionPipeline, PixNerdLoraLoaderMixin):
                 if os.path.abspath(image) != os.path.abspath(target):
                     os.makedirs(os.path.dirname(target), exist_ok=True)
                     shutil.copyfile(image, target)
-        with open(os.path.join(save_directory, "README.md"), "w", encoding="utf-8") as f:
-            f.write(self.model_card(repo_id, model_card_extra, base_model))
+        write_model_card(save_directory, self.model_card(repo_id, model_card_extra, base_model))
         if push_to_hub:
             return self._push_folder(save_directory, repo_id, **hub_kwargs)
 
