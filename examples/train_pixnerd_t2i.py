@@ -33,6 +33,7 @@ from diffusers_pixnerd import (
     PixNerdT2IPipeline,
     PixNerdTransformer2DModel,
 )
+from diffusers_pixnerd.pipelines.pipeline_utils import CARD_MARKER, write_model_card
 from diffusers_pixnerd.training_data import add_prompt_embeddings, load_training_dataset
 from diffusers_pixnerd.training_utils import (
     PixNerdTrainingModule,
@@ -68,6 +69,7 @@ license: mit
 - text-to-image
 ---
 
+{marker}
 # {title}
 
 LoRA weights (rank {rank}, on the modules {targets}) for the PixNerd text-to-image pipeline {base}, in diffusers'
@@ -88,6 +90,7 @@ def lora_model_card(args, extra: str) -> str:
     """The LoRA card: `base_model` only when the base is a Hub repo, the real repo id when pushed, the targets."""
     base_id = hub_model_id(args.pretrained_model_name_or_path)
     return LORA_MODEL_CARD.format(
+        marker=CARD_MARKER,
         base_model_line=f"base_model: {base_id}\n" if base_id else "",
         title=getattr(args, "hub_repo_id", None) or os.path.basename(os.path.normpath(args.output_dir)),
         rank=args.lora_rank,
@@ -380,8 +383,7 @@ def main(args):
             transformer_lora_layers=lora_layers,
             transformer_lora_adapter_metadata=trained.transformer.peft_config["default"].to_dict(),
         )
-        with open(os.path.join(args.output_dir, "README.md"), "w", encoding="utf-8") as f:
-            f.write(lora_model_card(args, card))
+        write_model_card(args.output_dir, lora_model_card(args, card))
     elif accelerator.is_main_process:
         if train_text_encoder:
             text_encoder.load_state_dict(sub_state_dict(state, "text_encoder"))

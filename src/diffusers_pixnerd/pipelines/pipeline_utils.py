@@ -13,8 +13,8 @@ import torch
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.loaders.lora_pipeline import SanaLoraLoaderMixin
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
-from diffusers.utils.torch_utils import randn_tensor
 from diffusers.utils import logging
+from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import create_repo
 
 from ..schedulers.scheduling_pixnerd import check_guidance_interval, is_integer, is_real
