@@ -105,7 +105,12 @@ def main(args):
         streaming=args.streaming,
         cache_dir=args.cache_dir,
     )
-    class_names = read_class_names(args.class_names, class_names)
+    folder_names, class_names = class_names, read_class_names(args.class_names, class_names)
+    if args.class_names is not None and folder_names is not None and len(class_names) != len(folder_names):
+        raise ValueError(
+            f"`--class_names` gives {len(class_names)} names but the data has {len(folder_names)} classes "
+            f"({', '.join(folder_names[:5])}{', ...' if len(folder_names) > 5 else ''})."
+        )
     data_classes = count_classes(dataset, class_names)
     train_dataloader = create_dataloader(accelerator, args, dataset)
 

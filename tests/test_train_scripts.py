@@ -758,3 +758,13 @@ def test_a_folder_without_its_state_file_is_not_a_checkpoint(tmp_path):
     os.makedirs(tmp_path / "checkpoint-3")
     (tmp_path / "checkpoint-3" / "training_state.json").write_text("{}")
     assert list_checkpoints(tmp_path) == [(3, str(tmp_path / "checkpoint-3"))]
+
+
+def test_class_names_must_match_the_classes_of_the_data(assets, tmp_path, run_main):
+    args = c2i_args(assets, tmp_path / "out", "--max_train_steps", 1, "--no_use_repa")
+    with pytest.raises(
+        ValueError, match="`--class_names` gives 2 names but the data has 3 classes \\(cat, dog, fish\\)"
+    ):
+        run_main(C2I_SCRIPT, [*args, "--class_names", "cat,dog"])
+    run_main(C2I_SCRIPT, [*args, "--class_names", "Cat,Dog,Fish"])  # as many names as classes: they are used
+    assert json.loads((tmp_path / "out" / "model_index.json").read_text())["id2label"]["2"] == "Fish"

@@ -262,8 +262,14 @@ def load_training_dataset(
 
 
 def count_classes(dataset, class_names: list[str] | None) -> int | None:
-    """The number of classes: the names if known, else the largest label + 1 (map-style datasets only)."""
+    """The number of classes: the names if known, else the largest label + 1 (map-style datasets only). Labels
+    beyond the names are an error (they would silently train as the null class or crash)."""
     if class_names is not None:
+        if hasattr(dataset, "__len__") and len(dataset) and int(max(dataset["label"])) >= len(class_names):
+            raise ValueError(
+                f"The data has labels up to {int(max(dataset['label']))} but there are {len(class_names)} class names "
+                "(`--class_names`): give one name per class."
+            )
         return len(class_names)
     if hasattr(dataset, "__len__"):
         return int(max(dataset["label"])) + 1
