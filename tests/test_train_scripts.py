@@ -523,10 +523,16 @@ def test_a_missing_repa_encoder_stops_the_run_before_the_data_and_model_load(ass
 # ------------------------------------------------------------------------------------------ stopping and continuing
 
 
-def test_sigterm_saves_a_checkpoint_and_prints_the_resume_command(assets, tmp_path, run_main, monkeypatch, caplog):
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_a_stop_signal_saves_a_checkpoint_and_prints_the_resume_command(
+    assets, tmp_path, run_main, monkeypatch, caplog, signal_name
+):
     import signal
 
     from diffusers_pixnerd import training_utils
+
+    signum = getattr(signal, signal_name)
+    default_handler = signal.getsignal(signum)
 
     out = tmp_path / "out"
     args = c2i_args(assets, out, "--max_train_steps", 6, "--checkpointing_steps", 100, "--no_use_repa")
@@ -535,17 +541,17 @@ def test_sigterm_saves_a_checkpoint_and_prints_the_resume_command(assets, tmp_pa
     def log_then_signal(self):
         log(self)
         if self.global_step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)  # as `kill PID` or a cluster's time limit would
+            os.kill(os.getpid(), signum)  # as `kill PID`, a cluster's time limit or Ctrl-C would
 
     monkeypatch.setattr(training_utils.TrainingRun, "log", log_then_signal)
     monkeypatch.setattr(sys, "argv", ["train_pixnerd_c2i.py", *map(str, args)])
     with caplog.at_level(logging.WARNING), pytest.raises(SystemExit) as stopped:
         run_main(C2I_SCRIPT, args)
-    assert stopped.value.code == 128 + signal.SIGTERM
+    assert stopped.value.code == 128 + signum
     assert sorted(os.listdir(out)) == ["checkpoint-2"]  # saved at the step it stopped, nothing exported
-    assert "Stopped by SIGTERM after step 2" in caplog.text
+    assert f"Stopped by {signal_name} after step 2" in caplog.text
     assert "train_pixnerd_c2i.py" in caplog.text and caplog.text.count("--resume_from_checkpoint latest") == 1
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back
+    assert signal.getsignal(signum) is default_handler  # the handlers are put back
 
     monkeypatch.setattr(training_utils.TrainingRun, "log", log)
     run_main(C2I_SCRIPT, [*args, "--resume_from_checkpoint", "latest"])
@@ -650,6 +656,32 @@ def test_validation_class_labels_take_names(assets, tmp_path, run_main):
     assert sorted(os.listdir(out / "validation" / "final")) == ["00_dog.png", "01_cat.png"]
     with pytest.raises(ValueError, match="`--validation_class_labels`: Unknown class name 'dgo'.*'dog'"):
         run_main(C2I_SCRIPT, [*args[:-2], "dgo", "--overwrite_output_dir"])
+
+
+def test_base_model_is_a_hub_id_never_a_local_path(tmp_path):
+    from diffusers_pixnerd.training_utils import hub_model_id
+
+    assert hub_model_id("MCG-NJU/PixNerd-XXL-P16-T2I") == "MCG-NJU/PixNerd-XXL-P16-T2I"
+    os.makedirs(tmp_path / "my-pipeline")
+    assert hub_model_id(str(tmp_path / "my-pipeline")) is None  # a folder that exists
+    assert hub_model_id("./relative/../path") is None and hub_model_id(None) is None
+
+
+def test_the_data_loader_keeps_its_workers_across_epochs(assets, tmp_path):
+    from argparse import Namespace
+
+    from accelerate import Accelerator
+
+    from diffusers_pixnerd.training_data import load_training_dataset
+    from diffusers_pixnerd.training_utils import create_dataloader
+
+    dataset, _ = load_training_dataset(str(assets / "classes"), None, None, "train", "image", label_column="label")
+    args = Namespace(
+        streaming=False, train_batch_size=1, dataloader_num_workers=1, resolution=16, seed=0,
+        image_preprocessing="adm_center_crop", fail_on_corrupt_images=False,
+    )  # fmt: skip
+    loader = create_dataloader(Accelerator(cpu=True), args, dataset)
+    assert loader.num_workers == 1 and loader.persistent_workers
 
 
 def test_data_loader_workers_are_capped_by_the_cpus(monkeypatch):
