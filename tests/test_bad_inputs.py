@@ -160,3 +160,23 @@ def test_save_pretrained_never_overwrites_a_readme_it_did_not_write(tmp_path, ca
     pipe.save_pretrained(ours)
     pipe.save_pretrained(ours, model_card_extra="## Notes\n\nsecond save")  # our own card is rewritten
     assert "second save" in (ours / "README.md").read_text()
+
+
+def test_a_folder_loaded_with_the_other_pipeline_class_is_an_error(tmp_path):
+    from diffusers_pixnerd import PixNerdPipeline, PixNerdT2IPipeline
+
+    tiny_c2i_pipeline().save_pretrained(tmp_path / "c2i")
+    tiny_t2i_pipeline().save_pretrained(tmp_path / "t2i")
+    with pytest.raises(ValueError, match="class-conditional PixNerd model; use `PixNerdPipeline`"):
+        PixNerdT2IPipeline.from_pretrained(tmp_path / "c2i")
+    with pytest.raises(ValueError, match="text-to-image PixNerd model; use `PixNerdT2IPipeline`"):
+        PixNerdPipeline.from_pretrained(tmp_path / "t2i")
+
+
+@pytest.mark.parametrize(
+    "id2label, message",
+    [({"zero": "cat"}, "keys must be class ids"), ({"11": "cat"}, "keys must be class ids"), ({"0": 3}, "values")],
+)
+def test_bad_id2label_is_named(id2label, message):
+    with pytest.raises(ValueError, match=f"`id2label` {message}"):
+        tiny_c2i_pipeline(id2label=id2label)

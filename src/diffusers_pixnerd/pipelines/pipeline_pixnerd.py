@@ -60,6 +60,17 @@ class PixNerdPipeline(PixNerdBasePipeline):
         id2label: dict[str, str] | None = None,
     ):
         super().__init__()
+        if transformer is not None and transformer.is_text_conditional:
+            raise ValueError(
+                "`transformer` is a text-to-image PixNerd model; use `PixNerdT2IPipeline` (e.g. "
+                "`PixNerdT2IPipeline.from_pretrained(...)`) for it."
+            )
+        num_classes = transformer.config.num_classes if transformer is not None else None
+        for key, value in (id2label or {}).items():
+            if not str(key).isdigit() or (num_classes is not None and int(key) > num_classes):
+                raise ValueError(f"`id2label` keys must be class ids in [0, {num_classes}], got {key!r}.")
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"`id2label` values must be non-empty class names, got {value!r} for {key!r}.")
         self.register_modules(transformer=transformer, scheduler=scheduler)
         self.register_to_config(id2label={str(k): v for k, v in id2label.items()} if id2label else None)
         self.labels = {}

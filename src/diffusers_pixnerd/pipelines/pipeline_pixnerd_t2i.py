@@ -77,6 +77,11 @@ class PixNerdT2IPipeline(PixNerdBasePipeline):
         tokenizer: PreTrainedTokenizerBase | None = None,
     ):
         super().__init__()
+        if transformer is not None and not transformer.is_text_conditional:
+            raise ValueError(
+                "`transformer` is a class-conditional PixNerd model; use `PixNerdPipeline` (e.g. "
+                "`PixNerdPipeline.from_pretrained(...)`) for it."
+            )
         self.register_modules(
             transformer=transformer, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer
         )
