@@ -180,3 +180,9 @@ def test_a_folder_loaded_with_the_other_pipeline_class_is_an_error(tmp_path):
 def test_bad_id2label_is_named(id2label, message):
     with pytest.raises(ValueError, match=f"`id2label` {message}"):
         tiny_c2i_pipeline(id2label=id2label)
+
+
+def test_a_callback_that_returns_no_dict_is_named():
+    pipe = tiny_c2i_pipeline()
+    with pytest.raises(ValueError, match="`callback_on_step_end` must return a dict .*got NoneType"):
+        sample(pipe, class_labels=[1], callback_on_step_end=lambda pipe, i, t, kwargs: None)

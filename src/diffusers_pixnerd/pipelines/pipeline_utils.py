@@ -306,6 +306,11 @@ class PixNerdBasePipeline(DiffusionPipeline, PixNerdLoraLoaderMixin):
                     tensors = {"latents": latents}
                     callback_kwargs = {k: tensors[k] for k in callback_on_step_end_tensor_inputs}
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    if not isinstance(callback_outputs, dict):
+                        raise ValueError(
+                            "`callback_on_step_end` must return a dict (e.g. the `callback_kwargs` it was given), got "
+                            f"{type(callback_outputs).__name__}."
+                        )
                     latents = callback_outputs.pop("latents", latents)
                     if latents.shape[0] != batch_size:
                         raise ValueError("The callback returned `latents` with another batch size.")
