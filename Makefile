@@ -26,8 +26,12 @@ $(VENV)/.browser: $(VENV)/.installed
 	$(PIP) install -q "playwright>=1.40"
 	touch $@
 
+# Three grids: the class-conditional model, the text-to-image model, and the same with its "red" LoRA.
 demo: install
 	$(PY) examples/generate.py
+	$(PY) examples/generate.py --model models/pixnerd-t2i-fashion-mnist --output outputs/demo_t2i_grid.png
+	$(PY) examples/generate.py --model models/pixnerd-t2i-fashion-mnist --lora models/pixnerd-t2i-fashion-mnist-red-lora \
+		--output outputs/demo_t2i_lora_grid.png
 
 test: install $(VENV)/.browser
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests

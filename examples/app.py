@@ -1,6 +1,6 @@
 """A Gradio web demo of PixNerd: class-conditional and text-to-image tabs, with the denoising trajectory.
 
-    python examples/app.py                                   # the bundled Fashion-MNIST model, http://127.0.0.1:7860
+    python examples/app.py                                   # the bundled Fashion-MNIST models, http://127.0.0.1:7860
     python examples/app.py --model MCG-NJU/PixNerd-XL-P16-C2I --t2i_model MCG-NJU/PixNerd-XXL-P16-T2I --device cuda
 
 Needs `pip install gradio` (the `[demo]` extra). The server binds to 127.0.0.1 only.
@@ -17,7 +17,7 @@ from PIL import Image
 from diffusers_pixnerd import PixNerdFlowMatchScheduler, PixNerdPipeline, PixNerdT2IPipeline
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from generate import BUNDLED_MODEL, load_pipeline  # noqa: E402
+from generate import BUNDLED_MODEL, BUNDLED_T2I_MODEL, load_pipeline  # noqa: E402
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -55,7 +55,7 @@ def generate(pipe, condition: dict, settings: dict) -> tuple[Image.Image, str]:
     return final, path
 
 
-def build_demo(c2i: PixNerdPipeline | None, t2i: PixNerdT2IPipeline | None):
+def build_demo(c2i: PixNerdPipeline | None, t2i: PixNerdT2IPipeline | None, default_prompt: str = "a photo of a fox"):
     import gradio as gr
 
     def sampling_controls(pipe, default_size):
@@ -109,8 +109,8 @@ def build_demo(c2i: PixNerdPipeline | None, t2i: PixNerdT2IPipeline | None):
                 run = lambda name, *values: generate(c2i, {"class_labels": name}, settings(*values))  # noqa: E731
                 button.click(run, [label, *controls], [image, trajectory])
         if t2i is not None:
-            with gr.Tab("Text-to-image"):
-                prompt = gr.Textbox(value="a photo of a red fox in the snow", label="prompt")
+            with gr.Tab("Text-to-image", elem_id="tab-t2i"):
+                prompt = gr.Textbox(value=default_prompt, label="prompt", elem_id="prompt-t2i")
                 negative = gr.Textbox(value="", label="negative prompt")
                 controls = sampling_controls(t2i, t2i.transformer.config.sample_size)
                 button = gr.Button("Generate", elem_id="generate-t2i")
@@ -131,7 +131,11 @@ def build_demo(c2i: PixNerdPipeline | None, t2i: PixNerdT2IPipeline | None):
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=BUNDLED_MODEL, help="Class-conditional pipeline ('none' to leave out).")
-    parser.add_argument("--t2i_model", default=None, help="Text-to-image pipeline (folder, Hub id or .ckpt).")
+    parser.add_argument(
+        "--t2i_model",
+        default=BUNDLED_T2I_MODEL,
+        help="Text-to-image pipeline (folder, Hub id or .ckpt; 'none' to leave out). Default: the bundled one.",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--port", type=int, default=7860)
@@ -141,8 +145,9 @@ def parse_args(input_args=None):
 def main(args):
     dtype = getattr(torch, args.dtype)
     c2i = None if args.model == "none" else load_pipeline(args.model, dtype).to(args.device)
-    t2i = load_pipeline(args.t2i_model, dtype).to(args.device) if args.t2i_model else None
-    demo = build_demo(c2i, t2i)
+    t2i = None if args.t2i_model in (None, "none") else load_pipeline(args.t2i_model, dtype).to(args.device)
+    bundled = args.t2i_model and os.path.abspath(args.t2i_model) == os.path.abspath(BUNDLED_T2I_MODEL)
+    demo = build_demo(c2i, t2i, "a photo of a sneaker" if bundled else "a photo of a red fox in the snow")
     demo.queue().launch(server_name="127.0.0.1", server_port=args.port, share=False)
 
 

