@@ -117,7 +117,7 @@ def test_plain_denoiser_state_dict_is_accepted(tmp_path):
 
 
 def test_missing_file_is_an_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="neither a local file"):
+    with pytest.raises(FileNotFoundError, match="no such local file"):
         convert_official_checkpoint(str(tmp_path / "nope.ckpt"))
     with pytest.raises(FileNotFoundError, match="`checkpoint`"):
         load_official_state_dict(str(tmp_path / "nope.ckpt"))
@@ -183,3 +183,62 @@ def test_cli_refuses_an_output_that_is_an_existing_file(tmp_path, capsys):
         main(["--checkpoint", C2I_CKPT, "--output", str(target)])
     assert exited.value.code != 0 and target.read_bytes() == b"keep me"
     assert "Wrote" not in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------- bad files and names
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".safetensors"])
+def test_an_empty_file_is_named(tmp_path, suffix):
+    path = tmp_path / f"empty{suffix}"
+    path.write_bytes(b"")
+    with pytest.raises(ValueError, match=f"`checkpoint` '.*empty{suffix}' is empty"):
+        convert_official_checkpoint(str(path))
+
+
+@pytest.mark.parametrize("content", [b"not a safetensors file at all", None])
+def test_a_broken_safetensors_file_is_named(tmp_path, content):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "model.safetensors"
+    if content is None:  # a real file cut short
+        save_file({"w": torch.zeros(64, 64)}, str(path))
+        content = path.read_bytes()[:-100]
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match="`checkpoint` '.*model.safetensors' could not be read as a safetensors"):
+        convert_official_checkpoint(str(path))
+
+
+@pytest.mark.parametrize("name", ["./missing.ckpt", "/no/such/dir/model.ckpt", "~/missing.ckpt"])
+def test_a_missing_local_file_is_not_looked_up_on_the_hub(name, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: pytest.fail("asked the Hub"))
+    with pytest.raises(FileNotFoundError, match="no such local file"):
+        convert_official_checkpoint(name)
+
+
+def test_a_relative_path_in_an_existing_folder_is_local(monkeypatch):
+    monkeypatch.chdir(
+        os.path.dirname(FIXTURES)
+    )  # "fixtures/missing.ckpt" could also be a Hub repo "fixtures/missing.ckpt"
+    with pytest.raises(FileNotFoundError, match="'fixtures/missing.ckpt': no such local file"):
+        convert_official_checkpoint("fixtures/missing.ckpt")
+
+
+@pytest.mark.parametrize("size", [0, -256])
+def test_sample_size_must_be_positive(size):
+    with pytest.raises(ValueError, match="`sample_size` must be a positive integer"):
+        convert_official_checkpoint(C2I_CKPT, sample_size=size)
+
+
+def test_the_resolution_comes_from_the_file_name_when_it_states_one(tmp_path, caplog):
+    import logging
+    import shutil
+
+    named = tmp_path / "res512_ft200k_tiny.ckpt"
+    shutil.copyfile(C2I_CKPT, named)
+    assert convert_official_checkpoint(str(named)).config.sample_size == 512
+    with caplog.at_level(logging.INFO):
+        model = convert_official_checkpoint(C2I_CKPT)
+    assert model.config.sample_size == 256 and "assuming sample_size 256" in caplog.text

@@ -53,10 +53,18 @@ def load_official_state_dict(path: str) -> dict:
     """Reads a `.ckpt`/`.pt` (Lightning or plain state dict) or `.safetensors` file into a flat state dict."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"`checkpoint` {path!r} is not a file.")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"`checkpoint` {path!r} is empty (0 bytes): an interrupted download or copy?")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
-        return load_file(path)
+        try:
+            return load_file(path)
+        except Exception as e:  # noqa: BLE001 - safetensors' errors do not name the file
+            raise ValueError(
+                f"`checkpoint` {path!r} could not be read as a safetensors file ({type(e).__name__}: {e}); it may be "
+                "truncated or not a safetensors file."
+            ) from None
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the file is not what we expect
@@ -202,10 +210,20 @@ def convert_state_dict(state_dict: dict, config: dict) -> dict:
     return converted
 
 
+def _looks_local(path: str) -> bool:
+    """A path meant for this machine: absolute, `./`, `../` or `~`, or inside a folder that exists here."""
+    if os.path.isabs(path) or path.startswith((".", "~")):
+        return True
+    parent = os.path.dirname(path)
+    return bool(parent) and os.path.isdir(parent)
+
+
 def _resolve(path_or_hub_file: str, **hub_kwargs) -> str:
     """A local file, or `org/repo/file.ckpt` / a `https://huggingface.co/org/repo/blob/main/file` URL on the Hub."""
     if os.path.isfile(path_or_hub_file):
         return path_or_hub_file
+    if not path_or_hub_file.startswith("https://") and _looks_local(path_or_hub_file):
+        raise FileNotFoundError(f"`checkpoint` {path_or_hub_file!r}: no such local file.")
     m = re.match(r"(?:https://huggingface\.co/)?([^/]+/[^/]+)/(?:(?:blob|resolve)/([^/]+)/)?(.+)$", path_or_hub_file)
     if m is None:
         raise FileNotFoundError(f"{path_or_hub_file!r} is neither a local file nor a Hub file path (`org/repo/file`).")
@@ -216,6 +234,12 @@ def _resolve(path_or_hub_file: str, **hub_kwargs) -> str:
     if url_revision and revision and url_revision != revision:
         raise ValueError(f"`revision` {revision!r} contradicts the revision {url_revision!r} in the URL.")
     return hf_hub_download(repo_id, filename, revision=url_revision or revision, **hub_kwargs)
+
+
+def sample_size_from_name(checkpoint: str) -> int | None:
+    """The resolution an official file name states ("res512_ft200k_..." -> 512), else `None`."""
+    match = re.search(r"res(\d{3,4})(?!\d)", os.path.basename(checkpoint))
+    return int(match.group(1)) if match else None
 
 
 def convert_official_checkpoint(
@@ -231,7 +255,18 @@ def convert_official_checkpoint(
     checkpoints (pass 512 for the 512 fine-tune), 512 for the text-to-image one.
     """
     state_dict = select_denoiser(load_official_state_dict(_resolve(checkpoint, **hub_kwargs)), ema=ema)
+    if sample_size is None:
+        sample_size = sample_size_from_name(checkpoint)
+    if sample_size is not None and not (isinstance(sample_size, int) and sample_size > 0):
+        raise ValueError(f"`sample_size` must be a positive integer, got {sample_size!r}.")
     config = infer_config(state_dict, sample_size=sample_size)
+    if sample_size is None:
+        logger.info(
+            "%s does not record its resolution: assuming sample_size %d (pass `sample_size` if it was trained at "
+            "another one).",
+            checkpoint,
+            config["sample_size"],
+        )
     converted = convert_state_dict(state_dict, config)
     with torch.device("meta"):
         model = PixNerdTransformer2DModel(**config)
