@@ -569,3 +569,23 @@ def test_push_uploads_the_run_without_checkpoints_logs_and_intermediate_samples(
     assert ignored("checkpoint-10/model.safetensors") and ignored("logs/pixnerd/events.out")
     assert ignored("validation/step-20/00_cat.png") and ignored("cache/prompt_embeds_0.arrow")
     assert not ignored("validation/final/00_cat.png") and not ignored("transformer/config.json")
+
+
+def test_metadata_jsonl_errors_name_the_line_and_null_captions_are_the_empty_prompt(tmp_path):
+    from diffusers_pixnerd.training_data import scan_caption_folder
+
+    def write(*lines):
+        (tmp_path / "metadata.jsonl").write_text("\n".join(lines))
+
+    write('{"file_name": "a.png", "text": "a cat"}', "", '{"file_name": "b.png", "text": null}')
+    paths, captions = scan_caption_folder(str(tmp_path))
+    assert captions == ["a cat", ""] and [os.path.basename(p) for p in paths] == ["a.png", "b.png"]
+    write('{"file_name": "a.png", "text": "a cat"}', '{"file_name": "b.png", "text": ')
+    with pytest.raises(ValueError, match="metadata.jsonl line 2 is not valid JSON"):
+        scan_caption_folder(str(tmp_path))
+    write('{"file_name": "a.png", "text": 3}')
+    with pytest.raises(ValueError, match="line 1: the caption \\('text'\\) must be a string or null, got 3"):
+        scan_caption_folder(str(tmp_path))
+    write('["a.png", "a cat"]')
+    with pytest.raises(ValueError, match="line 1 has the keys list"):
+        scan_caption_folder(str(tmp_path))

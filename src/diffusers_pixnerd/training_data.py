@@ -143,7 +143,9 @@ def scan_caption_folder(root: str, caption_column: str = "text") -> tuple[list[s
     """Images and captions of a folder: `metadata.jsonl` (`file_name` + `caption_column`, the `datasets` imagefolder
     layout) if present, else a `.txt` file beside each image (the official layout, `image_txt.py`).
 
-    Images without a caption are left out (with a warning); no caption at all is an error.
+    Images without a caption are left out (with a warning); no caption at all is an error. In `metadata.jsonl` a
+    `null` caption (or "") is the empty prompt, i.e. trains the unconditional model; a line that is not JSON, or a
+    caption that is not a string, is an error naming the line.
     """
     if not os.path.isdir(root):
         raise ValueError(f"`--train_data_dir` {root!r} is not a folder.")
@@ -151,15 +153,36 @@ def scan_caption_folder(root: str, caption_column: str = "text") -> tuple[list[s
     paths, captions = [], []
     if os.path.exists(metadata_path):
         with open(metadata_path, encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        for number, row in enumerate(rows, 1):
-            if "file_name" not in row or caption_column not in row:
+            lines = [(number, line) for number, line in enumerate(f, 1) if line.strip()]
+        rows = []
+        for number, line in lines:
+            try:
+                rows.append((number, json.loads(line)))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{metadata_path} line {number} is not valid JSON ({error.msg}).") from None
+        uncaptioned_rows = 0
+        for number, row in rows:
+            if not isinstance(row, dict) or "file_name" not in row or caption_column not in row:
+                keys = sorted(row) if isinstance(row, dict) else type(row).__name__
                 raise ValueError(
-                    f"{metadata_path} line {number} has the keys {sorted(row)}; each line needs `file_name` and the "
+                    f"{metadata_path} line {number} has the keys {keys}; each line needs `file_name` and the "
                     f"caption column `--caption_column` ({caption_column!r})."
                 )
+            caption = row[caption_column]
+            if caption is None:  # documented: a null caption is the empty prompt (an unconditional sample)
+                caption, uncaptioned_rows = "", uncaptioned_rows + 1
+            if not isinstance(caption, str):
+                raise ValueError(
+                    f"{metadata_path} line {number}: the caption ({caption_column!r}) must be a string or null, got "
+                    f"{caption!r}."
+                )
+            row[caption_column] = caption
             paths.append(os.path.join(root, row["file_name"]))
-            captions.append(str(row[caption_column]))
+            captions.append(row[caption_column])
+        if uncaptioned_rows:
+            logger.warning(
+                "%d images in %s have a null caption: they train as the empty prompt.", uncaptioned_rows, root
+            )
         missing = [p for p in paths if not os.path.exists(p)]
         if missing:
             logger.warning(
