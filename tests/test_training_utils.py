@@ -589,3 +589,26 @@ def test_metadata_jsonl_errors_name_the_line_and_null_captions_are_the_empty_pro
     write('["a.png", "a cat"]')
     with pytest.raises(ValueError, match="line 1 has the keys list"):
         scan_caption_folder(str(tmp_path))
+
+
+def test_16_bit_palette_and_alpha_images_convert_to_the_right_rgb(tmp_path):
+    import PIL.Image
+
+    from diffusers_pixnerd.training_data import open_image
+
+    gray16 = np.full((4, 4), 32768, dtype=np.uint16)  # half of the 16-bit range: mid gray, not white
+    PIL.Image.fromarray(gray16).save(tmp_path / "gray16.png")
+    assert PIL.Image.open(tmp_path / "gray16.png").mode.startswith("I")
+    assert np.asarray(open_image(str(tmp_path / "gray16.png"))).max() == 128
+
+    rgba = np.zeros((4, 4, 4), dtype=np.uint8)
+    rgba[..., 0] = 255  # red everywhere, but only the left half opaque
+    rgba[:, :2, 3] = 255
+    PIL.Image.fromarray(rgba, "RGBA").save(tmp_path / "alpha.png")
+    rgb = np.asarray(open_image(str(tmp_path / "alpha.png")))
+    assert rgb[:, :2].tolist() == [[[255, 0, 0]] * 2] * 4 and rgb[:, 2:].max() == 0  # transparent -> black
+
+    palette = PIL.Image.new("P", (4, 4), 1)
+    palette.putpalette([0, 0, 0, 0, 200, 0] + [0] * 762)
+    palette.save(tmp_path / "palette.png")
+    assert np.asarray(open_image(str(tmp_path / "palette.png"))).tolist() == [[[0, 200, 0]] * 4] * 4

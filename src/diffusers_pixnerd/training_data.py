@@ -88,6 +88,24 @@ def open_image(value: Any) -> PIL.Image.Image:
         image = PIL.Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"])
     else:
         image = PIL.Image.open(value)
+    return to_rgb(image)
+
+
+def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """8-bit RGB: 16-bit and float grayscale scaled to 0..255 (PIL's own conversion clips them to white), palette and
+    alpha images composited onto black (the transparent parts become the background, not their hidden colour)."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        maximum = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        image = PIL.Image.fromarray(np.clip(np.round(array / maximum * 255), 0, 255).astype(np.uint8), "L")
+    elif image.mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        scale = 255.0 if array.max() <= 1.0 else 1.0
+        image = PIL.Image.fromarray(np.clip(np.round(array * scale), 0, 255).astype(np.uint8), "L")
+    if image.mode == "P" or "A" in image.getbands() or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = PIL.Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        image = PIL.Image.alpha_composite(background, rgba)
     return image.convert("RGB")
 
 
