@@ -220,6 +220,7 @@ def _looks_local(path: str) -> bool:
 
 def _resolve(path_or_hub_file: str, **hub_kwargs) -> str:
     """A local file, or `org/repo/file.ckpt` / a `https://huggingface.co/org/repo/blob/main/file` URL on the Hub."""
+    path_or_hub_file = os.path.expanduser(path_or_hub_file)  # `~/file.ckpt` is local, as the error below says
     if os.path.isfile(path_or_hub_file):
         return path_or_hub_file
     if not path_or_hub_file.startswith("https://") and _looks_local(path_or_hub_file):
