@@ -15,7 +15,7 @@ setup(
         "torch>=2.4",
         "diffusers>=0.35",
         "transformers>=4.51",
-        "accelerate>=1.0",
+        "accelerate>=1.1",  # 1.1 reads checkpoints with weights_only=True
         "safetensors>=0.4",
         "huggingface-hub>=0.34",
         "numpy",

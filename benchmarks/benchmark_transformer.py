@@ -20,7 +20,7 @@ import time
 import torch
 
 from diffusers_pixnerd import PIXNERD_PRESETS, PixNerdTransformer2DModel
-from diffusers_pixnerd.convert import convert_state_dict, infer_config
+from diffusers_pixnerd.loaders import convert_state_dict, infer_config
 
 
 def official_model(repo: str, config: dict):

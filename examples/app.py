@@ -3,13 +3,20 @@
     python examples/app.py                                   # the bundled Fashion-MNIST models, http://127.0.0.1:7860
     python examples/app.py --model MCG-NJU/PixNerd-XL-P16-C2I --t2i_model MCG-NJU/PixNerd-XXL-P16-T2I --device cuda
 
-Needs `pip install gradio` (the `[demo]` extra). The server binds to 127.0.0.1 only.
+Needs `pip install gradio` (the `[demo]` extra). The server binds to 127.0.0.1 only. Requests wait in a queue of at
+most `MAX_QUEUE` and run one at a time; the server enforces the sliders' caps (`MAX_STEPS` steps, sides up to
+`MAX_SIZE_FACTOR` times the trained size); an argument the pipeline rejects is shown with the pipeline's message; each
+request's trajectory GIF is deleted after `KEEP_FILES_SECONDS`, and all of them when the server stops.
 """
 
 import argparse
+import atexit
+import glob
 import os
+import shutil
 import sys
 import tempfile
+import time
 
 import torch
 from PIL import Image
@@ -20,6 +27,25 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from generate import BUNDLED_MODEL, BUNDLED_T2I_MODEL, load_pipeline  # noqa: E402
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+MAX_QUEUE = 16
+MAX_STEPS = 100
+MAX_SIZE_FACTOR = 4
+KEEP_FILES_SECONDS = 600  # long enough for the browser to fetch a result
+
+FILES_DIR = tempfile.mkdtemp(prefix="pixnerd-app-")
+atexit.register(shutil.rmtree, FILES_DIR, ignore_errors=True)
+
+
+def remove_old_files(max_age: float = KEEP_FILES_SECONDS):
+    """Deletes the trajectories of earlier requests older than `max_age` seconds."""
+    now = time.time()
+    for path in glob.glob(os.path.join(FILES_DIR, "*.gif")):
+        try:
+            if now - os.path.getmtime(path) > max_age:
+                os.remove(path)
+        except FileNotFoundError:  # removed by a concurrent request
+            pass
 
 
 def to_pil(pixels: torch.Tensor, size: int) -> Image.Image:
@@ -50,9 +76,33 @@ def generate(pipe, condition: dict, settings: dict) -> tuple[Image.Image, str]:
         callback_on_step_end=keep_frames,
     ).images
     final = to_pil(latents[0], 256)
-    path = os.path.join(tempfile.mkdtemp(prefix="pixnerd-"), "trajectory.gif")
+    remove_old_files()
+    path = tempfile.mkstemp(suffix=".gif", prefix="trajectory-", dir=FILES_DIR)[1]
     frames[0].save(path, save_all=True, append_images=frames[1:] + [final] * 3, duration=120, loop=0)
     return final, path
+
+
+def checked_settings(values: dict, max_size: int) -> dict:
+    """The request's settings within the demo's caps (the sliders' limits, enforced here for API calls too)."""
+    if not 1 <= values["num_inference_steps"] <= MAX_STEPS:
+        raise ValueError(f"steps must be in [1, {MAX_STEPS}], got {values['num_inference_steps']}.")
+    for name in ("height", "width"):
+        if not 1 <= values[name] <= max_size:
+            raise ValueError(f"{name} must be in [1, {max_size}] for this model, got {values[name]}.")
+    if values["guidance_interval"][0] > values["guidance_interval"][1]:
+        raise ValueError("The guidance interval needs min <= max.")
+    return values
+
+
+def run_request(pipe, condition: dict, values: dict, max_size: int):
+    """`generate` for one request; a bad argument becomes a message in the page (`gradio.Error`), not a bare
+    "Error"."""
+    import gradio as gr
+
+    try:
+        return generate(pipe, condition, checked_settings(values, max_size))
+    except (ValueError, TypeError) as error:
+        raise gr.Error(str(error)) from error
 
 
 def build_demo(c2i: PixNerdPipeline | None, t2i: PixNerdT2IPipeline | None, default_prompt: str = "a photo of a fox"):
@@ -62,7 +112,7 @@ def build_demo(c2i: PixNerdPipeline | None, t2i: PixNerdT2IPipeline | None, defa
         config = pipe.scheduler.config if pipe is not None else {}
         step = pipe.transformer.resolution_multiple if pipe is not None else 32
         with gr.Row():
-            steps = gr.Slider(1, 100, value=config.get("num_inference_steps", 25), step=1, label="steps")
+            steps = gr.Slider(1, MAX_STEPS, value=config.get("num_inference_steps", 25), step=1, label="steps")
             cfg = gr.Slider(1.0, 10.0, value=config.get("guidance_scale", 4.0), step=0.25, label="guidance scale")
             seed = gr.Number(value=0, precision=0, label="seed")
         with gr.Row():
@@ -75,13 +125,11 @@ def build_demo(c2i: PixNerdPipeline | None, t2i: PixNerdT2IPipeline | None, defa
             shift = gr.Slider(0.5, 6.0, value=config.get("shift", 1.0), step=0.5, label="time shift")
             order = gr.Radio([1, 2], value=config.get("solver_order", 2), label="solver order (1 Euler, 2 Adams)")
         with gr.Row():
-            height = gr.Slider(step, 4 * default_size, value=default_size, step=step, label="height")
-            width = gr.Slider(step, 4 * default_size, value=default_size, step=step, label="width")
+            height = gr.Slider(step, MAX_SIZE_FACTOR * default_size, value=default_size, step=step, label="height")
+            width = gr.Slider(step, MAX_SIZE_FACTOR * default_size, value=default_size, step=step, label="width")
         return [steps, cfg, seed, interval_min, interval_max, shift, order, height, width]
 
     def settings(steps, cfg, seed, interval_min, interval_max, shift, order, height, width):
-        if interval_min > interval_max:
-            raise gr.Error("The guidance interval needs min <= max.")
         return dict(
             num_inference_steps=int(steps),
             guidance_scale=float(cfg),
@@ -106,7 +154,11 @@ def build_demo(c2i: PixNerdPipeline | None, t2i: PixNerdT2IPipeline | None, defa
                 with gr.Row():
                     image = gr.Image(label="sample", elem_id="image-c2i", type="pil")
                     trajectory = gr.Image(label="trajectory", elem_id="trajectory-c2i", type="filepath")
-                run = lambda name, *values: generate(c2i, {"class_labels": name}, settings(*values))  # noqa: E731
+                c2i_size = MAX_SIZE_FACTOR * c2i.transformer.config.sample_size
+
+                def run(name, *values):
+                    return run_request(c2i, {"class_labels": name}, settings(*values), c2i_size)
+
                 button.click(run, [label, *controls], [image, trajectory])
         if t2i is not None:
             with gr.Tab("Text-to-image", elem_id="tab-t2i"):
@@ -118,14 +170,22 @@ def build_demo(c2i: PixNerdPipeline | None, t2i: PixNerdT2IPipeline | None, defa
                     image = gr.Image(label="sample", elem_id="image-t2i", type="pil")
                     trajectory = gr.Image(label="trajectory", elem_id="trajectory-t2i", type="filepath")
 
+                t2i_size = MAX_SIZE_FACTOR * t2i.transformer.config.sample_size
+
                 def run_t2i(text, negative_text, *values):
-                    return generate(t2i, {"prompt": text, "negative_prompt": negative_text}, settings(*values))
+                    condition = {"prompt": text, "negative_prompt": negative_text}
+                    return run_request(t2i, condition, settings(*values), t2i_size)
 
                 button.click(run_t2i, [prompt, negative, *controls], [image, trajectory])
         else:
             with gr.Tab("Text-to-image"):
                 gr.Markdown("Start the app with `--t2i_model` (a PixNerd text-to-image pipeline) to use this tab.")
     return demo
+
+
+def bounded_queue(demo):
+    """At most `MAX_QUEUE` waiting requests (more are turned away with a message), one running at a time."""
+    return demo.queue(max_size=MAX_QUEUE, default_concurrency_limit=1)
 
 
 def parse_args(input_args=None):
@@ -148,7 +208,7 @@ def main(args):
     t2i = None if args.t2i_model in (None, "none") else load_pipeline(args.t2i_model, dtype).to(args.device)
     bundled = args.t2i_model and os.path.abspath(args.t2i_model) == os.path.abspath(BUNDLED_T2I_MODEL)
     demo = build_demo(c2i, t2i, "a photo of a sneaker" if bundled else "a photo of a red fox in the snow")
-    demo.queue().launch(server_name="127.0.0.1", server_port=args.port, share=False)
+    bounded_queue(demo).launch(server_name="127.0.0.1", server_port=args.port, share=False)
 
 
 if __name__ == "__main__":

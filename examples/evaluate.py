@@ -217,7 +217,7 @@ def main(args):
 
     pipe = load_pipeline(args.model, torch.float32)
     if args.checkpoint:
-        from diffusers_pixnerd.training_utils import load_checkpoint_weights
+        from diffusers_pixnerd.training import load_checkpoint_weights
 
         print(f"Weights of {args.checkpoint}: {load_checkpoint_weights(pipe.transformer, args.checkpoint)}")
     pipe = pipe.to(args.device)

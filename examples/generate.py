@@ -13,14 +13,15 @@ official checkpoint file. Prints the path of the grid it writes.
 """
 
 import argparse
+import functools
 import os
 
 import torch
 from diffusers import DiffusionPipeline
 from PIL import Image, ImageDraw, ImageFont
 
-from diffusers_pixnerd import PixNerdPipeline, PixNerdT2IPipeline
-from diffusers_pixnerd.convert import convert_official_pipeline, official_pipeline_folder
+from diffusers_pixnerd import PixNerdPipeline, PixNerdT2IPipeline, convert_official_pipeline
+from diffusers_pixnerd.loaders import official_pipeline_folder
 
 MODELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
 BUNDLED_MODEL = os.path.join(MODELS, "pixnerd-fashion-mnist")
@@ -41,10 +42,14 @@ def load_pipeline(model: str, dtype: torch.dtype) -> PixNerdPipeline | PixNerdT2
     """A pipeline folder or Hub repo (diffusers format or official), or an official checkpoint file."""
     if os.path.isfile(model):
         return convert_official_pipeline(model, torch_dtype=dtype)
-    converted = official_pipeline_folder(model)  # official repos: converted once, cached
+    # Official repos: converted once (pipeline of the checkpoint's kind, no text encoder) and cached; the pipeline
+    # class then loads the cached folder and, for text-to-image, the official text encoder.
+    converted = official_pipeline_folder(model, functools.partial(convert_official_pipeline, text_encoder=None))
     if converted is not None:
-        cls = PixNerdT2IPipeline if PixNerdT2IPipeline._is_text_pipeline(converted) else PixNerdPipeline
-        return cls.from_pretrained(model, torch_dtype=dtype)
+        classes = {cls.__name__: cls for cls in (PixNerdPipeline, PixNerdT2IPipeline)}
+        return classes[DiffusionPipeline.load_config(converted)["_class_name"]].from_pretrained(
+            model, torch_dtype=dtype
+        )
     return DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
 
 

@@ -15,20 +15,23 @@ import logging
 import os
 
 from diffusers_pixnerd import PIXNERD_PRESETS, PixNerdFlowMatchScheduler, PixNerdPipeline, PixNerdTransformer2DModel
-from diffusers_pixnerd.training_data import count_classes, load_training_dataset, read_class_names
-from diffusers_pixnerd.training_utils import (
+from diffusers_pixnerd.training import (
     PixNerdTrainingModule,
     TrainingRun,
     add_training_arguments,
+    check_resolution,
     check_training_arguments,
+    count_classes,
     create_accelerator,
     create_dataloader,
     create_repa_encoder,
     create_repa_projector,
     hub_model_id,
+    load_training_dataset,
     model_config_from_args,
     prepare_output_dir,
     push_folder,
+    read_class_names,
 )
 
 logger = logging.getLogger(__name__)
@@ -120,6 +123,7 @@ def main(args):
             args.pretrained_model_name_or_path, revision=args.revision, cache_dir=args.cache_dir
         )
         transformer, scheduler, id2label = pipeline.transformer, pipeline.scheduler, pipeline.config.id2label
+        check_resolution(args.resolution, transformer.config.patch_size)
     else:
         num_classes = args.num_classes or data_classes
         if num_classes is None:

@@ -33,12 +33,13 @@ from diffusers_pixnerd import (
     PixNerdT2IPipeline,
     PixNerdTransformer2DModel,
 )
-from diffusers_pixnerd.pipelines.pipeline_utils import CARD_MARKER, write_model_card
-from diffusers_pixnerd.training_data import add_prompt_embeddings, load_training_dataset
-from diffusers_pixnerd.training_utils import (
+from diffusers_pixnerd.pipelines.pipeline_utils import write_model_card
+from diffusers_pixnerd.training import (
     PixNerdTrainingModule,
     TrainingRun,
+    add_prompt_embeddings,
     add_training_arguments,
+    check_resolution,
     check_training_arguments,
     create_accelerator,
     create_dataloader,
@@ -47,6 +48,8 @@ from diffusers_pixnerd.training_utils import (
     ema_weights,
     encode_prompts,
     hub_model_id,
+    load_training_dataset,
+    lora_model_card,
     model_config_from_args,
     prepare_output_dir,
     push_folder,
@@ -59,48 +62,6 @@ logger = logging.getLogger(__name__)
 T2I_PRESETS = {name: config for name, config in PIXNERD_PRESETS.items() if config.get("text_embed_dim")}
 
 LORA_TARGET_MODULES = "to_qkv,add_kv_proj,to_out,proj_in,proj_out,param_generator"
-LORA_MODEL_CARD = """---
-library_name: diffusers
-license: mit
-{base_model_line}tags:
-- diffusers-pixnerd
-- pixnerd
-- lora
-- text-to-image
----
-
-{marker}
-# {title}
-
-LoRA weights (rank {rank}, on the modules {targets}) for the PixNerd text-to-image pipeline {base}, in diffusers'
-format.
-
-```py
-from diffusers_pixnerd import PixNerdT2IPipeline
-
-pipe = PixNerdT2IPipeline.from_pretrained("{base_id}")
-pipe.load_lora_weights("{repo}")
-image = pipe("{prompt}").images[0]  # attention_kwargs={{"scale": 0.5}} for half the effect
-```
-
-{extra}"""
-
-
-def lora_model_card(args, extra: str) -> str:
-    """The LoRA card: `base_model` only when the base is a Hub repo, the real repo id when pushed, the targets."""
-    base_id = hub_model_id(args.pretrained_model_name_or_path)
-    return LORA_MODEL_CARD.format(
-        marker=CARD_MARKER,
-        base_model_line=f"base_model: {base_id}\n" if base_id else "",
-        title=getattr(args, "hub_repo_id", None) or os.path.basename(os.path.normpath(args.output_dir)),
-        rank=args.lora_rank,
-        targets=", ".join(f"`{name.strip()}`" for name in args.lora_target_modules.split(",")),
-        base=f"[{base_id}](https://huggingface.co/{base_id})" if base_id else "(a local pipeline folder)",
-        base_id=base_id or "path/to/the/base/pipeline",
-        repo=getattr(args, "hub_repo_id", None) or args.output_dir,
-        prompt=args.validation_prompts[0],
-        extra=extra,
-    )
 
 
 def parse_args(input_args=None):
@@ -272,6 +233,7 @@ def main(args):
         raise ValueError(f"{args.pretrained_model_name_or_path!r} has no text encoder or tokenizer.")
     text_encoder_dtype = text_encoder.dtype  # a frozen encoder is exported as it was loaded
     args.resolution = args.resolution or transformer.config.sample_size
+    check_resolution(args.resolution, transformer.config.patch_size)
     if args.shift is None:
         args.shift = 4.0 if args.resolution >= 512 else 2.0  # official: 2 at 256, 4 at 512 and in the SFT
 

@@ -8,8 +8,9 @@ import torch
 from conftest import FIXTURES
 from safetensors.torch import load_file
 
-from diffusers_pixnerd import PixNerdTransformer2DModel, convert_official_checkpoint
-from diffusers_pixnerd.convert import infer_config, load_official_state_dict, main, select_denoiser
+from diffusers_pixnerd import PixNerdPipeline, PixNerdTransformer2DModel, convert_official_checkpoint
+from diffusers_pixnerd.convert import main
+from diffusers_pixnerd.loaders import infer_config, load_official_state_dict, select_denoiser
 
 C2I_CKPT = os.path.join(FIXTURES, "official_c2i_tiny.ckpt")
 T2I_CKPT = os.path.join(FIXTURES, "official_t2i_tiny.ckpt")
@@ -139,7 +140,10 @@ class _Payload:
         return (os.system, ("touch /tmp/pixnerd_pickle_ran",))
 
 
-def test_pickled_code_never_runs(tmp_path):
+@pytest.mark.parametrize("force_unsafe_env", [False, True])
+def test_pickled_code_never_runs(tmp_path, monkeypatch, force_unsafe_env):
+    if force_unsafe_env:  # torch honours an explicit weights_only=True even then
+        monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     path = tmp_path / "evil.ckpt"
     torch.save({"state_dict": official_state_dict(), "payload": _Payload()}, path)
     if os.path.exists("/tmp/pixnerd_pickle_ran"):
@@ -242,3 +246,10 @@ def test_the_resolution_comes_from_the_file_name_when_it_states_one(tmp_path, ca
     with caplog.at_level(logging.INFO):
         model = convert_official_checkpoint(C2I_CKPT)
     assert model.config.sample_size == 256 and "assuming sample_size 256" in caplog.text
+
+
+def test_unknown_keyword_arguments_are_an_error_not_dropped():
+    with pytest.raises(TypeError, match=r"\['sample_sise'\].*sample_size"):
+        PixNerdTransformer2DModel.from_single_file(C2I_CKPT, sample_sise=512)
+    with pytest.raises(TypeError, match=r"\['text_encoder'\]"):  # a T2I-only option on the C2I pipeline
+        PixNerdPipeline.from_single_file(C2I_CKPT, text_encoder=None)

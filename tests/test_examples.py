@@ -263,3 +263,37 @@ def test_web_demo_generates_an_image_in_chromium(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_web_demo_shows_the_pipelines_message_enforces_its_caps_and_cleans_up(tmp_path, monkeypatch):
+    import app
+    import gradio as gr
+
+    pipe = generate.load_pipeline(generate.BUNDLED_MODEL, torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    values = dict(
+        num_inference_steps=2, guidance_scale=2.0, guidance_interval=(0.0, 1.0), seed=0, shift=1.0, solver_order=2,
+        height=32, width=32,
+    )  # fmt: skip
+    monkeypatch.setattr(app, "FILES_DIR", str(tmp_path))
+    image, gif = app.run_request(pipe, {"class_labels": "Sneaker"}, dict(values), max_size=128)
+    assert image.size == (256, 256) and os.path.dirname(gif) == str(tmp_path) and gif.endswith(".gif")
+    # An argument only the pipeline rejects (an API call can send any height): its message reaches the page.
+    with pytest.raises(gr.Error, match=r"`height` .*multiple"):
+        app.run_request(pipe, {"class_labels": "Sneaker"}, {**values, "height": 33}, max_size=128)
+    with pytest.raises(gr.Error, match=r"sneakr.*Sneaker"):
+        app.run_request(pipe, {"class_labels": "sneakr"}, dict(values), max_size=128)
+    # The sliders' caps hold for requests that do not come from the sliders.
+    for bad, message in (({"num_inference_steps": 1000}, r"steps must be in \[1, 100\]"), ({"width": 4096}, "width")):
+        with pytest.raises(gr.Error, match=message):
+            app.run_request(pipe, {"class_labels": "Sneaker"}, {**values, **bad}, max_size=128)
+    with pytest.raises(gr.Error, match="min <= max"):
+        app.run_request(pipe, {"class_labels": "Sneaker"}, {**values, "guidance_interval": (0.9, 0.1)}, max_size=128)
+    # Old trajectories go; a recent one stays until the browser had time to fetch it.
+    os.utime(gif, (time.time() - app.KEEP_FILES_SECONDS - 1,) * 2)
+    _, recent = app.run_request(pipe, {"class_labels": "Bag"}, dict(values), max_size=128)
+    assert os.listdir(tmp_path) == [os.path.basename(recent)]
+    with gr.Blocks() as demo:
+        gr.Markdown("x")
+    queue = app.bounded_queue(demo)._queue
+    assert (queue.max_size, queue.default_concurrency_limit) == (app.MAX_QUEUE, 1)

@@ -688,15 +688,13 @@ def test_from_single_file_of_a_c2i_checkpoint_on_the_t2i_pipeline_raises():
 
 
 def count_conversions(monkeypatch) -> list[str]:
-    import diffusers_pixnerd.convert as convert
-
-    calls, original = [], convert.convert_official_pipeline
+    calls, original = [], PixNerdTransformer2DModel.from_single_file
 
     def counting(checkpoint, *args, **kwargs):
         calls.append(checkpoint)
         return original(checkpoint, *args, **kwargs)
 
-    monkeypatch.setattr(convert, "convert_official_pipeline", counting)
+    monkeypatch.setattr(PixNerdTransformer2DModel, "from_single_file", counting)
     return calls
 
 

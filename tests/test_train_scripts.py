@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from test_training_utils import tiny_dinov2
 
 from diffusers_pixnerd import PixNerdFlowMatchScheduler, PixNerdPipeline, PixNerdT2IPipeline, PixNerdTransformer2DModel
+from diffusers_pixnerd.training.ema import load_ema_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 C2I_SCRIPT = os.path.join(ROOT, "examples", "train_pixnerd_c2i.py")
@@ -210,7 +211,7 @@ def test_c2i_two_processes_with_repa_ema_validation_and_export(assets, tmp_path)
     # Checkpoints hold the REPA projector and the EMA; the export holds the EMA weights and no projector.
     checkpoint = load_file(out / "checkpoint-4" / "model.safetensors")
     assert any(k.startswith("projector.") for k in checkpoint)
-    ema = torch.load(out / "checkpoint-4" / "ema.pt")["shadow_params"]
+    ema = load_ema_state(str(out / "checkpoint-4" / "ema.safetensors"))["shadow_params"]
     pipe = PixNerdPipeline.from_pretrained(out)
     exported = list(pipe.transformer.parameters())
     assert len(exported) == len(ema) and all(torch.equal(p, e) for p, e in zip(exported, ema))
@@ -269,7 +270,7 @@ def test_c2i_resumed_run_ends_in_the_same_state(assets, tmp_path):
     a, b = full / "checkpoint-4", resumed / "checkpoint-4"
     model_a, model_b = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert model_a.keys() == model_b.keys() and all(torch.equal(model_a[k], model_b[k]) for k in model_a)
-    ema_a, ema_b = torch.load(a / "ema.pt"), torch.load(b / "ema.pt")
+    ema_a, ema_b = load_ema_state(str(a / "ema.safetensors")), load_ema_state(str(b / "ema.safetensors"))
     assert ema_a["optimization_step"] == ema_b["optimization_step"] == 4
     assert all(torch.equal(x, y) for x, y in zip(ema_a["shadow_params"], ema_b["shadow_params"]))
     opt_a, opt_b = (torch.load(c / "optimizer.bin", weights_only=False) for c in (a, b))
@@ -438,7 +439,7 @@ def test_ema_warmup_flag_and_the_warning_for_a_constant_decay_from_scratch(asset
         assets, out, "--max_train_steps", 2, "--checkpointing_steps", 2, "--no_use_repa", "--ema_decay", 0.5
     )
     run_main(C2I_SCRIPT, [*args, "--ema_warmup"])
-    ema = torch.load(out / "checkpoint-2" / "ema.pt")
+    ema = load_ema_state(str(out / "checkpoint-2" / "ema.safetensors"))
     # diffusers' ramp (its arithmetic is checked in test_training_utils.py), saved with the EMA so a resume keeps it.
     assert (ema["decay"], ema["min_decay"], ema["update_after_step"], ema["optimization_step"]) == (0.5, 0.0, 0, 2)
     assert "starting weights still make up" not in caplog.text
@@ -493,7 +494,7 @@ def test_a_short_full_fine_tune_exports_changed_weights_and_samples(assets, tmp_
     with caplog.at_level(logging.INFO):
         run_main(T2I_SCRIPT, args)
     assert "EMA decay 0.166667, chosen from the run length (12 steps)" in caplog.text
-    assert torch.load(out / "checkpoint-12" / "ema.pt", weights_only=True)["decay"] == pytest.approx(1 - 10 / 12)
+    assert load_ema_state(str(out / "checkpoint-12" / "ema.safetensors"))["decay"] == pytest.approx(1 - 10 / 12)
     base = PixNerdT2IPipeline.from_pretrained(assets / "t2i_pipeline")
     tuned = PixNerdT2IPipeline.from_pretrained(out)
     base_weights = torch.cat([p.flatten() for p in base.transformer.parameters()])
@@ -529,21 +530,21 @@ def test_a_stop_signal_saves_a_checkpoint_and_prints_the_resume_command(
 ):
     import signal
 
-    from diffusers_pixnerd import training_utils
+    from diffusers_pixnerd.training import loop
 
     signum = getattr(signal, signal_name)
     default_handler = signal.getsignal(signum)
 
     out = tmp_path / "out"
     args = c2i_args(assets, out, "--max_train_steps", 6, "--checkpointing_steps", 100, "--no_use_repa")
-    log = training_utils.TrainingRun.log
+    log = loop.TrainingRun.log
 
     def log_then_signal(self):
         log(self)
         if self.global_step == 2:
             os.kill(os.getpid(), signum)  # as `kill PID`, a cluster's time limit or Ctrl-C would
 
-    monkeypatch.setattr(training_utils.TrainingRun, "log", log_then_signal)
+    monkeypatch.setattr(loop.TrainingRun, "log", log_then_signal)
     monkeypatch.setattr(sys, "argv", ["train_pixnerd_c2i.py", *map(str, args)])
     with caplog.at_level(logging.WARNING), pytest.raises(SystemExit) as stopped:
         run_main(C2I_SCRIPT, args)
@@ -553,7 +554,7 @@ def test_a_stop_signal_saves_a_checkpoint_and_prints_the_resume_command(
     assert "train_pixnerd_c2i.py" in caplog.text and caplog.text.count("--resume_from_checkpoint latest") == 1
     assert signal.getsignal(signum) is default_handler  # the handlers are put back
 
-    monkeypatch.setattr(training_utils.TrainingRun, "log", log)
+    monkeypatch.setattr(loop.TrainingRun, "log", log)
     run_main(C2I_SCRIPT, [*args, "--resume_from_checkpoint", "latest"])
     assert {"checkpoint-2", "checkpoint-6", "model_index.json"} <= set(os.listdir(out))
 
@@ -659,7 +660,7 @@ def test_validation_class_labels_take_names(assets, tmp_path, run_main):
 
 
 def test_base_model_is_a_hub_id_never_a_local_path(tmp_path):
-    from diffusers_pixnerd.training_utils import hub_model_id
+    from diffusers_pixnerd.training import hub_model_id
 
     assert hub_model_id("MCG-NJU/PixNerd-XXL-P16-T2I") == "MCG-NJU/PixNerd-XXL-P16-T2I"
     os.makedirs(tmp_path / "my-pipeline")
@@ -672,8 +673,7 @@ def test_the_data_loader_keeps_its_workers_across_epochs(assets, tmp_path):
 
     from accelerate import Accelerator
 
-    from diffusers_pixnerd.training_data import load_training_dataset
-    from diffusers_pixnerd.training_utils import create_dataloader
+    from diffusers_pixnerd.training import create_dataloader, load_training_dataset
 
     dataset, _ = load_training_dataset(str(assets / "classes"), None, None, "train", "image", label_column="label")
     args = Namespace(
@@ -685,15 +685,15 @@ def test_the_data_loader_keeps_its_workers_across_epochs(assets, tmp_path):
 
 
 def test_data_loader_workers_are_capped_by_the_cpus(monkeypatch):
-    from diffusers_pixnerd import training_utils
+    from diffusers_pixnerd.training import data
 
-    monkeypatch.setattr(training_utils, "available_cpus", lambda: 4)
-    assert training_utils.dataloader_workers(8, num_processes=1) == 4
-    assert training_utils.dataloader_workers(8, num_processes=2) == 2
-    assert training_utils.dataloader_workers(1, num_processes=2) == 1
-    assert training_utils.dataloader_workers(0) == 0
+    monkeypatch.setattr(data, "available_cpus", lambda: 4)
+    assert data.dataloader_workers(8, num_processes=1) == 4
+    assert data.dataloader_workers(8, num_processes=2) == 2
+    assert data.dataloader_workers(1, num_processes=2) == 1
+    assert data.dataloader_workers(0) == 0
     with pytest.raises(ValueError, match="`--dataloader_num_workers` must be >= 0"):
-        training_utils.dataloader_workers(-1)
+        data.dataloader_workers(-1)
 
 
 # -------------------------------------------------------------------------------------- faults while checkpointing
@@ -784,7 +784,7 @@ def test_overwrite_keeps_the_old_checkpoints_until_the_new_run_has_one(assets, t
 
 
 def test_a_folder_without_its_state_file_is_not_a_checkpoint(tmp_path):
-    from diffusers_pixnerd.training_utils import list_checkpoints
+    from diffusers_pixnerd.training import list_checkpoints
 
     os.makedirs(tmp_path / "checkpoint-5")  # a half-copied folder
     os.makedirs(tmp_path / "checkpoint-3")
@@ -800,3 +800,78 @@ def test_class_names_must_match_the_classes_of_the_data(assets, tmp_path, run_ma
         run_main(C2I_SCRIPT, [*args, "--class_names", "cat,dog"])
     run_main(C2I_SCRIPT, [*args, "--class_names", "Cat,Dog,Fish"])  # as many names as classes: they are used
     assert json.loads((tmp_path / "out" / "model_index.json").read_text())["id2label"]["2"] == "Fish"
+
+
+class Payload:
+    """Unpickling this runs code: it writes the file `marker`."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
+
+
+@pytest.mark.parametrize("force_unsafe_env", [False, True])
+def test_no_pickle_runs_when_resuming_a_planted_checkpoint(assets, tmp_path, run_main, monkeypatch, force_unsafe_env):
+    """Every pickle-format file a resume reads (Accelerate's optimizer, lr schedule, RNG and sampler states, a legacy
+    EMA) is read weights-only, also under TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD; the package's own files are
+    safetensors and JSON."""
+    out = tmp_path / "out"
+    args = c2i_args(assets, out, "--max_train_steps", 2, "--checkpointing_steps", 100, "--no_use_repa")
+    run_main(C2I_SCRIPT, args)
+    checkpoint = out / "checkpoint-2"
+    assert (checkpoint / "ema.safetensors").is_file() and not (checkpoint / "ema.pt").exists()
+    pickled = sorted(p.name for p in checkpoint.iterdir() if p.suffix in (".bin", ".pkl", ".pt"))
+    assert {"optimizer.bin", "scheduler.bin", "random_states_0.pkl"} <= set(pickled)
+    if force_unsafe_env:
+        monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    args[args.index("--max_train_steps") + 1] = 3
+    for name in [*pickled, "ema.pt"]:
+        planted = tmp_path / f"planted-{name}"
+        shutil.copytree(checkpoint, planted / "checkpoint-2")
+        marker = tmp_path / f"ran-{name}"
+        if name == "ema.pt":  # a legacy EMA file in place of ours
+            os.remove(planted / "checkpoint-2" / "ema.safetensors")
+        torch.save(Payload(marker), planted / "checkpoint-2" / name)
+        planted_args = [*args, "--resume_from_checkpoint", "latest"]
+        planted_args[planted_args.index("--output_dir") + 1] = planted
+        with pytest.raises(Exception, match=r"(?i)weights[_ ]only|unpickl|unsupported global|EMA file"):
+            run_main(C2I_SCRIPT, planted_args)
+        assert not marker.exists(), f"a payload in {name} ran"
+        assert (planted / "checkpoint-2" / "training_state.json").is_file()  # the checkpoint is left as it was
+
+
+def test_a_malformed_training_state_names_the_file(assets, tmp_path, run_main):
+    out = tmp_path / "out"
+    args = c2i_args(assets, out, "--max_train_steps", 1, "--checkpointing_steps", 100, "--no_use_repa")
+    run_main(C2I_SCRIPT, args)
+    args[args.index("--max_train_steps") + 1] = 2
+    state = out / "checkpoint-1" / "training_state.json"
+    for text, message in (
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "global_step"),
+        ('{"global_step": "x"}', "global_step"),
+    ):
+        state.write_text(text)
+        with pytest.raises(ValueError, match=rf"training_state\.json.*{message}"):
+            run_main(C2I_SCRIPT, [*args, "--resume_from_checkpoint", "latest"])
+
+
+def test_bad_model_config_json_and_resolution_name_the_flag(assets, tmp_path, run_main):
+    base = c2i_args(assets, tmp_path / "out", "--max_train_steps", 1, "--no_use_repa")
+    cases = [
+        (["--model_config_json", '{"num_layers": 2,'], r"`--model_config_json` is not valid JSON.*line 1"),
+        (["--model_config_json", "[2]"], r"`--model_config_json` must be a JSON object"),
+        (["--model_config_json", '{"num_layer": 2}'], r"`--model_config_json`.*unknown.*num_layer.*num_layers"),
+        (["--resolution", 18], r"`--resolution` \(18\) must be a multiple of the model's patch size \(4\)"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(ValueError, match=message):
+            run_main(C2I_SCRIPT, [*base, *extra])
+    bad_file = tmp_path / "bad.json"
+    bad_file.write_text('{"num_layers": 2\n "x": 1}')
+    args = list(base)
+    args[args.index("--model_config") + 1] = bad_file
+    with pytest.raises(ValueError, match=r"`--model_config` .*bad\.json.*line 2"):
+        run_main(C2I_SCRIPT, args)

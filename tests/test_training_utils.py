@@ -10,35 +10,33 @@ import torch
 from conftest import TINY_C2I, TINY_T2I, qwen3_tokenizer, randomize_, tiny_qwen3
 
 from diffusers_pixnerd import PixNerdTransformer2DModel
-from diffusers_pixnerd.training_data import (
+from diffusers_pixnerd.training import (
     ImageSampleDataset,
-    adm_center_crop,
-    collate_samples,
-    image_to_tensor,
-    load_training_dataset,
-    pad_to_size,
-    read_class_names,
-    resize_center_crop,
-    scan_caption_folder,
-    scan_class_folder,
-)
-from diffusers_pixnerd.training_utils import (
     PixNerdTrainingModule,
     REPAProjector,
+    adm_center_crop,
     capture_block_output,
     check_output_dir,
+    collate_samples,
     commit_checkpoint,
     condition_drop_mask,
     create_ema,
     ema_weights,
     encode_prompts,
     flow_matching_loss,
+    image_to_tensor,
     list_checkpoints,
+    load_training_dataset,
+    pad_to_size,
     random_flip,
+    read_class_names,
     remove_temporary_checkpoints,
     repa_target_features,
+    resize_center_crop,
     resolve_checkpoint,
     sample_sigmas,
+    scan_caption_folder,
+    scan_class_folder,
     shift_sigmas,
 )
 
@@ -555,7 +553,7 @@ def test_push_uploads_the_run_without_checkpoints_logs_and_intermediate_samples(
 
     import huggingface_hub
 
-    from diffusers_pixnerd.training_utils import push_folder
+    from diffusers_pixnerd.training import push_folder
 
     uploads = {}
     monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kw: SimpleNamespace(repo_id=f"me/{repo_id}"))
@@ -572,7 +570,7 @@ def test_push_uploads_the_run_without_checkpoints_logs_and_intermediate_samples(
 
 
 def test_metadata_jsonl_errors_name_the_line_and_null_captions_are_the_empty_prompt(tmp_path):
-    from diffusers_pixnerd.training_data import scan_caption_folder
+    from diffusers_pixnerd.training import scan_caption_folder
 
     def write(*lines):
         (tmp_path / "metadata.jsonl").write_text("\n".join(lines))
@@ -594,7 +592,7 @@ def test_metadata_jsonl_errors_name_the_line_and_null_captions_are_the_empty_pro
 def test_16_bit_palette_and_alpha_images_convert_to_the_right_rgb(tmp_path):
     import PIL.Image
 
-    from diffusers_pixnerd.training_data import open_image
+    from diffusers_pixnerd.training import open_image
 
     gray16 = np.full((4, 4), 32768, dtype=np.uint16)  # half of the 16-bit range: mid gray, not white
     PIL.Image.fromarray(gray16).save(tmp_path / "gray16.png")
@@ -612,3 +610,65 @@ def test_16_bit_palette_and_alpha_images_convert_to_the_right_rgb(tmp_path):
     palette.putpalette([0, 0, 0, 0, 200, 0] + [0] * 762)
     palette.save(tmp_path / "palette.png")
     assert np.asarray(open_image(str(tmp_path / "palette.png"))).tolist() == [[[0, 200, 0]] * 4] * 4
+
+
+@pytest.mark.parametrize(
+    "old, new, example",
+    [
+        (
+            "training_utils",
+            ["objectives", "ema", "checkpoints", "data", "cli", "hub", "run_setup", "loop"],
+            "TrainingRun",
+        ),
+        ("training_data", ["data"], "load_training_dataset"),
+    ],
+)
+def test_the_old_module_paths_warn_and_give_the_same_objects(old, new, example):
+    import importlib
+    import sys
+
+    sys.modules.pop(f"diffusers_pixnerd.{old}", None)  # so that the import runs the module (and warns) again
+    with pytest.warns(FutureWarning, match=f"diffusers_pixnerd.{old} moved to diffusers_pixnerd.training"):
+        module = importlib.import_module(f"diffusers_pixnerd.{old}")
+    modules = [importlib.import_module(f"diffusers_pixnerd.training.{name}") for name in new]
+    assert example in module.__all__
+    for name in module.__all__:
+        found = {id(vars(m)[name]) for m in modules if name in vars(m)}
+        assert found == {id(getattr(module, name))}, name
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
+
+
+def test_checkpoint_weights_for_evaluation_read_the_ema_without_pickle(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from diffusers_pixnerd.training import load_checkpoint_weights
+    from diffusers_pixnerd.training.ema import create_ema, save_ema
+
+    trained, evaluated = tiny_c2i(), tiny_c2i()
+    randomize_(trained)
+    save_file(
+        {f"transformer.{k}": v.contiguous() for k, v in trained.state_dict().items()}, tmp_path / "model.safetensors"
+    )
+    ema = create_ema(trained.parameters(), decay=0.5)
+    with torch.no_grad():
+        for shadow in ema.shadow_params:
+            shadow.mul_(2.0)
+    save_ema(ema, str(tmp_path / "ema.safetensors"))
+    assert load_checkpoint_weights(evaluated, str(tmp_path)) == "ema"
+    assert all(torch.equal(a, 2.0 * b) for a, b in zip(evaluated.parameters(), trained.parameters()))
+    assert load_checkpoint_weights(evaluated, str(tmp_path), use_ema=False) == "trained"
+    assert all(torch.equal(a, b) for a, b in zip(evaluated.parameters(), trained.parameters()))
+    # A legacy `ema.pt` is read weights-only: a planted payload is refused, also when the environment asks for pickle.
+    os.remove(tmp_path / "ema.safetensors")
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    torch.save(_Payload(tmp_path / "ran"), tmp_path / "ema.pt")
+    with pytest.raises(ValueError, match=r"ema\.pt.*not a weights-only EMA file"):
+        load_checkpoint_weights(evaluated, str(tmp_path))
+    assert not (tmp_path / "ran").exists()

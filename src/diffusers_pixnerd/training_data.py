@@ -1,442 +1,59 @@
 # Copyright 2026 The diffusers-pixnerd authors. MIT License.
-"""Training data for the PixNerd scripts: image folders or `datasets` datasets, official crops, lazy decoding.
+"""Deprecated: moved to `diffusers_pixnerd.training.data`. This module re-exports the names it had and will be
+removed in 0.2.0."""
 
-Images are decoded in the data loader workers, one at a time, so that an unreadable file is skipped (and counted)
-instead of stopping a long run; `fail_on_corrupt_images=True` makes it fatal. Layouts and columns are checked when
-the dataset is built, before any training starts.
-"""
+import warnings
 
-import io
-import json
-import logging
-import os
-from typing import Any, Callable
+from .training.data import (
+    CAPTION_FILE_EXTENSION,
+    IMAGE_EXTENSIONS,
+    IMAGE_PREPROCESSING,
+    MAX_CONSECUTIVE_CORRUPT,
+    METADATA_FILE,
+    ImageSampleDataset,
+    StreamingImageSampleDataset,
+    add_prompt_embeddings,
+    adm_center_crop,
+    collate_samples,
+    count_classes,
+    describe_image,
+    image_to_tensor,
+    load_training_dataset,
+    open_image,
+    pad_to_size,
+    read_class_names,
+    resize_center_crop,
+    scan_caption_folder,
+    scan_class_folder,
+    to_rgb,
+)
 
-import numpy as np
-import PIL.Image
-import torch
+warnings.warn(
+    "diffusers_pixnerd.training_data moved to diffusers_pixnerd.training.data; the old path will be removed in 0.2.0",
+    FutureWarning,
+    stacklevel=2,
+)
 
-logger = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-CAPTION_FILE_EXTENSION = ".txt"
-METADATA_FILE = "metadata.jsonl"
-# Consecutive unreadable samples tolerated before the data is declared broken.
-MAX_CONSECUTIVE_CORRUPT = 100
-
-
-# ----------------------------------------------------------------------------------------------------- preprocessing
-
-
-def adm_center_crop(image: PIL.Image.Image, size: int) -> PIL.Image.Image:
-    """The ADM centre crop of the official C2I data (`src/data/dataset/imagenet.py`, from guided-diffusion): halve with
-    BOX filtering while the short side is at least `2 * size`, BICUBIC-resize the short side to `size`, crop the centre.
-    """
-    while min(*image.size) >= 2 * size:
-        image = image.resize(tuple(x // 2 for x in image.size), resample=PIL.Image.BOX)
-    scale = size / min(*image.size)
-    image = image.resize(tuple(round(x * scale) for x in image.size), resample=PIL.Image.BICUBIC)
-    arr = np.array(image)
-    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-    return PIL.Image.fromarray(arr[top : top + size, left : left + size])
-
-
-def resize_center_crop(image: PIL.Image.Image, size: int) -> PIL.Image.Image:
-    """torchvision's `Resize(size)` + `CenterCrop(size)` on a PIL image (the official T2I data, `image_txt.py`):
-    BILINEAR (antialiased by PIL) short side to `size`, long side truncated, then the rounded centre crop."""
-    width, height = image.size
-    short, long = (width, height) if width <= height else (height, width)
-    new_short, new_long = size, int(size * long / short)
-    new_size = (new_short, new_long) if width <= height else (new_long, new_short)
-    if new_size != image.size:
-        image = image.resize(new_size, resample=PIL.Image.BILINEAR)
-    width, height = image.size
-    top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
-    return image.crop((left, top, left + size, top + size))
-
-
-def pad_to_size(image: PIL.Image.Image, size: int) -> PIL.Image.Image:
-    """Pads (black, centred) to `size` x `size` without cropping, e.g. 28x28 Fashion-MNIST to 32x32; a larger image is
-    first shrunk (BICUBIC) to fit."""
-    if max(image.size) > size:
-        scale = size / max(image.size)
-        image = image.resize(tuple(max(1, round(x * scale)) for x in image.size), resample=PIL.Image.BICUBIC)
-    canvas = PIL.Image.new(image.mode, (size, size))
-    canvas.paste(image, ((size - image.width) // 2, (size - image.height) // 2))
-    return canvas
-
-
-IMAGE_PREPROCESSING: dict[str, Callable[[PIL.Image.Image, int], PIL.Image.Image]] = {
-    "adm_center_crop": adm_center_crop,
-    "resize_center_crop": resize_center_crop,
-    "pad": pad_to_size,
-}
-
-
-def image_to_tensor(image: PIL.Image.Image) -> torch.Tensor:
-    """An RGB PIL image -> float32 (3, H, W) in [-1, 1]."""
-    arr = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
-
-
-def open_image(value: Any) -> PIL.Image.Image:
-    """Decodes an image column value (a path, `{"bytes", "path"}` as `datasets.Image(decode=False)` stores it, or an
-    already decoded PIL image) to RGB, reading the whole file so that a truncated one fails here."""
-    if isinstance(value, PIL.Image.Image):
-        image = value
-    elif isinstance(value, dict):
-        image = PIL.Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"])
-    else:
-        image = PIL.Image.open(value)
-    return to_rgb(image)
-
-
-def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
-    """8-bit RGB: 16-bit and float grayscale scaled to 0..255 (PIL's own conversion clips them to white), palette and
-    alpha images composited onto black (the transparent parts become the background, not their hidden colour)."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        array = np.asarray(image, dtype=np.float64)
-        maximum = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
-        image = PIL.Image.fromarray(np.clip(np.round(array / maximum * 255), 0, 255).astype(np.uint8), "L")
-    elif image.mode == "F":
-        array = np.asarray(image, dtype=np.float64)
-        scale = 255.0 if array.max() <= 1.0 else 1.0
-        image = PIL.Image.fromarray(np.clip(np.round(array * scale), 0, 255).astype(np.uint8), "L")
-    if image.mode == "P" or "A" in image.getbands() or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        background = PIL.Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        image = PIL.Image.alpha_composite(background, rgba)
-    return image.convert("RGB")
-
-
-def describe_image(value: Any) -> str:
-    """A path (or a short description) of an image column value, for the log."""
-    if isinstance(value, dict):
-        return value.get("path") or f"<{len(value.get('bytes') or b'')} bytes>"
-    return str(value) if isinstance(value, (str, os.PathLike)) else type(value).__name__
-
-
-# --------------------------------------------------------------------------------------------------- folder layouts
-
-
-def _image_files(folder: str) -> list[str]:
-    found = []
-    for root, dirs, files in os.walk(folder):
-        dirs.sort()
-        found.extend(os.path.join(root, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS))
-    return found
-
-
-def scan_class_folder(root: str) -> tuple[list[str], list[int], list[str]]:
-    """Images of a folder with one subfolder per class (the ImageNet / `torchvision.ImageFolder` layout).
-
-    Returns the image paths, their class ids (subfolders in sorted order) and the class names (subfolder names).
-    """
-    if not os.path.isdir(root):
-        raise ValueError(f"`--train_data_dir` {root!r} is not a folder.")
-    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
-    loose = [f for f in os.listdir(root) if f.lower().endswith(IMAGE_EXTENSIONS)]
-    if loose:
-        raise ValueError(
-            f"`--train_data_dir` {root!r} holds images directly ({loose[0]!r}, ...); class-conditional training "
-            "expects one subfolder per class (root/<class name>/<image>), as for ImageNet."
-        )
-    paths, labels = [], []
-    for label, name in enumerate(classes):
-        files = _image_files(os.path.join(root, name))
-        paths.extend(files)
-        labels.extend([label] * len(files))
-    if not paths:
-        raise ValueError(
-            f"`--train_data_dir` {root!r} has no images in class subfolders (root/<class name>/<image>, extensions "
-            f"{', '.join(IMAGE_EXTENSIONS)})."
-        )
-    empty = [name for label, name in enumerate(classes) if label not in set(labels)]
-    if empty:
-        logger.warning("Class folders without images (their ids stay reserved): %s", empty)
-    return paths, labels, classes
-
-
-def scan_caption_folder(root: str, caption_column: str = "text") -> tuple[list[str], list[str]]:
-    """Images and captions of a folder: `metadata.jsonl` (`file_name` + `caption_column`, the `datasets` imagefolder
-    layout) if present, else a `.txt` file beside each image (the official layout, `image_txt.py`).
-
-    Images without a caption are left out (with a warning); no caption at all is an error. In `metadata.jsonl` a
-    `null` caption (or "") is the empty prompt, i.e. trains the unconditional model; a line that is not JSON, or a
-    caption that is not a string, is an error naming the line.
-    """
-    if not os.path.isdir(root):
-        raise ValueError(f"`--train_data_dir` {root!r} is not a folder.")
-    metadata_path = os.path.join(root, METADATA_FILE)
-    paths, captions = [], []
-    if os.path.exists(metadata_path):
-        with open(metadata_path, encoding="utf-8") as f:
-            lines = [(number, line) for number, line in enumerate(f, 1) if line.strip()]
-        rows = []
-        for number, line in lines:
-            try:
-                rows.append((number, json.loads(line)))
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{metadata_path} line {number} is not valid JSON ({error.msg}).") from None
-        uncaptioned_rows = 0
-        for number, row in rows:
-            if not isinstance(row, dict) or "file_name" not in row or caption_column not in row:
-                keys = sorted(row) if isinstance(row, dict) else type(row).__name__
-                raise ValueError(
-                    f"{metadata_path} line {number} has the keys {keys}; each line needs `file_name` and the "
-                    f"caption column `--caption_column` ({caption_column!r})."
-                )
-            caption = row[caption_column]
-            if caption is None:  # documented: a null caption is the empty prompt (an unconditional sample)
-                caption, uncaptioned_rows = "", uncaptioned_rows + 1
-            if not isinstance(caption, str):
-                raise ValueError(
-                    f"{metadata_path} line {number}: the caption ({caption_column!r}) must be a string or null, got "
-                    f"{caption!r}."
-                )
-            row[caption_column] = caption
-            paths.append(os.path.join(root, row["file_name"]))
-            captions.append(row[caption_column])
-        if uncaptioned_rows:
-            logger.warning(
-                "%d images in %s have a null caption: they train as the empty prompt.", uncaptioned_rows, root
-            )
-        missing = [p for p in paths if not os.path.exists(p)]
-        if missing:
-            logger.warning(
-                "%d files named in %s do not exist (they will count as unreadable), e.g. %s",
-                len(missing),
-                metadata_path,
-                missing[0],
-            )
-        uncaptioned = len(set(_image_files(root)) - set(paths))
-    else:
-        uncaptioned = 0
-        for path in _image_files(root):
-            caption_path = os.path.splitext(path)[0] + CAPTION_FILE_EXTENSION
-            if os.path.exists(caption_path):
-                with open(caption_path, encoding="utf-8") as f:
-                    captions.append(f.read().strip())
-                paths.append(path)
-            else:
-                uncaptioned += 1
-    if not paths:
-        raise ValueError(
-            f"`--train_data_dir` {root!r} has no captioned images. Text-to-image training expects either a "
-            f"{METADATA_FILE} (one JSON object per line with `file_name` and {caption_column!r}) or a caption file "
-            "beside each image (cat.jpg + cat.txt)."
-        )
-    if uncaptioned:
-        logger.warning("%d images in %s have no caption and are left out.", uncaptioned, root)
-    return paths, captions
-
-
-# --------------------------------------------------------------------------------------------------------- datasets
-
-
-def load_training_dataset(
-    train_data_dir: str | None = None,
-    dataset_name: str | None = None,
-    dataset_config_name: str | None = None,
-    split: str = "train",
-    image_column: str = "image",
-    label_column: str | None = None,
-    caption_column: str | None = None,
-    streaming: bool = False,
-    cache_dir: str | None = None,
-):
-    """A `datasets` dataset with the columns `image` (undecoded) and `label` (class ids) or `caption`.
-
-    Exactly one of `train_data_dir` (a local folder: class subfolders when `label_column` is set, captions otherwise)
-    and `dataset_name` (anything `datasets.load_dataset` takes: a Hub dataset, a local data folder) is given.
-    Returns `(dataset, class_names)`; class names come from the subfolders or a `ClassLabel` column, else `None`.
-    """
-    import datasets
-
-    if (train_data_dir is None) == (dataset_name is None):
-        raise ValueError("Pass exactly one of `--train_data_dir` and `--dataset_name`.")
-    if (label_column is None) == (caption_column is None):
-        raise ValueError("Pass exactly one of `label_column` and `caption_column`.")
-    target = "label" if label_column is not None else "caption"
-    class_names = None
-
-    if train_data_dir is not None:
-        image = datasets.Image(decode=False)
-        if target == "label":
-            paths, labels, class_names = scan_class_folder(train_data_dir)
-            features = datasets.Features({"image": image, "label": datasets.ClassLabel(names=class_names)})
-            data = {"image": paths, "label": labels}
-        else:
-            paths, captions = scan_caption_folder(train_data_dir, caption_column)
-            features = datasets.Features({"image": image, "caption": datasets.Value("string")})
-            data = {"image": paths, "caption": captions}
-        dataset = datasets.Dataset.from_dict(data, features=features)
-        # Shards let the data loader workers (and processes) split a streamed folder.
-        return (dataset.to_iterable_dataset(num_shards=min(64, len(paths))) if streaming else dataset), class_names
-
-    dataset = datasets.load_dataset(
-        dataset_name, dataset_config_name, split=split, streaming=streaming, cache_dir=cache_dir
-    )
-    features = dataset.features
-    columns = list(features) if features is not None else None
-    if columns is None:  # some streaming datasets only know their columns once read
-        columns = list(next(iter(dataset)).keys())
-    wanted = {"--image_column": image_column, f"--{target}_column": label_column or caption_column}
-    for flag, column in wanted.items():
-        if column not in columns:
-            raise ValueError(f"`{flag}` {column!r} is not a column of {dataset_name!r}; its columns are {columns}.")
-    source = label_column or caption_column
-    dataset = dataset.select_columns([image_column, source])
-    if image_column != "image":
-        dataset = dataset.rename_column(image_column, "image")
-    if source != target:
-        dataset = dataset.rename_column(source, target)
-    if features is not None and isinstance(features.get(image_column), datasets.Image):
-        dataset = dataset.cast_column("image", datasets.Image(decode=False))  # decoded in the workers, errors caught
-    if target == "label" and features is not None:
-        label_feature = features[source]
-        if isinstance(label_feature, datasets.ClassLabel):
-            class_names = list(label_feature.names)
-        elif not (isinstance(label_feature, datasets.Value) and "int" in label_feature.dtype):
-            raise ValueError(f"`--label_column` {source!r} must hold integer class ids, got {label_feature}.")
-    return dataset, class_names
-
-
-def count_classes(dataset, class_names: list[str] | None) -> int | None:
-    """The number of classes: the names if known, else the largest label + 1 (map-style datasets only). Labels
-    beyond the names are an error (they would silently train as the null class or crash)."""
-    if class_names is not None:
-        if hasattr(dataset, "__len__") and len(dataset) and int(max(dataset["label"])) >= len(class_names):
-            raise ValueError(
-                f"The data has labels up to {int(max(dataset['label']))} but there are {len(class_names)} class names "
-                "(`--class_names`): give one name per class."
-            )
-        return len(class_names)
-    if hasattr(dataset, "__len__"):
-        return int(max(dataset["label"])) + 1
-    return None
-
-
-class ImageSampleDataset(torch.utils.data.Dataset):
-    """Decodes and preprocesses one row of a `datasets.Dataset` per item; an unreadable image is replaced by the next
-    readable row (so batches keep their size on every rank) and counted in the item's `num_skipped`."""
-
-    def __init__(
-        self,
-        dataset,
-        resolution: int,
-        preprocessing: str = "adm_center_crop",
-        fail_on_corrupt_images: bool = False,
-    ):
-        if preprocessing not in IMAGE_PREPROCESSING:
-            raise ValueError(f"`preprocessing` {preprocessing!r} is not one of {sorted(IMAGE_PREPROCESSING)}.")
-        self.dataset = dataset
-        self.resolution = resolution
-        self.preprocess = IMAGE_PREPROCESSING[preprocessing]
-        self.fail_on_corrupt_images = fail_on_corrupt_images
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def load(self, row: dict) -> dict | None:
-        """The training sample of a row, or `None` if its image cannot be read."""
-        try:
-            image = self.preprocess(open_image(row["image"]), self.resolution)
-        except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as error:
-            if self.fail_on_corrupt_images:
-                raise RuntimeError(
-                    f"Unreadable image {describe_image(row['image'])}: {error} (without `--fail_on_corrupt_images` it "
-                    "would be skipped and counted)."
-                ) from error
-            logger.warning("Skipping unreadable image %s: %s", describe_image(row["image"]), error)
-            return None
-        sample = {k: v for k, v in row.items() if k != "image"}
-        sample["pixel_values"] = image_to_tensor(image)
-        return sample
-
-    def __getitem__(self, index: int) -> dict:
-        for skipped in range(MAX_CONSECUTIVE_CORRUPT):
-            sample = self.load(self.dataset[(index + skipped) % len(self.dataset)])
-            if sample is not None:
-                sample["num_skipped"] = skipped
-                return sample
-        raise RuntimeError(
-            f"{MAX_CONSECUTIVE_CORRUPT} consecutive unreadable images from row {index}: check the data."
-        )
-
-
-class StreamingImageSampleDataset(torch.utils.data.IterableDataset):
-    """The streaming counterpart of `ImageSampleDataset`: reads a `datasets.IterableDataset` (already split between
-    processes) and drops unreadable images, counting them in the next sample's `num_skipped`."""
-
-    def __init__(self, dataset, resolution: int, preprocessing: str = "adm_center_crop", fail_on_corrupt_images=False):
-        self.dataset = dataset
-        self.decoder = ImageSampleDataset([], resolution, preprocessing, fail_on_corrupt_images)
-
-    def set_epoch(self, epoch: int):
-        self.dataset.set_epoch(epoch)
-
-    def __iter__(self):
-        skipped = 0
-        for row in self.dataset:
-            sample = self.decoder.load(row)
-            if sample is None:
-                skipped += 1
-                continue
-            sample["num_skipped"], skipped = skipped, 0
-            yield sample
-
-
-def collate_samples(samples: list[dict]) -> dict:
-    """Stacks tensors, keeps strings as lists, turns numbers into tensors and sums `num_skipped`."""
-    batch = {"num_skipped": sum(s.pop("num_skipped") for s in samples)}
-    for key in samples[0]:
-        values = [s[key] for s in samples]
-        if isinstance(values[0], str):
-            batch[key] = values
-        else:
-            batch[key] = torch.stack([torch.as_tensor(np.asarray(v)) for v in values])
-    return batch
-
-
-def read_class_names(spec: str | None, default: list[str] | None) -> list[str] | None:
-    """Class names from `--class_names`: "imagenet" (the 1000 ImageNet names), a JSON file (`{"0": "name", ...}` or a
-    list), a text file (one name a line) or a comma-separated list; `None` keeps `default` (the folder names)."""
-    if spec is None:
-        return default
-    if spec == "imagenet":
-        from .pipelines import imagenet_id2label
-
-        id2label = imagenet_id2label()
-        return [id2label[str(i)] for i in range(len(id2label))]
-    if os.path.isfile(spec):
-        with open(spec, encoding="utf-8") as f:
-            if spec.endswith(".json"):
-                names = json.load(f)
-                return [names[str(i)] for i in range(len(names))] if isinstance(names, dict) else list(names)
-            return [line.strip() for line in f if line.strip()]
-    return [name.strip() for name in spec.split(",")]
-
-
-def add_prompt_embeddings(dataset, encode: Callable[[list[str]], torch.Tensor], cache_file: str, batch_size: int = 32):
-    """Encodes every caption once into a `prompt_embeds` column (float16: exact for a bfloat16 encoder's finite values)
-    stored in `cache_file` (memory-mapped, reused by later runs and other processes); drops the captions."""
-
-    def encode_batch(rows):
-        embeds = encode(rows["caption"]).float()
-        if not torch.isfinite(embeds).all() or embeds.abs().max() > torch.finfo(torch.float16).max:
-            raise ValueError(
-                "Prompt embeddings beyond the float16 range: train without `--precompute_text_embeddings`."
-            )
-        return {"prompt_embeds": embeds.half().cpu().numpy()}
-
-    os.makedirs(os.path.dirname(cache_file), exist_ok=True)
-    dataset = dataset.map(
-        encode_batch,
-        batched=True,
-        batch_size=batch_size,
-        remove_columns=["caption"],
-        cache_file_name=cache_file,
-        desc="Encoding prompts",
-    )
-    return dataset.with_format("numpy", columns=["prompt_embeds"], output_all_columns=True)
+__all__ = [
+    "CAPTION_FILE_EXTENSION",
+    "IMAGE_EXTENSIONS",
+    "IMAGE_PREPROCESSING",
+    "ImageSampleDataset",
+    "MAX_CONSECUTIVE_CORRUPT",
+    "METADATA_FILE",
+    "StreamingImageSampleDataset",
+    "add_prompt_embeddings",
+    "adm_center_crop",
+    "collate_samples",
+    "count_classes",
+    "describe_image",
+    "image_to_tensor",
+    "load_training_dataset",
+    "open_image",
+    "pad_to_size",
+    "read_class_names",
+    "resize_center_crop",
+    "scan_caption_folder",
+    "scan_class_folder",
+    "to_rgb",
+]

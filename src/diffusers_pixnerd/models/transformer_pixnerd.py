@@ -21,6 +21,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.normalization import RMSNorm
 from diffusers.utils import apply_lora_scale
 
+from ..loaders.official_checkpoint import FromOfficialCheckpointMixin
+
 # Official sizes. `PixNerdTransformer2DModel.from_preset(name)` builds one (random weights) to train from scratch.
 PIXNERD_PRESETS = {
     "PixNerd-L/16": dict(
@@ -200,7 +202,7 @@ class PixNerdNeuralField(nn.Module):
         return self.proj_out(self.norm_out(x))
 
 
-class PixNerdTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
+class PixNerdTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, FromOfficialCheckpointMixin):
     r"""
     The PixNerd transformer: a pixel-space DiT with large patches whose final projection is a per-patch neural
     field ([paper](https://arxiv.org/abs/2507.23268)). One class serves both official variants: class-conditional
@@ -351,13 +353,6 @@ class PixNerdTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         if name not in PIXNERD_PRESETS:
             raise ValueError(f"Unknown preset `name` {name!r}; expected one of {sorted(PIXNERD_PRESETS)}.")
         return cls(**{**PIXNERD_PRESETS[name], **kwargs})
-
-    @classmethod
-    def from_single_file(cls, pretrained_model_link_or_path: str, **kwargs) -> "PixNerdTransformer2DModel":
-        """Loads an official PixNerd Lightning checkpoint (local path, Hub file path or URL); see `convert.py`."""
-        from ..convert import convert_official_checkpoint
-
-        return convert_official_checkpoint(pretrained_model_link_or_path, **kwargs)
 
     def initialize_weights(self):
         """The official initialisation, for training from scratch."""

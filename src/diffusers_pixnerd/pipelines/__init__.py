@@ -1,3 +1,4 @@
+from .official import convert_official_checkpoint, convert_official_pipeline
 from .pipeline_pixnerd import PixNerdPipeline, imagenet_id2label
 from .pipeline_pixnerd_t2i import PixNerdT2IPipeline, encode_qwen3_prompts
 from .pipeline_utils import PixNerdLoraLoaderMixin
@@ -6,6 +7,8 @@ __all__ = [
     "PixNerdLoraLoaderMixin",
     "PixNerdPipeline",
     "PixNerdT2IPipeline",
+    "convert_official_checkpoint",
+    "convert_official_pipeline",
     "encode_qwen3_prompts",
     "imagenet_id2label",
 ]

@@ -53,6 +53,14 @@ class PixNerdPipeline(PixNerdBasePipeline):
             names.
     """
 
+    @classmethod
+    def from_official_transformer(cls, transformer, scheduler_preset=None, torch_dtype=None):
+        """The paper's class-conditional sampler ("c2i-euler100" unless `scheduler_preset` says otherwise), with the
+        ImageNet class names for a 1000-class model."""
+        scheduler = PixNerdFlowMatchScheduler.from_official_preset(scheduler_preset or "c2i-euler100")
+        id2label = imagenet_id2label() if transformer.config.num_classes == 1000 else None
+        return cls(transformer=transformer, scheduler=scheduler, id2label=id2label)
+
     def __init__(
         self,
         transformer: PixNerdTransformer2DModel,

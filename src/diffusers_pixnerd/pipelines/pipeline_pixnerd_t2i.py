@@ -6,11 +6,13 @@ from typing import Any, Callable
 import torch
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils import replace_example_docstring
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..models.transformer_pixnerd import PixNerdTransformer2DModel
 from ..schedulers.scheduling_pixnerd import PixNerdFlowMatchScheduler
 from .pipeline_utils import PixNerdBasePipeline
+
+DEFAULT_TEXT_ENCODER = "Qwen/Qwen3-1.7B"  # the official model's
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -68,6 +70,26 @@ class PixNerdT2IPipeline(PixNerdBasePipeline):
 
     model_cpu_offload_seq = "text_encoder->transformer"
     _optional_components = ["text_encoder", "tokenizer"]
+
+    @classmethod
+    def from_official_transformer(
+        cls, transformer, scheduler_preset=None, torch_dtype=None, text_encoder=DEFAULT_TEXT_ENCODER, tokenizer=None
+    ):
+        """The paper's text-to-image sampler ("t2i" unless `scheduler_preset` says otherwise) and `text_encoder`: a
+        Qwen3 name or path (loaded with its tokenizer, in `torch_dtype`, default bfloat16), a model, or `None`."""
+        scheduler = PixNerdFlowMatchScheduler.from_official_preset(scheduler_preset or "t2i")
+        if isinstance(text_encoder, str):
+            tokenizer = tokenizer or AutoTokenizer.from_pretrained(text_encoder)
+            text_encoder = AutoModel.from_pretrained(text_encoder, torch_dtype=torch_dtype or torch.bfloat16)
+        return cls(transformer=transformer, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer)
+
+    @classmethod
+    def _official_default_components(cls, kwargs: dict) -> dict:
+        if "text_encoder" not in kwargs:  # the official model's encoder
+            dtype = kwargs.get("torch_dtype") or torch.bfloat16
+            kwargs["text_encoder"] = AutoModel.from_pretrained(DEFAULT_TEXT_ENCODER, torch_dtype=dtype)
+            kwargs.setdefault("tokenizer", AutoTokenizer.from_pretrained(DEFAULT_TEXT_ENCODER))
+        return kwargs
 
     def __init__(
         self,

@@ -1,7 +1,7 @@
 # Copyright 2026 The diffusers-pixnerd authors. MIT License.
 """The denoising loop shared by the class-conditional and the text-to-image PixNerd pipelines."""
 
-import json
+import functools
 import math
 import os
 import re
@@ -17,6 +17,8 @@ from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import create_repo
 
+from ..loaders import official_pipeline_folder
+from ..models.transformer_pixnerd import PixNerdTransformer2DModel
 from ..schedulers.scheduling_pixnerd import check_guidance_interval, is_integer, is_real
 
 logger = logging.get_logger(__name__)
@@ -127,46 +129,61 @@ class PixNerdBasePipeline(DiffusionPipeline, PixNerdLoraLoaderMixin):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
         """`DiffusionPipeline.from_pretrained`, which also takes an official PixNerd Hub repo or folder holding a
-        Lightning checkpoint and no `model_index.json` (e.g. "MCG-NJU/PixNerd-XL-P16-C2I"): it is converted once and
-        cached (see `convert.official_pipeline_folder`; options `checkpoint_name`, `ema`, `sample_size`).
-        The text-to-image pipeline then loads Qwen/Qwen3-1.7B as its text encoder unless `text_encoder` is given.
+        Lightning checkpoint and no `model_index.json` (e.g. "MCG-NJU/PixNerd-XL-P16-C2I"): it is converted once by
+        `from_single_file` and cached (see `loaders.official_pipeline_folder`; options `checkpoint_name`, `ema`,
+        `sample_size`). The text-to-image pipeline then loads Qwen/Qwen3-1.7B as its text encoder unless
+        `text_encoder` is given.
         """
-        from ..convert import DEFAULT_TEXT_ENCODER, official_pipeline_folder
-
         options = {k: kwargs.pop(k) for k in ("checkpoint_name", "ema", "sample_size") if k in kwargs}
         hub = {k: kwargs.get(k) for k in ("cache_dir", "token", "revision")}
-        converted = official_pipeline_folder(str(pretrained_model_name_or_path), **options, **hub)
+        # The cache holds the required components; optional ones (the text encoder) are loaded separately.
+        convert = functools.partial(cls.from_single_file, **dict.fromkeys(cls._optional_components))
+        converted = official_pipeline_folder(str(pretrained_model_name_or_path), convert, **options, **hub)
         if converted is not None:
             pretrained_model_name_or_path = converted
-            if cls._is_text_pipeline(converted) and "text_encoder" not in kwargs:
-                from transformers import AutoModel, AutoTokenizer
-
-                dtype = kwargs.get("torch_dtype") or torch.bfloat16
-                kwargs["text_encoder"] = AutoModel.from_pretrained(DEFAULT_TEXT_ENCODER, torch_dtype=dtype)
-                kwargs.setdefault("tokenizer", AutoTokenizer.from_pretrained(DEFAULT_TEXT_ENCODER))
+            kwargs = cls._official_default_components(kwargs)
         pipeline = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         if os.path.isdir(pretrained_model_name_or_path):  # keep the card's training section and samples
             pipeline._model_card_source = (os.fspath(pretrained_model_name_or_path),)
         return pipeline
 
-    @staticmethod
-    def _is_text_pipeline(folder: str) -> bool:
-        with open(os.path.join(folder, "model_index.json"), encoding="utf-8") as f:
-            return json.load(f)["_class_name"] == "PixNerdT2IPipeline"
+    @classmethod
+    def _official_default_components(cls, kwargs: dict) -> dict:
+        """`from_pretrained` kwargs for a converted official folder: the components the conversion left out."""
+        return kwargs
 
     @classmethod
-    def from_single_file(cls, pretrained_model_link_or_path: str, **kwargs):
-        """A complete pipeline from an official checkpoint (local path, `org/repo/file.ckpt` or Hub URL); see
-        `convert.convert_official_pipeline` for the options (`ema`, `sample_size`, `torch_dtype`, `text_encoder`, ...).
+    def from_single_file(
+        cls,
+        pretrained_model_link_or_path: str,
+        ema: bool = True,
+        sample_size: int | None = None,
+        torch_dtype: torch.dtype | None = None,
+        scheduler_preset: str | None = None,
+        **kwargs,
+    ):
+        """A complete pipeline from an official checkpoint (local path, `org/repo/file.ckpt` or Hub URL): the
+        transformer from `PixNerdTransformer2DModel.from_single_file` (options `ema`, `sample_size`, `torch_dtype`
+        and Hub download options), the scheduler from `PixNerdFlowMatchScheduler.from_official_preset`
+        (`scheduler_preset`, by default the paper's setting for the checkpoint), and the pipeline's optional
+        components (`text_encoder`, `tokenizer`) from `kwargs`.
         """
-        from ..convert import convert_official_pipeline
+        components = {k: kwargs.pop(k) for k in ("text_encoder", "tokenizer") if k in kwargs}
+        transformer = PixNerdTransformer2DModel.from_single_file(
+            pretrained_model_link_or_path, ema=ema, sample_size=sample_size, torch_dtype=torch_dtype, **kwargs
+        )
+        expected = "PixNerdT2IPipeline" if transformer.is_text_conditional else "PixNerdPipeline"
+        if expected != cls.__name__:
+            raise ValueError(f"{pretrained_model_link_or_path!r} is a checkpoint for {expected}, not {cls.__name__}.")
+        unknown = sorted(set(components) - set(cls._optional_components))
+        if unknown:
+            raise TypeError(f"{cls.__name__}.from_single_file() got unexpected keyword argument(s) {unknown}.")
+        return cls.from_official_transformer(transformer, scheduler_preset, torch_dtype, **components)
 
-        pipe = convert_official_pipeline(pretrained_model_link_or_path, **kwargs)
-        if not isinstance(pipe, cls):
-            raise ValueError(
-                f"{pretrained_model_link_or_path!r} is a checkpoint for {type(pipe).__name__}, not {cls.__name__}."
-            )
-        return pipe
+    @classmethod
+    def from_official_transformer(cls, transformer, scheduler_preset=None, torch_dtype=None, **components):
+        """The pipeline around a converted official transformer, with the paper's sampler settings."""
+        raise NotImplementedError
 
     def __init__(self):
         super().__init__()

@@ -1,0 +1,87 @@
+# Copyright 2026 The diffusers-pixnerd authors. MIT License.
+"""Official PixNerd repos and folders (a Lightning `.ckpt`, no `model_index.json`): converted once, then cached."""
+
+import glob
+import os
+import re
+import shutil
+import tempfile
+from typing import Any, Callable
+
+import huggingface_hub
+from diffusers.utils import logging
+from huggingface_hub.errors import OfflineModeIsEnabled
+
+logger = logging.get_logger(__name__)
+
+
+def official_pipeline_folder(
+    name_or_path: str,
+    convert: Callable[..., Any],
+    checkpoint_name: str | None = None,
+    ema: bool = True,
+    sample_size: int | None = None,
+    cache_dir: str | None = None,
+    token: str | None = None,
+    revision: str | None = None,
+) -> str | None:
+    """For a folder or Hub repo that holds an official Lightning checkpoint and no `model_index.json`: the path of
+    its converted pipeline, converted once by `convert(checkpoint_path, ema=..., sample_size=...)` (which returns an
+    object with `save_pretrained`, e.g. `PixNerdPipeline.from_single_file`) and cached. `None` for anything else.
+
+    The cache lives in `cache_dir` (default `$HF_HOME/diffusers_pixnerd`) and is written atomically; a cached
+    conversion is used without network access.
+    """
+    root = os.path.join(cache_dir or os.path.join(huggingface_hub.constants.HF_HOME, "diffusers_pixnerd"), "converted")
+    tag = f"{'ema' if ema else 'online'}-{sample_size or 'default'}"
+    if os.path.isdir(name_or_path):
+        if os.path.isfile(os.path.join(name_or_path, "model_index.json")):
+            return None
+        checkpoints = sorted(f for f in os.listdir(name_or_path) if f.endswith(".ckpt"))
+        key = os.path.abspath(name_or_path).strip(os.sep).replace(os.sep, "--")
+        fetch = lambda name: os.path.join(name_or_path, name)  # noqa: E731
+        if checkpoints:  # a changed file gets a new conversion
+            stat = os.stat(fetch(checkpoint_name or checkpoints[0]))
+            tag += f"-{stat.st_size}-{int(stat.st_mtime)}"
+    else:
+        if re.fullmatch(r"[\w.-]+/[\w.-]+", name_or_path) is None:
+            return None
+        if isinstance(
+            huggingface_hub.try_to_load_from_cache(name_or_path, "model_index.json", cache_dir, revision), str
+        ):
+            return None  # a diffusers-format repo already in the cache
+        key = name_or_path.replace("/", "--") + (f"@{revision}" if revision else "")
+        cached = sorted(glob.glob(os.path.join(root, key, f"{checkpoint_name or '*'}-{tag}", "model_index.json")))
+        if cached:
+            return os.path.dirname(cached[0])
+        try:
+            files = huggingface_hub.HfApi().list_repo_files(name_or_path, revision=revision, token=token)
+        except OfflineModeIsEnabled:
+            return None  # offline and not converted before: let diffusers say what is missing
+        if "model_index.json" in files:
+            return None
+        checkpoints = sorted(f for f in files if f.endswith(".ckpt"))
+        fetch = lambda name: huggingface_hub.hf_hub_download(name_or_path, name, revision=revision, token=token)  # noqa: E731
+    if checkpoint_name is not None:
+        if checkpoint_name not in checkpoints:
+            raise ValueError(f"`checkpoint_name` {checkpoint_name!r} is not in {name_or_path!r}: {checkpoints}.")
+        checkpoints = [checkpoint_name]
+    if not checkpoints:
+        return None
+    if len(checkpoints) > 1:
+        logger.warning(
+            f"{name_or_path!r} holds {checkpoints}; converting {checkpoints[0]!r} (choose with `checkpoint_name`)."
+        )
+    target = os.path.join(root, key, f"{checkpoints[0]}-{tag}")
+    if not os.path.isfile(os.path.join(target, "model_index.json")):
+        pipe = convert(fetch(checkpoints[0]), ema=ema, sample_size=sample_size)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        staging = tempfile.mkdtemp(dir=os.path.dirname(target), prefix=".converting-")
+        try:
+            pipe.save_pretrained(staging)
+            shutil.rmtree(target, ignore_errors=True)  # an earlier, incomplete conversion
+            os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        logger.info(f"Converted {name_or_path!r} ({checkpoints[0]}) to {target}")
+    return target

@@ -1,0 +1,119 @@
+# Copyright 2026 The diffusers-pixnerd authors. MIT License.
+"""What the PixNerd training scripts share, one module per concern (each imports only the ones listed before it):
+
+- `objectives`: timestep (sigma) sampling, the rectified-flow loss, condition dropout, flips, REPA (projector,
+  DINOv2 targets, cosine loss), prompt encoding, and `PixNerdTrainingModule` (the losses of a step).
+- `ema`: the EMA of the trained weights (`create_ema`, `ema_decay_for_run`, `ema_weights`).
+- `checkpoints`: checkpoints that survive a kill (write, commit, list, resolve, clean up), the `--output_dir` lock,
+  and loading a checkpoint's transformer weights (`load_checkpoint_weights`).
+- `data`: image folders and `datasets` datasets, crops, lazy decoding, the data loader of a run.
+- `cli`: the flags both scripts share and their checks, the model config from the flags.
+- `hub`: the model card's training section and the upload to the Hub.
+- `run_setup`: what a run is built from: the `Accelerator`, the output folder, optimizer and lr schedule, REPA.
+- `loop`: `TrainingRun` (batches, step, backward, EMA, logs, checkpoints and resume, signals, validation, export).
+
+The names the example scripts use are importable from here: `from diffusers_pixnerd.training import TrainingRun`.
+"""
+
+from .checkpoints import (
+    check_output_dir,
+    commit_checkpoint,
+    list_checkpoints,
+    load_checkpoint_weights,
+    remove_temporary_checkpoints,
+    resolve_checkpoint,
+    sub_state_dict,
+)
+from .cli import add_training_arguments, check_resolution, check_training_arguments, model_config_from_args
+from .data import (
+    ImageSampleDataset,
+    StreamingImageSampleDataset,
+    add_prompt_embeddings,
+    adm_center_crop,
+    collate_samples,
+    count_classes,
+    create_dataloader,
+    dataloader_workers,
+    image_to_tensor,
+    load_training_dataset,
+    open_image,
+    pad_to_size,
+    read_class_names,
+    resize_center_crop,
+    scan_caption_folder,
+    scan_class_folder,
+)
+from .ema import create_ema, ema_decay_for_run, ema_weights
+from .hub import hub_model_id, lora_model_card, push_folder
+from .loop import TrainingRun
+from .objectives import (
+    PixNerdTrainingModule,
+    REPAProjector,
+    capture_block_output,
+    condition_drop_mask,
+    encode_prompts,
+    flow_matching_loss,
+    random_flip,
+    repa_target_features,
+    sample_sigmas,
+    shift_sigmas,
+)
+from .run_setup import (
+    create_accelerator,
+    create_repa_encoder,
+    create_repa_projector,
+    prepare_output_dir,
+    weight_dtype,
+)
+
+__all__ = [
+    "ImageSampleDataset",
+    "PixNerdTrainingModule",
+    "REPAProjector",
+    "StreamingImageSampleDataset",
+    "TrainingRun",
+    "add_prompt_embeddings",
+    "add_training_arguments",
+    "adm_center_crop",
+    "capture_block_output",
+    "check_output_dir",
+    "check_resolution",
+    "check_training_arguments",
+    "collate_samples",
+    "commit_checkpoint",
+    "condition_drop_mask",
+    "count_classes",
+    "create_accelerator",
+    "create_dataloader",
+    "create_ema",
+    "create_repa_encoder",
+    "create_repa_projector",
+    "dataloader_workers",
+    "ema_decay_for_run",
+    "ema_weights",
+    "encode_prompts",
+    "flow_matching_loss",
+    "hub_model_id",
+    "lora_model_card",
+    "image_to_tensor",
+    "list_checkpoints",
+    "load_checkpoint_weights",
+    "load_training_dataset",
+    "model_config_from_args",
+    "open_image",
+    "pad_to_size",
+    "prepare_output_dir",
+    "push_folder",
+    "random_flip",
+    "read_class_names",
+    "remove_temporary_checkpoints",
+    "repa_target_features",
+    "resize_center_crop",
+    "resolve_checkpoint",
+    "sample_sigmas",
+    "scan_caption_folder",
+    "scan_class_folder",
+    "shift_sigmas",
+    "sub_state_dict",
+    "weight_dtype",
+]

@@ -1,0 +1,243 @@
+# Copyright 2026 The diffusers-pixnerd authors. MIT License.
+"""Checkpoints that survive a kill: `checkpoint-N` folders written as `checkpoint-N.tmp` and committed by a rename,
+listed, resolved for `--resume_from_checkpoint`, cleaned up after an interrupted save; the lock on `--output_dir`, and
+loading the transformer weights (EMA or trained) of a checkpoint."""
+
+import json
+import logging
+import os
+import shlex
+import shutil
+import sys
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+
+from .ema import ema_file_in, load_ema_state
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint-"
+TMP_SUFFIX = ".tmp"
+OLD_SUFFIX = ".old"
+TRAINING_STATE_FILE = "training_state.json"
+EXPORT_MARKERS = ("model_index.json", "pytorch_lora_weights.safetensors")  # the files of a finished run's export
+
+
+def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """Complete checkpoints `(step, path)` in `output_dir`, oldest first: `checkpoint-N` folders holding their
+    training state file (written last); temporary (`.tmp`) and replaced (`.old`) folders do not count."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        step = name[len(CHECKPOINT_PREFIX) :]
+        path = os.path.join(output_dir, name)
+        if (
+            name.startswith(CHECKPOINT_PREFIX)
+            and step.isdigit()
+            and os.path.isfile(os.path.join(path, TRAINING_STATE_FILE))
+        ):
+            found.append((int(step), path))
+    return sorted(found)
+
+
+def resolve_checkpoint(output_dir: str, resume_from_checkpoint: str | None) -> str | None:
+    """The folder of `--resume_from_checkpoint`: "latest" (the highest complete one, `None` if there is none), a
+    checkpoint name in `output_dir` or a path."""
+    if resume_from_checkpoint is None:
+        return None
+    if resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        return checkpoints[-1][1] if checkpoints else None
+    path = resume_from_checkpoint
+    if not os.path.isdir(path):
+        path = os.path.join(output_dir, resume_from_checkpoint)
+    if not os.path.isdir(path) or path.endswith(TMP_SUFFIX):
+        raise ValueError(f"`--resume_from_checkpoint` {resume_from_checkpoint!r} is not a complete checkpoint folder.")
+    return path
+
+
+TRAINING_STATE_KEYS = ("global_step", "num_processes", "train_batch_size", "gradient_accumulation_steps")
+
+
+def read_training_state(checkpoint: str) -> dict:
+    """`training_state.json` of a checkpoint; a file that is not what `TrainingRun.save` writes is named."""
+    path = os.path.join(checkpoint, TRAINING_STATE_FILE)
+    with open(path, encoding="utf-8") as f:
+        try:
+            state = json.load(f)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON ({error}): the checkpoint is damaged.") from None
+    if not isinstance(state, dict):
+        raise ValueError(
+            f"{path} must hold a JSON object with {list(TRAINING_STATE_KEYS)}; the checkpoint is damaged."
+        )
+    for key in TRAINING_STATE_KEYS:
+        if not (isinstance(state.get(key), int) and not isinstance(state[key], bool) and state[key] >= 0):
+            raise ValueError(
+                f"{path}: `{key}` must be a non-negative integer, got {state.get(key)!r}; the checkpoint is damaged."
+            )
+    return state
+
+
+def fsync_tree(folder: str):
+    """Flushes every file under `folder`, then the folders themselves, to the disk (before a rename commits them)."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(root)
+
+
+def fsync_dir(folder: str):
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def commit_checkpoint(temporary: str, total_limit: int | None = None, stale: Iterable[str] = ()) -> str:
+    """Commits a fully written `checkpoint-N.tmp` as `checkpoint-N`: its files are flushed to the disk, then it is
+    renamed (atomic on one file system). An existing `checkpoint-N` (the same step saved again by a resumed run) is
+    first moved aside to `checkpoint-N.old` and deleted only after the rename, so a kill at any point leaves a
+    complete `checkpoint-N`, old or new (`remove_temporary_checkpoints` puts an `.old` back). Then deletes the `stale`
+    checkpoints (of a run being overwritten) and the oldest ones beyond `total_limit`. Until the rename, "latest" is
+    the previous checkpoint."""
+    output_dir, name = os.path.split(temporary.rstrip(os.sep))
+    final = os.path.join(output_dir, name[: -len(TMP_SUFFIX)])
+    fsync_tree(temporary)
+    replaced = final + OLD_SUFFIX
+    if os.path.exists(final):
+        if os.path.exists(replaced):
+            shutil.rmtree(replaced)
+        os.rename(final, replaced)
+    os.rename(temporary, final)
+    fsync_dir(output_dir)
+    if os.path.exists(replaced):
+        shutil.rmtree(replaced)
+    for path in stale:
+        if os.path.abspath(path) != os.path.abspath(final) and os.path.isdir(path):
+            logger.info("Removing %s (an earlier run, `--overwrite_output_dir`)", path)
+            shutil.rmtree(path)
+    if total_limit is not None:
+        checkpoints = list_checkpoints(output_dir)
+        for _, old in checkpoints[: max(0, len(checkpoints) - total_limit)]:
+            logger.info("Removing %s (checkpoints_total_limit=%d)", old, total_limit)
+            shutil.rmtree(old)
+    return final
+
+
+def sub_state_dict(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of submodule `prefix`, without the prefix."""
+    return {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
+
+
+def load_checkpoint_weights(transformer: nn.Module, checkpoint: str, use_ema: bool = True) -> str:
+    """Puts the transformer weights of a full-training checkpoint folder into `transformer` (same config): its EMA
+    when the run kept one and `use_ema`, else the trained weights. Returns which ("ema" or "trained")."""
+    from safetensors.torch import load_file
+
+    model_file = os.path.join(checkpoint, "model.safetensors")
+    if not os.path.isfile(model_file):
+        raise ValueError(f"{checkpoint!r} is not a training checkpoint folder (no model.safetensors).")
+    transformer.load_state_dict(sub_state_dict(load_file(model_file), "transformer"))
+    ema_file = ema_file_in(checkpoint)
+    if not (use_ema and ema_file):
+        return "trained"
+    shadow = load_ema_state(ema_file)["shadow_params"]
+    parameters = list(transformer.parameters())
+    if len(shadow) != len(parameters):
+        raise ValueError(f"{ema_file} holds {len(shadow)} tensors, the transformer {len(parameters)} parameters.")
+    with torch.no_grad():
+        for parameter, value in zip(parameters, shadow):
+            parameter.copy_(value)
+    return "ema"
+
+
+def remove_temporary_checkpoints(output_dir: str):
+    """Cleans up after a run killed while saving: a `checkpoint-N.old` whose replacement never arrived becomes
+    `checkpoint-N` again (it is complete), one that was replaced is deleted; `checkpoint-N.tmp` folders (incomplete,
+    or complete but not committed) are deleted."""
+    if not os.path.isdir(output_dir):
+        return
+    for name in sorted(os.listdir(output_dir)):
+        path = os.path.join(output_dir, name)
+        if not name.startswith(CHECKPOINT_PREFIX) or not name.endswith(OLD_SUFFIX):
+            continue
+        final = path[: -len(OLD_SUFFIX)]
+        if os.path.isfile(os.path.join(final, TRAINING_STATE_FILE)):
+            shutil.rmtree(path)
+        else:
+            logger.warning("Restoring %s (a save replacing it was interrupted).", os.path.basename(final))
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.rename(path, final)
+    for name in os.listdir(output_dir):
+        if name.startswith(CHECKPOINT_PREFIX) and name.endswith(TMP_SUFFIX):
+            logger.warning("Removing the incomplete checkpoint %s (a save was interrupted).", name)
+            shutil.rmtree(os.path.join(output_dir, name))
+
+
+def check_output_dir(output_dir: str, resume_from_checkpoint: str | None, overwrite_output_dir: bool):
+    """Refuses to start a new run over an earlier one unless told to resume or overwrite."""
+    earlier = [name for _, name in list_checkpoints(output_dir)]
+    for marker in EXPORT_MARKERS:
+        if os.path.exists(os.path.join(output_dir, marker)):
+            earlier.append(os.path.join(output_dir, marker))
+    if earlier and resume_from_checkpoint is None and not overwrite_output_dir:
+        raise ValueError(
+            f"`--output_dir` {output_dir!r} holds an earlier run ({earlier[-1]}). Pass `--resume_from_checkpoint "
+            "latest` to continue it or `--overwrite_output_dir` to start over (its checkpoints are then deleted)."
+        )
+
+
+def resume_command(argv: list[str] | None = None) -> str:
+    """The command line of this run with `--resume_from_checkpoint latest` (and without `--overwrite_output_dir`)."""
+    argv = list(sys.argv if argv is None else argv)
+    kept, skip = [], False
+    for arg in argv[1:]:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name == "--resume_from_checkpoint":
+            skip = "=" not in arg
+            continue
+        if name != "--overwrite_output_dir":
+            kept.append(arg)
+    launcher = "accelerate launch" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "python"
+    return f"{launcher} {shlex.join([argv[0], *kept, '--resume_from_checkpoint', 'latest'])}"
+
+
+_held_locks: dict[str, int] = {}
+
+
+def lock_output_dir(output_dir: str):
+    """Takes an exclusive lock on the folder `output_dir` itself (`flock` on the directory, released when this process
+    exits; no file is left behind): a second run writing into the same folder stops with an error instead of mixing
+    its checkpoints with the first one's."""
+    import fcntl
+
+    os.makedirs(output_dir, exist_ok=True)
+    key = os.path.realpath(output_dir)
+    if key in _held_locks:  # this process already holds it (an earlier run in the same process)
+        os.close(_held_locks.pop(key))
+    descriptor = os.open(output_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        raise RuntimeError(
+            f"Another training run is writing into `--output_dir` {output_dir!r}. Wait for it to end, or choose "
+            "another `--output_dir`."
+        ) from None
+    _held_locks[key] = descriptor
+
+
+def unlock_output_dir(output_dir: str):
+    descriptor = _held_locks.pop(os.path.realpath(output_dir), None)
+    if descriptor is not None:
+        os.close(descriptor)

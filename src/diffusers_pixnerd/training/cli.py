@@ -1,0 +1,207 @@
+# Copyright 2026 The diffusers-pixnerd authors. MIT License.
+"""The command-line flags both training scripts share, their checks, the model config they give, and the flags as
+tracker hyper-parameters."""
+
+import argparse
+import inspect
+import json
+import math
+
+from ..models.transformer_pixnerd import PixNerdTransformer2DModel
+from .objectives import LOSS_WEIGHTING, TIMESTEP_SAMPLING
+
+# The arguments a saved config may carry besides the model's own (diffusers writes these into config.json).
+_SAVED_CONFIG_KEYS = {"_class_name", "_diffusers_version", "_name_or_path"}
+_MODEL_PARAMETERS = inspect.signature(PixNerdTransformer2DModel.__init__).parameters
+MODEL_CONFIG_KEYS = (set(_MODEL_PARAMETERS) - {"self"}) | _SAVED_CONFIG_KEYS
+MODEL_DEFAULTS = {name: p.default for name, p in _MODEL_PARAMETERS.items() if p.default is not inspect.Parameter.empty}
+
+
+def add_switch(group, name: str, default: bool | None, help: str):
+    """`--name` / `--no_name` (snake case, as the other flags; argparse's BooleanOptionalAction writes `--no-name`)."""
+    group.add_argument(f"--{name}", dest=name, action="store_true", default=default, help=help)
+    group.add_argument(f"--no_{name}", dest=name, action="store_false", help=f"Turn `--{name}` off.")
+
+
+def add_training_arguments(parser: argparse.ArgumentParser, **defaults) -> argparse.ArgumentParser:
+    """The flags both scripts share; `defaults` sets each script's own defaults (learning rate, shift, ...)."""
+    data = parser.add_argument_group("data")
+    data.add_argument("--train_data_dir", type=str, default=None, help="A local image folder (see docs/training.md).")
+    data.add_argument("--dataset_name", type=str, default=None, help="A `datasets` dataset: Hub name or local path.")
+    data.add_argument("--dataset_config_name", type=str, default=None)
+    data.add_argument("--dataset_split", type=str, default="train")
+    data.add_argument("--image_column", type=str, default="image")
+    data.add_argument("--cache_dir", type=str, default=None, help="Where datasets and models downloaded are stored.")
+    data.add_argument("--streaming", action="store_true", help="Stream the dataset (needs `--max_train_steps`).")
+    data.add_argument("--shuffle_buffer_size", type=int, default=10_000, help="Shuffle buffer of a streamed dataset.")
+    data.add_argument("--resolution", type=int, default=defaults.get("resolution"), help="Training image size.")
+    data.add_argument(
+        "--image_preprocessing",
+        choices=("adm_center_crop", "resize_center_crop", "pad"),
+        default=defaults["image_preprocessing"],
+        help="adm_center_crop: the official C2I crop; resize_center_crop: the official T2I one; pad: pad to size.",
+    )
+    data.add_argument("--random_flip", action="store_true", help="Random horizontal flips.")
+    data.add_argument("--dataloader_num_workers", type=int, default=4)
+    data.add_argument(
+        "--fail_on_corrupt_images", action="store_true", help="Stop at an unreadable image instead of skipping it."
+    )
+
+    model = parser.add_argument_group("diffusion")
+    model.add_argument("--timestep_sampling", choices=TIMESTEP_SAMPLING, default="logit_normal")
+    model.add_argument("--logit_mean", type=float, default=0.0)
+    model.add_argument("--logit_std", type=float, default=1.0)
+    model.add_argument("--mode_scale", type=float, default=1.29)
+    model.add_argument("--shift", type=float, default=defaults["shift"], help="Time shift of the sampled sigmas.")
+    model.add_argument("--weighting_scheme", choices=LOSS_WEIGHTING, default="none", help="Per-sample loss weight.")
+    model.add_argument("--condition_dropout", type=float, default=0.1, help="Probability of the null condition (CFG).")
+    model.add_argument("--gradient_checkpointing", action="store_true")
+
+    repa = parser.add_argument_group("REPA")
+    add_switch(
+        repa,
+        "use_repa",
+        defaults.get("use_repa"),
+        "REPA alignment to DINOv2 (default: on from scratch and for full fine-tuning, off for LoRA).",
+    )
+    repa.add_argument("--repa_encoder", type=str, default="facebook/dinov2-base", help="DINOv2 name or folder.")
+    repa.add_argument("--repa_align_layer", type=int, default=defaults["repa_align_layer"], help="1-based block.")
+    repa.add_argument("--repa_loss_weight", type=float, default=0.5)
+    repa.add_argument("--repa_projector_dim", type=int, default=None, help="Projector width (default: hidden size).")
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--train_batch_size", type=int, default=defaults["train_batch_size"], help="Per device.")
+    optim.add_argument("--num_train_epochs", type=int, default=100)
+    optim.add_argument("--max_train_steps", type=int, default=None, help="Overrides `--num_train_epochs`.")
+    optim.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    optim.add_argument("--learning_rate", type=float, default=defaults.get("learning_rate"))
+    optim.add_argument("--scale_lr", action="store_true", help="Multiply the lr by batch size, accumulation, GPUs.")
+    optim.add_argument(
+        "--lr_scheduler",
+        type=str,
+        default="constant",
+        help='"constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial".',
+    )
+    optim.add_argument("--lr_warmup_steps", type=int, default=0)
+    optim.add_argument("--lr_num_cycles", type=int, default=1)
+    optim.add_argument("--lr_power", type=float, default=1.0)
+    optim.add_argument("--adam_beta1", type=float, default=0.9)
+    optim.add_argument("--adam_beta2", type=float, default=defaults.get("adam_beta2", 0.999))
+    optim.add_argument("--adam_weight_decay", type=float, default=0.0)
+    optim.add_argument("--adam_epsilon", type=float, default=1e-8)
+    optim.add_argument("--max_grad_norm", type=float, default=defaults["max_grad_norm"], help="0 turns clipping off.")
+    optim.add_argument(
+        "--mixed_precision", choices=("no", "fp16", "bf16"), default=None, help="Default: accelerate's."
+    )
+    optim.add_argument("--allow_tf32", action="store_true")
+    optim.add_argument("--cpu", action="store_true", help="Train on the CPU even if an accelerator is present.")
+    optim.add_argument("--seed", type=int, default=None, help="Default: drawn once and stored in the checkpoints.")
+    add_switch(
+        optim,
+        "use_ema",
+        defaults.get("use_ema", True),
+        "Keep an EMA of the weights and export it (default: on, off for LoRA).",
+    )
+    optim.add_argument(
+        "--ema_decay",
+        type=float,
+        default=None,
+        help="Default: from the run length, the official 0.9999 for runs of 46,000+ steps, else 1 - 10 / steps (so "
+        "the export always reflects the training; see docs/training.md#ema).",
+    )
+    add_switch(
+        optim,
+        "ema_warmup",
+        False,
+        "Ramp the EMA decay up as diffusers does, min(decay, (1 + n) / (10 + n)), instead of the official constant "
+        "decay from the first step (use it for short runs from scratch).",
+    )
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--output_dir", type=str, default=defaults["output_dir"])
+    run.add_argument("--overwrite_output_dir", action="store_true", help="Start over in a folder with an earlier run.")
+    run.add_argument("--checkpointing_steps", type=int, default=5000)
+    run.add_argument("--checkpoints_total_limit", type=int, default=None)
+    run.add_argument("--resume_from_checkpoint", type=str, default=None, help='"latest", a checkpoint name or path.')
+    run.add_argument("--validation_steps", type=int, default=None, help="Sample validation images every N steps.")
+    run.add_argument("--validation_num_inference_steps", type=int, default=None, help="Default: the scheduler's.")
+    run.add_argument("--validation_guidance_scale", type=float, default=None, help="Default: the scheduler's.")
+    run.add_argument("--logging_dir", type=str, default="logs", help="Tracker logs, inside `--output_dir`.")
+    run.add_argument("--report_to", type=str, default="tensorboard", help='"tensorboard", "wandb", "all" or "none".')
+    run.add_argument("--tracker_project_name", type=str, default=defaults["tracker_project_name"])
+    run.add_argument("--push_to_hub", action="store_true")
+    run.add_argument("--hub_model_id", type=str, default=None)
+    run.add_argument("--hub_token", type=str, default=None)
+    return parser
+
+
+def check_training_arguments(args: argparse.Namespace):
+    """Flag combinations that cannot work, reported before anything loads."""
+    if (args.train_data_dir is None) == (args.dataset_name is None):
+        raise ValueError("Pass exactly one of `--train_data_dir` (a local folder) and `--dataset_name`.")
+    if args.streaming and args.max_train_steps is None:
+        raise ValueError("`--streaming` datasets have no length: pass `--max_train_steps`.")
+    if args.resume_from_checkpoint is not None and args.overwrite_output_dir:
+        raise ValueError("Pass at most one of `--resume_from_checkpoint` and `--overwrite_output_dir`.")
+    positive = ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "num_train_epochs")
+    for name in positive + ("max_train_steps", "validation_steps", "checkpoints_total_limit", "resolution"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"`--{name}` must be a positive integer, got {value}.")
+    if not 0.0 <= args.condition_dropout < 1.0:
+        raise ValueError(f"`--condition_dropout` must be in [0, 1), got {args.condition_dropout}.")
+    if args.shift is not None and not (math.isfinite(args.shift) and args.shift > 0):
+        raise ValueError(f"`--shift` must be a positive number, got {args.shift}.")
+    if args.ema_decay is not None and not 0.0 <= args.ema_decay <= 1.0:
+        raise ValueError(f"`--ema_decay` must be in [0, 1], got {args.ema_decay}.")
+    if args.report_to == "wandb" and args.hub_token is not None:
+        raise ValueError("`--report_to wandb` with `--hub_token` would expose the token; use `hf auth login` instead.")
+
+
+def check_resolution(resolution: int, patch_size: int):
+    """`--resolution` must cut into whole patches of the model."""
+    if resolution % patch_size:
+        raise ValueError(f"`--resolution` ({resolution}) must be a multiple of the model's patch size ({patch_size}).")
+
+
+def _config_object(text: str, flag: str) -> dict:
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as error:  # its message gives the line and column
+        raise ValueError(f"{flag} is not valid JSON: {error}.") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{flag} must be a JSON object of model arguments, got {type(config).__name__}.")
+    unknown = sorted(set(config) - MODEL_CONFIG_KEYS)
+    if unknown:
+        raise ValueError(
+            f"{flag} has unknown model arguments {unknown}; `PixNerdTransformer2DModel` takes "
+            f"{sorted(MODEL_CONFIG_KEYS)}."
+        )
+    return config
+
+
+def model_config_from_args(args: argparse.Namespace, presets: dict, **overrides) -> dict:
+    """A new transformer's arguments: the preset or JSON file `--model_config`, the inline JSON `--model_config_json`
+    on top, then `overrides` (the training resolution, the data's classes, the text encoder's width)."""
+    if args.model_config in presets:
+        config = dict(presets[args.model_config])
+    else:
+        try:
+            with open(args.model_config, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as error:
+            raise ValueError(
+                f"`--model_config` {args.model_config!r}: not a preset nor a JSON file ({error})."
+            ) from None
+        config = _config_object(text, f"`--model_config` {args.model_config!r}")
+    if args.model_config_json:
+        config.update(_config_object(args.model_config_json, "`--model_config_json`"))
+    config.update(overrides)
+    if config.get("sample_size") is not None:
+        check_resolution(config["sample_size"], config.get("patch_size", MODEL_DEFAULTS["patch_size"]))
+    return config
+
+
+def tracker_config(args: argparse.Namespace) -> dict:
+    """The flags as tracker hyper-parameters (TensorBoard takes numbers, strings and booleans only)."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}

@@ -1,0 +1,520 @@
+# Copyright 2026 The diffusers-pixnerd authors. MIT License.
+"""A training run: `TrainingRun`, the bookkeeping around the training step (batches, the step's random inputs, backward, EMA, logs,
+replica checks, checkpoints and resume, stopping on a signal, validation and export)."""
+
+import errno
+import json
+import logging
+import os
+import shutil
+import signal
+import time
+from typing import Iterable, Iterator
+
+import torch
+import torch.nn as nn
+
+from .checkpoints import (
+    CHECKPOINT_PREFIX,
+    TMP_SUFFIX,
+    TRAINING_STATE_FILE,
+    commit_checkpoint,
+    list_checkpoints,
+    read_training_state,
+    resume_command,
+    sub_state_dict,
+    unlock_output_dir,
+)
+from .cli import tracker_config
+from .data import training_steps
+from .ema import (
+    EMA_FILE,
+    EMA_MAX_INITIAL_SHARE,
+    create_ema,
+    ema_decay_for_run,
+    ema_file_in,
+    ema_weights,
+    load_ema_state,
+    save_ema,
+)
+from .hub import model_card_training_section
+from .objectives import (
+    PixNerdTrainingModule,
+    condition_drop_mask,
+    random_flip,
+    repa_target_features,
+    sample_sigmas,
+)
+from .run_setup import create_optimizer
+
+logger = logging.getLogger(__name__)
+
+
+def parameters_fingerprint(parameters: Iterable[torch.Tensor]) -> str:
+    """A hash of parameter values, to compare replicas across processes."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for p in parameters:
+        digest.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+class TrainingRun:
+    r"""
+    Everything around the training step that the scripts share. Given the training module (not yet prepared) and the
+    prepared data loader, it makes AdamW and the lr schedule, prepares them with Accelerate, creates the float32 EMA
+    of the trained transformer weights, resumes from `checkpoint` (model, optimizer, lr schedule, grad scaler and RNG
+    through `accelerator.load_state`; then EMA, step and data position), and starts the trackers. Then:
+
+    ```py
+    run = TrainingRun(accelerator, args, model, train_dataloader, checkpoint)
+    for batch in run.batches():  # until --max_train_steps, epoch after epoch, resuming at the exact batch
+        with accelerator.accumulate(run.model):
+            inputs = run.step_inputs(batch["pixel_values"], repa_encoder)  # noise, sigmas, dropout, ...
+            losses = run.model(**inputs, class_labels=batch["label"])
+            run.backward(losses)  # stops on a non-finite loss; clipping, optimizer and lr steps
+        if run.end_step(batch) and run.validation_due:  # EMA, logs, atomic checkpoints
+            run.validation_images(pipeline, captions, class_labels=...)
+    ```
+    """
+
+    def __init__(self, accelerator, args, model: PixNerdTrainingModule, dataloader, checkpoint: str | None = None):
+        from tqdm.auto import tqdm
+
+        self.accelerator, self.args, self.dataloader = accelerator, args, dataloader
+        self.max_train_steps, self.steps_per_epoch = training_steps(args, dataloader)
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        optimizer, lr_scheduler = create_optimizer(accelerator, args, parameters, self.max_train_steps)
+        self.model, self.optimizer, self.lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+        self.trained: PixNerdTrainingModule = accelerator.unwrap_model(self.model)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        # The EMA follows the trained transformer weights (not the projector, nor text encoder layers).
+        self.ema_parameters = [p for p in self.trained.transformer.parameters() if p.requires_grad]
+        if args.use_ema and args.ema_decay is None:
+            args.ema_decay = ema_decay_for_run(self.max_train_steps)
+            logger.info(
+                "EMA decay %.6g, chosen from the run length (%d steps): the export averages about the last %d steps.",
+                args.ema_decay,
+                self.max_train_steps,
+                round(1 / max(1 - args.ema_decay, 1e-12)),
+            )
+        self.ema = create_ema(self.ema_parameters, args.ema_decay, args.ema_warmup) if args.use_ema else None
+        initial_share = 0.0 if args.ema_warmup else (args.ema_decay or 0.0) ** self.max_train_steps
+        if self.ema is not None and checkpoint is None and initial_share > EMA_MAX_INITIAL_SHARE:
+            logger.warning(
+                "With the constant EMA decay %g, the starting weights (the base model when fine-tuning, the random "
+                "initialisation from scratch) still make up %.0f%% of the exported EMA after %d steps, so the export "
+                "stays close to them. Leave `--ema_decay` unset to choose it from the run length, or pass "
+                "`--ema_warmup` or `--no_use_ema`.",
+                args.ema_decay,
+                100 * initial_share,
+                self.max_train_steps,
+            )
+        self.global_step, self.first_epoch, self.resume_batches = 0, 0, 0
+        self.saved_step, self.stop_signal, self.stopped_by = None, None, None
+        self.skipped_images = torch.zeros((), device=accelerator.device)
+        self.logs: dict[str, float] = {}
+        self._sums: dict[str, float] = {}
+        if checkpoint is not None:
+            self.load(checkpoint)
+            self.saved_step = self.global_step
+            if self.global_step >= self.max_train_steps:
+                logger.warning(
+                    "%s is at step %d, already `--max_train_steps` (%d): nothing to train; exporting it again. Pass "
+                    "a higher `--max_train_steps` to continue.",
+                    checkpoint,
+                    self.global_step,
+                    self.max_train_steps,
+                )
+        self._install_signal_handlers()
+        self.micro_step = self.global_step * args.gradient_accumulation_steps
+        if accelerator.is_main_process and args.report_to != "none":
+            accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args))
+        self.images_per_step = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+        logger.info(
+            "***** Training: %s steps, batch %d (x %d processes x %d accumulation = %d), %.2fM trainable parameters, "
+            "from step %d *****",
+            self.max_train_steps,
+            args.train_batch_size,
+            accelerator.num_processes,
+            args.gradient_accumulation_steps,
+            self.images_per_step,
+            sum(p.numel() for p in parameters) / 1e6,
+            self.global_step,
+        )
+        self.progress = tqdm(
+            total=self.max_train_steps,
+            initial=self.global_step,
+            desc="Steps",
+            disable=not accelerator.is_local_main_process,
+        )
+        self._last_time = time.perf_counter()
+
+    # ---- data
+    def batches(self) -> Iterator[dict]:
+        """Batches until `max_train_steps`, epoch after epoch, starting where the resumed checkpoint stopped."""
+        epoch = self.first_epoch
+        while self.global_step < self.max_train_steps:
+            loader = self.dataloader
+            if self.args.streaming:
+                loader.dataset.set_epoch(epoch)
+                if epoch == self.first_epoch and self.resume_batches:
+                    import itertools
+
+                    loader = itertools.islice(loader, self.resume_batches, None)  # streams cannot seek: read past
+            else:
+                if epoch == self.first_epoch and self.resume_batches:
+                    loader = self.accelerator.skip_first_batches(loader, self.resume_batches)
+                loader.set_epoch(epoch)
+            empty = True
+            for batch in loader:
+                empty = False
+                if self.args.streaming:
+                    batch = {k: v.to(self.accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                yield batch
+                if self.global_step >= self.max_train_steps or self.stopped_by is not None:
+                    return
+            if empty and not (epoch == self.first_epoch and self.resume_batches):
+                raise RuntimeError(
+                    f"Process {self.accelerator.process_index} got no batch in epoch {epoch}: too "
+                    "little data (or too few dataset shards) for the processes and the batch size."
+                )
+            epoch += 1
+
+    def generator(self) -> torch.Generator:
+        """The random source of this micro-batch (noise, timesteps, dropout, flips): seeded by (seed, process, batch
+        number), so a resumed run draws exactly what the uninterrupted one would have drawn."""
+        device = self.accelerator.device
+        seed = ((self.args.seed * 1_000_003 + self.accelerator.process_index) * 1_000_003 + self.micro_step) % 2**63
+        return torch.Generator(device).manual_seed(seed)
+
+    # ---- the step
+    def step_inputs(self, pixels: torch.Tensor, repa_encoder: nn.Module | None = None) -> dict:
+        """The random part of a step, from `generator()`: optional flips, noise, sigmas (sampled and shifted), the
+        condition-dropout mask; plus the REPA targets of the (flipped) clean images on the transformer's token grid."""
+        args, generator = self.args, self.generator()
+        if args.random_flip:
+            pixels = random_flip(pixels, generator)
+        batch_size, device = pixels.shape[0], pixels.device
+        noise = torch.randn(pixels.shape, generator=generator, device=generator.device).to(device, pixels.dtype)
+        sigmas = sample_sigmas(
+            batch_size,
+            args.timestep_sampling,
+            args.shift,
+            args.logit_mean,
+            args.logit_std,
+            args.mode_scale,
+            generator=generator,
+            device=generator.device,
+        ).to(device)
+        drop_mask = condition_drop_mask(batch_size, args.condition_dropout, generator).to(device)
+        inputs = {"pixels": pixels, "noise": noise, "sigmas": sigmas, "drop_mask": drop_mask}
+        if repa_encoder is not None:
+            token_grid = self.trained.transformer.token_grid(*pixels.shape[-2:])[:2]  # the text model's is fixed
+            with self.accelerator.autocast():
+                inputs["repa_features"] = repa_target_features(repa_encoder, pixels, token_grid)
+        return inputs
+
+    def backward(self, losses: dict):
+        """Stops on a non-finite loss (any process), then backward, clipping, optimizer and lr steps."""
+        accelerator = self.accelerator
+        values = accelerator.gather(torch.stack([v.detach().float() for v in losses.values()])[None])
+        if not torch.isfinite(values).all():
+            self._restore_signal_handlers()
+            latest = list_checkpoints(self.args.output_dir)
+            raise FloatingPointError(
+                f"Non-finite loss at step {self.global_step + 1} ({dict(zip(losses, values.T.tolist()))}): stopping "
+                f"without saving. The last good checkpoint is {latest[-1][1] if latest else 'none (no checkpoint yet)'}"
+                "; resume from it with `--resume_from_checkpoint latest`, e.g. with a lower `--learning_rate` or "
+                "`--max_grad_norm 1.0`."
+            )
+        for name, value in zip(losses, values.mean(0).tolist()):
+            self._sums[name] = self._sums.get(name, 0.0) + value / self.args.gradient_accumulation_steps
+        accelerator.backward(losses["loss"])
+        if accelerator.sync_gradients and self.args.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(self.trainable, self.args.max_grad_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def end_step(self, batch: dict) -> bool:
+        """After each micro-batch: on an optimizer step, EMA, logs and checkpoints. Returns whether a step ended."""
+        self.micro_step += 1
+        self.skipped_images += batch.get("num_skipped", 0)
+        if not self.accelerator.sync_gradients:
+            return False
+        if self.ema is not None:
+            self.ema.step(self.ema_parameters)
+        self.global_step += 1
+        if self.global_step == 1:
+            self.check_replicas()
+        self.log()
+        if self.global_step % self.args.checkpointing_steps == 0 or self.global_step == self.max_train_steps:
+            self.save()  # the last step is always checkpointed: a finished run can be continued
+        if self._stop_requested():
+            if self.saved_step != self.global_step:
+                self.save()
+            self.stopped_by = self.stop_signal or signal.SIGTERM
+        return True
+
+    @property
+    def validation_due(self) -> bool:
+        steps = self.args.validation_steps
+        return steps is not None and self.global_step % steps == 0
+
+    def log(self):
+        now = time.perf_counter()
+        skipped = int(self.accelerator.reduce(self.skipped_images, reduction="sum").item())
+        logs = {
+            **self._sums,
+            "lr": self.lr_scheduler.get_last_lr()[0],
+            "images_per_second": self.images_per_step / max(now - self._last_time, 1e-9),
+        }
+        if skipped:
+            logs["skipped_images"] = skipped
+        if skipped > self.logs.get("skipped_images", 0) and self.accelerator.is_main_process:
+            logger.warning("Unreadable images skipped so far: %d (see the warnings above for their paths)", skipped)
+        self._last_time, self._sums, self.logs = now, {}, logs
+        self.progress.update(1)
+        self.progress.set_postfix(
+            loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}", img_s=f"{logs['images_per_second']:.1f}"
+        )
+        self.accelerator.log(logs, step=self.global_step)
+
+    def check_replicas(self):
+        """After the first step of a replicated run (DDP, DeepSpeed ZeRO-2) every process must hold the same weights."""
+        from accelerate.utils import DistributedType, gather_object
+
+        if self.accelerator.num_processes == 1 or self.accelerator.distributed_type == DistributedType.FSDP:
+            return
+        fingerprints = gather_object([parameters_fingerprint(self.trainable)])
+        if len(set(fingerprints)) != 1:
+            raise RuntimeError(f"The processes hold different weights after a step: {fingerprints}.")
+        logger.info(
+            "World size %d: all processes hold identical weights after step 1 (%s)",
+            self.accelerator.num_processes,
+            fingerprints[0],
+        )
+
+    # ---- checkpoints
+    def _ema_file(self) -> str | None:
+        from accelerate.utils import DistributedType
+
+        if self.ema is None:
+            return None
+        if self.accelerator.distributed_type == DistributedType.FSDP:  # sharded weights: one EMA shard per process
+            return f"ema-rank{self.accelerator.process_index}.safetensors"
+        return EMA_FILE if self.accelerator.is_main_process else None
+
+    def save(self) -> str:
+        """`checkpoint-N.tmp` written by every process, then renamed by the main one: never a half-written "latest"."""
+        accelerator, args = self.accelerator, self.args
+        temporary = os.path.join(args.output_dir, f"{CHECKPOINT_PREFIX}{self.global_step}{TMP_SUFFIX}")
+        if accelerator.is_main_process and os.path.exists(temporary):
+            shutil.rmtree(temporary)
+        accelerator.wait_for_everyone()
+        final = temporary[: -len(TMP_SUFFIX)]
+        try:
+            accelerator.save_state(temporary)
+            ema_file = self._ema_file()
+            if ema_file is not None:
+                save_ema(self.ema, os.path.join(temporary, ema_file))
+            if accelerator.is_main_process:
+                state = {
+                    "global_step": self.global_step,
+                    "seed": args.seed,
+                    "num_processes": accelerator.num_processes,
+                    "train_batch_size": args.train_batch_size,
+                    "gradient_accumulation_steps": args.gradient_accumulation_steps,
+                    "steps_per_epoch": self.steps_per_epoch,
+                }
+                with open(os.path.join(temporary, TRAINING_STATE_FILE), "w", encoding="utf-8") as f:
+                    json.dump(state, f, indent=2)
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                commit_checkpoint(temporary, args.checkpoints_total_limit, getattr(args, "stale_checkpoints", ()))
+                args.stale_checkpoints = []
+                logger.info("Saved %s", final)
+        except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
+            if not (getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error)):
+                raise
+            shutil.rmtree(temporary, ignore_errors=True)
+            self._restore_signal_handlers()
+            latest = list_checkpoints(args.output_dir)
+            raise OSError(
+                errno.ENOSPC,
+                f"The disk is full: could not write {final} ({str(error).splitlines()[0]}). The last complete "
+                f"checkpoint, {latest[-1][1] if latest else 'none yet'}, is intact: free some space and resume with "
+                "`--resume_from_checkpoint latest`.",
+            ) from None
+        accelerator.wait_for_everyone()
+        self.saved_step = self.global_step
+        return final
+
+    def load(self, checkpoint: str):
+        """Model, optimizer, lr scheduler, grad scaler, RNG (Accelerate), then EMA, step and data position."""
+        state = read_training_state(checkpoint)
+        logger.info("Resuming from %s (step %d)", checkpoint, state["global_step"])
+        random_states = os.path.join(checkpoint, f"random_states_{self.accelerator.process_index}.pkl")
+        if os.path.exists(random_states):  # Accelerate skips an unreadable one with an info log: the run would differ
+            from accelerate.utils import load
+
+            try:
+                load(random_states)  # weights-only, with Accelerate's allowed numpy types
+            except Exception as error:  # noqa: BLE001 - any failure means this file cannot restore the RNG
+                raise ValueError(
+                    f"{random_states} cannot be read weights-only ({type(error).__name__}: {error}); the checkpoint "
+                    "is damaged or was not written by this training script."
+                ) from None
+        self.accelerator.load_state(checkpoint)
+        ema_file = self._ema_file() or (EMA_FILE if self.ema is not None else None)
+        found = ema_file_in(checkpoint, ema_file) if ema_file is not None else None
+        if found is not None:
+            self.ema.load_state_dict(load_ema_state(found))
+            self.ema.to(self.accelerator.device, dtype=torch.float32)
+        elif ema_file is not None:
+            logger.warning("%s has no EMA (trained without it): the EMA starts from its weights.", checkpoint)
+            self.ema = create_ema(self.ema_parameters, self.args.ema_decay, self.args.ema_warmup)
+        self.global_step = state["global_step"]
+        same = (state["num_processes"], state["train_batch_size"], state["gradient_accumulation_steps"]) == (
+            self.accelerator.num_processes,
+            self.args.train_batch_size,
+            self.args.gradient_accumulation_steps,
+        )
+        if not same or state["steps_per_epoch"] != self.steps_per_epoch:
+            logger.warning(
+                "The batch layout or the dataset changed since %s: the data order does not continue exactly.",
+                checkpoint,
+            )
+        if self.steps_per_epoch is None:
+            self.first_epoch, steps_in_epoch = 0, self.global_step
+        else:
+            self.first_epoch, steps_in_epoch = divmod(self.global_step, self.steps_per_epoch)
+        self.resume_batches = steps_in_epoch * self.args.gradient_accumulation_steps
+
+    def finish(self):
+        """After the loop: closes the progress bar; after a SIGINT/SIGTERM, says how to resume and exits (no export)."""
+        self.progress.close()
+        self.accelerator.wait_for_everyone()
+        self._restore_signal_handlers()
+        if self.stopped_by is not None:
+            name = signal.Signals(self.stopped_by).name
+            if self.accelerator.is_main_process:
+                checkpoint = os.path.join(self.args.output_dir, f"{CHECKPOINT_PREFIX}{self.saved_step}")
+                logger.warning(
+                    "Stopped by %s after step %d; the last checkpoint is %s. Resume with:\n  %s",
+                    name,
+                    self.global_step,
+                    checkpoint,
+                    resume_command(),
+                )
+            unlock_output_dir(self.args.output_dir)
+            raise SystemExit(128 + int(self.stopped_by))
+        if self.global_step >= self.max_train_steps and self.accelerator.is_main_process:
+            logger.info("Training done at step %d; the last checkpoint holds it.", self.global_step)
+
+    # ---- stopping on a signal
+    def _install_signal_handlers(self):
+        """SIGINT (Ctrl-C) and SIGTERM end the run after the current step, with a checkpoint; a second SIGINT stops at
+        once. Only in the main thread (signal handlers cannot be set elsewhere)."""
+        import threading
+
+        self._previous_handlers = {}
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def request_stop(signum, frame):
+            self.stop_signal = signum
+            signal.signal(signal.SIGINT, self._previous_handlers.get(signal.SIGINT, signal.default_int_handler))
+            if self.accelerator.is_local_main_process:
+                logger.warning(
+                    "%s received: stopping after this step with a checkpoint (Ctrl-C again to stop at once).",
+                    signal.Signals(signum).name,
+                )
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous = signal.signal(signum, request_stop)
+            # A run in this process that died by an exception left its handler: put back the one from before it.
+            previous = getattr(previous, "previous_handlers", {}).get(signum, previous)
+            self._previous_handlers[signum] = previous
+        request_stop.previous_handlers = self._previous_handlers
+
+    def _restore_signal_handlers(self):
+        for signum, handler in getattr(self, "_previous_handlers", {}).items():
+            signal.signal(signum, handler)
+        self._previous_handlers = {}
+
+    def _stop_requested(self) -> bool:
+        """Whether any process got a stop signal (all processes stop at the same step)."""
+        flag = self.stop_signal or 0
+        if self.accelerator.num_processes > 1:
+            flag = int(self.accelerator.reduce(torch.tensor(flag, device=self.accelerator.device), "max").item())
+            self.stop_signal = self.stop_signal or (flag or None)
+        return bool(flag)
+
+    # ---- validation and export
+    def validation_images(self, pipeline, captions: list[str], final: bool = False, **call_kwargs) -> list[str]:
+        """Samples with `pipeline` (EMA weights swapped in, fixed seed) on every process (FSDP needs all of them),
+        saves them under `validation/step-<step>/` (`validation/final/` for the exported model) and logs them on the
+        main one; returns their paths there."""
+        args = self.args
+        transformer = pipeline.transformer
+        transformer.eval()
+        pipeline.set_progress_bar_config(disable=True)
+        if args.validation_num_inference_steps is not None:
+            call_kwargs["num_inference_steps"] = args.validation_num_inference_steps
+        if args.validation_guidance_scale is not None:
+            call_kwargs["guidance_scale"] = args.validation_guidance_scale
+        generator = torch.Generator().manual_seed(args.seed)
+        with ema_weights(self.ema, self.ema_parameters), self.accelerator.autocast(), torch.no_grad():
+            images = pipeline(generator=generator, **call_kwargs).images
+        transformer.train()
+        folder = os.path.join(args.output_dir, "validation", "final" if final else f"step-{self.global_step}")
+        return log_validation(self.accelerator, images, captions, self.global_step, folder)
+
+    def export_state(self) -> dict[str, torch.Tensor]:
+        """The full state of the training module with the EMA weights in place, copied to the CPU of the main process
+        (empty on the others). Every process must call it: FSDP gathers the shards."""
+        with ema_weights(self.ema, self.ema_parameters):
+            state = self.accelerator.get_state_dict(self.model)
+            if not self.accelerator.is_main_process:
+                return {}
+            return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+    def exported_transformer(self, state: dict[str, torch.Tensor]):
+        """A fresh transformer (same config) holding the exported weights: no projector, no PEFT wrappers."""
+        config = self.trained.transformer.config
+        transformer = type(self.trained.transformer).from_config(config)
+        transformer.load_state_dict(sub_state_dict(state, "transformer"))
+        return transformer
+
+    def model_card(self, script: str, sample_paths: list[str]) -> str:
+        """Markdown for the model card: how it was trained (the main settings) and the final validation samples."""
+        return model_card_training_section(self.args, script, self.global_step, sample_paths)
+
+
+# ------------------------------------------------------------------------------------------ validation and export
+
+
+def log_validation(accelerator, images: list, captions: list[str], step: int, folder: str) -> list[str]:
+    """Saves validation images in `folder` and logs them to TensorBoard / W&B; returns the file paths (main process)."""
+    import numpy as np
+
+    if not accelerator.is_main_process:
+        return []
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for i, (image, caption) in enumerate(zip(images, captions)):
+        slug = "".join(c if c.isalnum() else "_" for c in caption)[:40].strip("_")
+        paths.append(os.path.join(folder, f"{i:02d}_{slug}.png"))
+        image.save(paths[-1])
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            stacked = np.stack([np.asarray(image) for image in images])
+            tracker.writer.add_images("validation", stacked, step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": [wandb.Image(im, caption=c) for im, c in zip(images, captions)]}, step=step)
+    return paths

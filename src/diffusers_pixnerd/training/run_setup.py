@@ -1,0 +1,176 @@
+# Copyright 2026 The diffusers-pixnerd authors. MIT License.
+"""What a training run is built from: the `Accelerator` (processes, seed, logging), the output folder (lock, resume
+or overwrite, Hub access), AdamW with its lr schedule, the REPA encoder and projector, the weight dtype."""
+
+import argparse
+import logging
+import os
+
+import torch
+import torch.nn as nn
+
+from .checkpoints import (
+    EXPORT_MARKERS,
+    check_output_dir,
+    list_checkpoints,
+    lock_output_dir,
+    read_training_state,
+    remove_temporary_checkpoints,
+    resolve_checkpoint,
+)
+from .hub import check_hub_access
+from .objectives import (
+    REPAProjector,
+    load_repa_encoder,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def create_accelerator(args: argparse.Namespace):
+    """The `Accelerator` (project folders, seedable data order, trackers), the logging set-up and the seed.
+
+    Without a GPU it runs on the CPU (several processes then use gloo DDP); a launcher asking for more processes than
+    the run really has (e.g. `--multi_gpu` on a machine Accelerate cannot use that way) is an error, not silent copies.
+    """
+    import datasets
+    import diffusers
+    import transformers
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broadcast_object_list, set_seed
+
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
+        ),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        cpu=args.cpu or not (torch.cuda.is_available() or torch.backends.mps.is_available()),
+    )
+    # INFO from the main process only; warnings (e.g. skipped images) from all.
+    level = logging.INFO if accelerator.is_main_process else logging.WARNING
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=level)
+    for library in (datasets, transformers, diffusers):
+        library.utils.logging.set_verbosity(logging.WARNING if accelerator.is_local_main_process else logging.ERROR)
+    launched = int(os.environ.get("WORLD_SIZE", accelerator.num_processes))
+    if launched != accelerator.num_processes:
+        raise RuntimeError(
+            f"The launcher started {launched} processes but Accelerate runs {accelerator.num_processes} "
+            f"({accelerator.distributed_type}): each would train alone. Accelerate cannot use this launch "
+            "configuration here (FSDP and DeepSpeed need GPUs; on CPUs use plain `--multi_gpu`)."
+        )
+    logger.info(
+        "Processes: %d (%s), device %s", accelerator.num_processes, accelerator.distributed_type, accelerator.device
+    )
+    for engine in ("FSDP", "DEEPSPEED"):
+        requested = os.environ.get(f"ACCELERATE_USE_{engine}", "false").lower() == "true"
+        if requested and accelerator.distributed_type.value != engine and accelerator.is_main_process:
+            logger.warning(
+                "The launcher asked for %s, which Accelerate only runs on GPUs: training with %s instead.",
+                engine,
+                accelerator.distributed_type.value,
+            )
+    if accelerator.state.deepspeed_plugin is not None:  # DeepSpeed cannot read it from a dataloader prepared alone
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    # One seed for the run: given, stored in the checkpoint being resumed, or drawn once and shared by all processes.
+    checkpoint = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    if args.seed is None and checkpoint is not None:
+        args.seed = read_training_state(checkpoint)["seed"]
+    if args.seed is None:
+        seed = [int.from_bytes(os.urandom(4), "little")]
+        if accelerator.num_processes > 1:
+            broadcast_object_list(seed)
+        args.seed = seed[0]
+    accelerator.dataloader_config.data_seed = args.seed
+    set_seed(args.seed)
+    return accelerator
+
+
+def prepare_output_dir(accelerator, args: argparse.Namespace) -> str | None:
+    """Locks the folder, repairs interrupted saves, checks for an earlier run; returns the checkpoint to resume from
+    (`None`: a new run). With `--overwrite_output_dir` the earlier checkpoints are only listed in
+    `args.stale_checkpoints`: they are deleted once this run has committed its first checkpoint, so a run that fails
+    to start loses nothing."""
+    if args.push_to_hub:
+        args.hub_repo_id = check_hub_access(args)
+    if accelerator.is_main_process:
+        lock_output_dir(args.output_dir)
+        remove_temporary_checkpoints(args.output_dir)
+    accelerator.wait_for_everyone()
+    check_output_dir(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
+    checkpoint = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    if args.resume_from_checkpoint is not None and checkpoint is None:
+        exported = [m for m in EXPORT_MARKERS if os.path.exists(os.path.join(args.output_dir, m))]
+        if exported:
+            raise ValueError(
+                f"`--resume_from_checkpoint {args.resume_from_checkpoint}`: {args.output_dir!r} holds an exported "
+                f"model ({exported[0]}) but no checkpoint to continue from, so its training state is gone. Pass "
+                "`--overwrite_output_dir` to train again from the start, or train on from the exported model with "
+                "`--pretrained_model_name_or_path` and another `--output_dir`."
+            )
+    args.stale_checkpoints = (
+        [path for _, path in list_checkpoints(args.output_dir)] if args.overwrite_output_dir else []
+    )
+    if args.resume_from_checkpoint is not None and checkpoint is None:
+        logger.info("No checkpoint in %s: starting a new run.", args.output_dir)
+    accelerator.wait_for_everyone()
+    return checkpoint
+
+
+def create_optimizer(accelerator, args: argparse.Namespace, parameters: list, max_train_steps: int):
+    """AdamW and the lr schedule (diffusers' `get_scheduler`, counted in the per-process steps Accelerate makes)."""
+    from diffusers.optimization import get_scheduler
+
+    learning_rate = args.learning_rate
+    if args.scale_lr:
+        learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    optimizer = torch.optim.AdamW(
+        parameters,
+        lr=learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_train_steps * accelerator.num_processes,
+        num_cycles=args.lr_num_cycles,
+        power=args.lr_power,
+    )
+    return optimizer, lr_scheduler
+
+
+def create_repa_encoder(accelerator, args: argparse.Namespace) -> nn.Module | None:
+    """The frozen DINOv2 of REPA (on the device, in the mixed-precision dtype), or `None` without REPA. Loaded first
+    thing in a run, so that a missing encoder stops it before the data and the model load."""
+    if not args.use_repa:
+        return None
+    try:
+        encoder = load_repa_encoder(args.repa_encoder, cache_dir=args.cache_dir)
+    except OSError as error:
+        raise ValueError(
+            f"REPA needs the DINOv2 encoder `--repa_encoder` {args.repa_encoder!r}, which could not be loaded "
+            f"({str(error).splitlines()[0]}). Give a local DINOv2 folder (or run once with Hub access to cache it), "
+            "or train without REPA: `--no_use_repa`."
+        ) from None
+    return encoder.to(accelerator.device, dtype=weight_dtype(accelerator))
+
+
+def create_repa_projector(args: argparse.Namespace, transformer, encoder: nn.Module | None) -> nn.Module | None:
+    """A fresh REPA projector from the transformer's width to the encoder's (trained, not exported)."""
+    if encoder is None:
+        return None
+    hidden_size = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    return REPAProjector(hidden_size, encoder.config.hidden_size, args.repa_projector_dim)
+
+
+def weight_dtype(accelerator) -> torch.dtype:
+    """The dtype of frozen modules under Accelerate's mixed precision."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
