@@ -33,7 +33,12 @@ demo: install
 	$(PY) examples/generate.py --model models/pixnerd-t2i-fashion-mnist --lora models/pixnerd-t2i-fashion-mnist-red-lora \
 		--output outputs/demo_t2i_lora_grid.png
 
-test: install $(VENV)/.browser
+# torchao for the quantized-loading tests; kept out of `install` (it prints import warnings under torch 2.13).
+$(VENV)/.quantization: $(VENV)/.installed
+	$(PIP) install -q -e ".[quantization]"
+	touch $@
+
+test: install $(VENV)/.browser $(VENV)/.quantization
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
 
 benchmark: install

@@ -2,7 +2,7 @@ from setuptools import find_packages, setup
 
 setup(
     name="diffusers-pixnerd",
-    version="0.1.0",
+    version="0.2.0.dev0",
     description="PixNerd (Pixel Neural Field Diffusion) for HuggingFace Diffusers",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
@@ -13,7 +13,7 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
-        "diffusers>=0.35",
+        "diffusers>=0.37",  # apply_lora_scale, dispatch_attention_fn with parallel_config
         "transformers>=4.51",
         "accelerate>=1.1",  # 1.1 reads checkpoints with weights_only=True
         "safetensors>=0.4",
@@ -24,6 +24,7 @@ setup(
     extras_require={
         "training": ["datasets>=3.0", "peft>=0.17", "tensorboard"],
         "test": ["pytest>=8", "peft>=0.17", "datasets>=3.0", "tensorboard"],
+        "quantization": ["torchao>=0.12"],  # quantization_config loading (tests: `make test` installs it)
         "demo": ["gradio>=5"],
     },
     entry_points={"console_scripts": ["pixnerd-convert=diffusers_pixnerd.convert:main"]},

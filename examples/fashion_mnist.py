@@ -65,6 +65,57 @@ CAPTION_TEMPLATES = [
     "a small image of {}",
     "product photo of {}",
 ]
+# The "varied" training wordings (`prepare --wordings varied`): any of these openings with any of these endings, 25 x 16
+# = 400 sentence frames around the class phrase. With only the 8 wordings above, the model reads the stand-in encoder's
+# states for those exact sentences and does not generalise to new ones; many frames teach it to find the noun.
+# None of them uses a held-out wording or one of its distinctive words (`HELDOUT_WORDS`).
+VARIED_OPENINGS = [
+    "",
+    "a photo of",
+    "a picture of",
+    "a grayscale photo of",
+    "a small image of",
+    "product photo of",
+    "a close-up of",
+    "a photograph of",
+    "a drawing of",
+    "a scan of",
+    "a thumbnail of",
+    "an old photo of",
+    "a pixelated picture of",
+    "a tiny photo of",
+    "a black and white picture of",
+    "a studio photo of",
+    "an example of",
+    "a sample of",
+    "this is",
+    "look at",
+    "I see",
+    "the photo shows",
+    "we have",
+    "a web shop photo of",
+    "an online store picture of",
+]
+VARIED_ENDINGS = [
+    "",
+    " on black",
+    ", white on a black background",
+    " on a dark background",
+    ", isolated",
+    ", in the middle",
+    " in grayscale",
+    ", 32 by 32 pixels",
+    ", top view",
+    " lying flat",
+    ", studio lighting",
+    ", plain background",
+    " for sale",
+    ", simple",
+    ", high contrast",
+    ", small and blurry",
+]
+VARIED_TEMPLATES = [f"{opening} {{}}{ending}".strip() for opening in VARIED_OPENINGS for ending in VARIED_ENDINGS]
+WORDINGS = {"basic": CAPTION_TEMPLATES, "varied": VARIED_TEMPLATES}
 # Wordings that no training caption uses (the evaluation of prompt following on new phrasings).
 HELDOUT_TEMPLATES = [
     "an image showing {}",
@@ -73,6 +124,8 @@ HELDOUT_TEMPLATES = [
     "a low-resolution shot of {}",
     "clothing catalogue: {}",
 ]
+# The words that make each held-out wording new; no training wording contains any of them.
+HELDOUT_WORDS = ["showing", "here", "centered", "seen", "front", "low-resolution", "shot", "clothing", "catalogue"]
 # The stand-in text encoder: Qwen3's architecture at a small size, random weights (seed 0) rounded to float16, with
 # the real Qwen3 tokenizer (151,669 tokens). Qwen/Qwen3-1.7B itself cannot be downloaded on the machines this was made
 # on; the training command takes it the same way (`--text_encoder_name_or_path Qwen/Qwen3-1.7B`).
@@ -143,9 +196,11 @@ def write_split(
 
 
 def prepare(args):
+    templates = WORDINGS[args.wordings]
     for seed, split in enumerate(("train", "test")):
         images, labels = load_split(split, args.data_dir)
-        write_split(np.repeat(images[..., None], 3, axis=-1), labels, os.path.join(args.output_dir, split), seed)
+        rgb = np.repeat(images[..., None], 3, axis=-1)
+        write_split(rgb, labels, os.path.join(args.output_dir, split), seed, templates=templates)
 
 
 def tint_red(images: np.ndarray) -> np.ndarray:
@@ -351,6 +406,12 @@ def parse_args(input_args=None):
     p = sub.add_parser("prepare", help="Write train/ and test/ image folders (class subfolders, 32x32 RGB PNG).")
     p.add_argument("--output_dir", default="data/fashion-mnist")
     p.add_argument("--data_dir", default=DATA_DIR)
+    p.add_argument(
+        "--wordings",
+        choices=sorted(WORDINGS),
+        default="basic",
+        help="Caption sentence frames: `basic` (the 8 of CAPTION_TEMPLATES) or `varied` (400, VARIED_TEMPLATES).",
+    )
     c = sub.add_parser("classifier", help="Train the reference classifier on the training set.")
     c.add_argument("--output", default="models/fashion-mnist-classifier.safetensors")
     c.add_argument("--data_dir", default=DATA_DIR)

@@ -33,6 +33,7 @@ from diffusers_pixnerd import (
     PixNerdT2IPipeline,
     PixNerdTransformer2DModel,
 )
+from diffusers_pixnerd.loaders import unfuse_target_modules
 from diffusers_pixnerd.pipelines.pipeline_utils import write_model_card
 from diffusers_pixnerd.training import (
     PixNerdTrainingModule,
@@ -61,7 +62,16 @@ logger = logging.getLogger(__name__)
 
 T2I_PRESETS = {name: config for name, config in PIXNERD_PRESETS.items() if config.get("text_embed_dim")}
 
-LORA_TARGET_MODULES = "to_qkv,add_kv_proj,to_out,proj_in,proj_out,param_generator"
+LORA_TARGET_MODULES = "to_q,to_k,to_v,to_out.0,add_k_proj,add_v_proj,proj_in,proj_out,param_generator"
+
+
+def lora_target_modules(names: str) -> list[str]:
+    """`--lora_target_modules` as a list, the fused attention names of diffusers-pixnerd < 0.2 translated."""
+    requested = [name.strip() for name in names.split(",") if name.strip()]
+    targets = unfuse_target_modules(requested)
+    if targets != requested:
+        logger.warning("--lora_target_modules: the fused attention names were translated to %s.", ",".join(targets))
+    return targets
 
 
 def parse_args(input_args=None):
@@ -116,8 +126,9 @@ def parse_args(input_args=None):
         "--lora_target_modules",
         type=str,
         default=LORA_TARGET_MODULES,
-        help="Comma-separated module names: attention (to_qkv, add_kv_proj, to_out), MLP (proj_in, proj_out), "
-        "neural-field weight generator (param_generator).",
+        help="Comma-separated module names: attention (to_q, to_k, to_v, to_out.0; add_k_proj, add_v_proj for the "
+        "text), MLP (proj_in, proj_out), neural-field weight generator (param_generator). The fused names of "
+        "diffusers-pixnerd < 0.2 (to_qkv, add_kv_proj, to_out) are translated.",
     )
     parser.add_argument("--caption_column", type=str, default="text", help="Captions column (metadata.jsonl/dataset).")
     parser.add_argument(
@@ -282,7 +293,7 @@ def main(args):
                 lora_alpha=args.lora_alpha,
                 lora_dropout=args.lora_dropout,
                 init_lora_weights="gaussian",
-                target_modules=[name.strip() for name in args.lora_target_modules.split(",")],
+                target_modules=lora_target_modules(args.lora_target_modules),
             )
         )
         for p in transformer.parameters():  # the adapters train in float32

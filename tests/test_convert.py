@@ -167,7 +167,7 @@ def test_missing_key_is_an_error(tmp_path):
     del sd["ema_denoiser.blocks.1.attn.proj.bias"]
     path = tmp_path / "missing.ckpt"
     torch.save({"state_dict": sd}, path)
-    with pytest.raises(ValueError, match="lacks weights for.*transformer_blocks.1.attn.to_out.bias"):
+    with pytest.raises(ValueError, match=r"lacks weights for.*transformer_blocks.1.attn.to_out.0.bias"):
         convert_official_checkpoint(str(path))
 
 

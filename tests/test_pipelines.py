@@ -324,6 +324,8 @@ def test_guidance_interval_argument_overrides_scheduler_config(monkeypatch):
     configured = tiny_c2i_pipeline(shift=1.0, guidance_interval_min=0.3, guidance_interval_max=1.0)
     torch.testing.assert_close(overridden, sample(configured, [1, 2], num_inference_steps=4))
     assert (overridden - default).abs().max() > 1e-3
+    as_tensor = sample(pipe, [1, 2], num_inference_steps=4, guidance_interval=torch.tensor([0.3, 1.0]))
+    torch.testing.assert_close(as_tensor, overridden)  # a tensor pair is taken like a tuple
 
 
 def test_defaults_come_from_the_scheduler_config(monkeypatch):
@@ -414,6 +416,9 @@ def test_class_names_need_id2label():
         (dict(prompt=3), r"`prompt`.*int"),
         (dict(prompt=[]), r"`prompt`"),
         (dict(prompt=["a", "b"], negative_prompt=["c"]), r"`negative_prompt`.*1.*2"),
+        (dict(prompt="a", negative_prompt=5), r"`negative_prompt` must be a string or a list of strings, got int"),
+        (dict(prompt="a", negative_prompt=["b", None]), r"`negative_prompt` must be a string or a list"),
+        (dict(prompt="a", negative_prompt=("b",)), r"`negative_prompt` must be a string or a list.*tuple"),
         (dict(prompt="a", negative_prompt="b", negative_prompt_embeds=torch.zeros(1, 6, 24)), r"`negative_prompt`"),
         (
             dict(prompt_embeds=torch.zeros(2, 6, 24), negative_prompt_embeds=torch.zeros(1, 6, 24)),
@@ -425,6 +430,8 @@ def test_class_names_need_id2label():
         (dict(prompt=["a", "b"], generator=[torch.Generator()] * 3), r"`generator`"),
         (dict(prompt="a", height=18), r"`height` and `width`"),
         (dict(prompt="a", guidance_interval=(0.5, 0.2)), r"`guidance_interval`"),
+        (dict(prompt="a", guidance_interval=(0.1, 0.5, 0.9)), r"`guidance_interval` must be a pair"),
+        (dict(prompt="a", guidance_interval=torch.tensor([0.5, 0.2])), r"`guidance_interval`"),
         (dict(prompt="a", num_inference_steps=0), r"`num_inference_steps`"),
         (dict(prompt="a", output_type="jpg"), r"`output_type`"),
     ],
@@ -576,7 +583,10 @@ def add_lora(pipe, seed=1) -> dict:
 
     torch.manual_seed(seed)
     config = LoraConfig(
-        r=4, lora_alpha=8, target_modules=["to_qkv", "to_out", "param_generator"], init_lora_weights=False
+        r=4,
+        lora_alpha=8,
+        target_modules=["to_q", "to_k", "to_v", "to_out.0", "param_generator"],
+        init_lora_weights=False,
     )
     pipe.transformer.add_adapter(config)
     # The metadata keeps lora_alpha (scale alpha / r = 2); without it diffusers assumes alpha = r.
@@ -609,9 +619,9 @@ def test_fuse_lora_keeps_the_output(lora_folder):
     folder, with_lora = lora_folder
     pipe = tiny_c2i_pipeline()
     pipe.load_lora_weights(folder, adapter_name="style")
-    original = pipe.transformer.transformer_blocks[0].attn.to_qkv.base_layer.weight.clone()
+    original = pipe.transformer.transformer_blocks[0].attn.to_q.base_layer.weight.clone()
     pipe.fuse_lora()
-    fused = pipe.transformer.transformer_blocks[0].attn.to_qkv.base_layer.weight
+    fused = pipe.transformer.transformer_blocks[0].attn.to_q.base_layer.weight
     assert (fused - original).abs().max() > 1e-3  # merged into the weights
     assert relative_error(sample(pipe, [1, 2]), with_lora) < TOLERANCE
 

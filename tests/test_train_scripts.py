@@ -359,7 +359,7 @@ def test_t2i_lora_with_precomputed_embeddings_loads_into_the_pipeline(assets, tm
     card = (out / "README.md").read_text()
     assert "load_lora_weights" in card
     assert "base_model:" not in card  # the base is a local folder: never written as a Hub `base_model`
-    assert "`to_qkv`, `add_kv_proj`, `to_out`" in card and "| `lora_rank` | `4` |" in card
+    assert "`to_q`, `to_k`, `to_v`, `to_out.0`, `add_k_proj`, `add_v_proj`" in card and "| `lora_rank` | `4` |" in card
     assert "repa_encoder" not in card and "ema_decay" not in card  # settings this run did not use
 
 

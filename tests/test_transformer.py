@@ -211,7 +211,9 @@ def test_lora_adapter_changes_and_restores_output(tiny_c2i):
     with torch.no_grad():
         before = tiny_c2i(x, 500.0, class_labels=y).sample
     tiny_c2i.add_adapter(
-        LoraConfig(r=4, target_modules=["to_qkv", "to_out", "param_generator"], init_lora_weights=False)
+        LoraConfig(
+            r=4, target_modules=["to_q", "to_k", "to_v", "to_out.0", "param_generator"], init_lora_weights=False
+        )
     )
     with torch.no_grad():
         with_lora = tiny_c2i(x, 500.0, class_labels=y).sample

@@ -1,6 +1,8 @@
-"""Official PixNerd checkpoints: reading them (weights only), the key map and config inference
-(`official_checkpoint`), and the conversion cache of official repos and folders (`official_repo`)."""
+"""Loading weights into the package's models: official PixNerd checkpoints (reading them weights-only, the key map and
+config inference: `official_checkpoint`; the conversion cache of official repos and folders: `official_repo`) and
+the attention layout of older files (`attention_layout`)."""
 
+from .attention_layout import has_fused_attention_keys, unfuse_attention_keys, unfuse_target_modules
 from .official_checkpoint import (
     FromOfficialCheckpointMixin,
     convert_state_dict,
@@ -16,6 +18,7 @@ from .official_repo import official_pipeline_folder
 __all__ = [
     "FromOfficialCheckpointMixin",
     "convert_state_dict",
+    "has_fused_attention_keys",
     "infer_config",
     "load_official_state_dict",
     "official_pipeline_folder",
@@ -23,4 +26,6 @@ __all__ = [
     "resolve_checkpoint_file",
     "sample_size_from_name",
     "select_denoiser",
+    "unfuse_attention_keys",
+    "unfuse_target_modules",
 ]

@@ -16,7 +16,10 @@ import torch
 from diffusers.utils import logging
 from safetensors.torch import load_file
 
-# Official key (after the `denoiser.` prefix) -> ours; `{i}` is a block index.
+from .attention_layout import unfuse_attention_keys
+
+# Official key (after the `denoiser.` prefix) -> ours, with the attention still fused (`to_qkv`, `add_kv_proj`,
+# `to_out`; split into diffusers' names by `unfuse_attention_keys`); `{i}` is a block index.
 _COMMON_KEYS = {
     "s_embedder.proj.": "patch_embed.",
     "t_embedder.mlp.0.": "time_embedder.linear_1.",
@@ -201,7 +204,7 @@ def convert_state_dict(state_dict: dict, config: dict) -> dict:
             converted[f"transformer_blocks.{i}.ff.proj_out.weight"] = w2
     if unknown:
         raise ValueError(f"Unknown keys in the official checkpoint: {sorted(unknown)[:10]}")
-    return converted
+    return unfuse_attention_keys(converted)
 
 
 def _looks_local(path: str) -> bool:

@@ -15,12 +15,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
+from diffusers.models.attention import AttentionMixin, AttentionModuleMixin
+from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import TimestepEmbedding, get_timestep_embedding
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.normalization import RMSNorm
 from diffusers.utils import apply_lora_scale
 
+from ..loaders.attention_layout import has_fused_attention_keys, unfuse_attention_keys
 from ..loaders.official_checkpoint import FromOfficialCheckpointMixin
 
 # Official sizes. `PixNerdTransformer2DModel.from_preset(name)` builds one (random weights) to train from scratch.
@@ -64,7 +67,7 @@ def rope_angles(dim: int, height: int, width: int, x_extent: float, y_extent: fl
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotates consecutive channel pairs of x (B, H, N, D) by the angles behind cos/sin (N, D/2), in float32."""
+    """Rotates consecutive channel pairs of x (B, N, H, D) by the angles behind cos/sin (N, 1, D/2), in float32."""
     x_ = x.float().unflatten(-1, (-1, 2))
     x_even, x_odd = x_[..., 0], x_[..., 1]
     out = torch.stack([x_even * cos - x_odd * sin, x_even * sin + x_odd * cos], dim=-1)
@@ -112,36 +115,102 @@ class SwiGLU(nn.Module):
         return self.proj_out(F.silu(gate) * up)
 
 
-class PixNerdAttention(nn.Module):
-    """Multi-head attention with per-head RMSNorm on q and k, optional 2D RoPE and optional text keys/values."""
+class PixNerdAttnProcessor:
+    """PixNerd attention through diffusers' `dispatch_attention_fn` (so `set_attention_backend` picks the kernel):
+    per-head RMSNorm on q and k, 2D RoPE on the image q and k, and in the text model the text tokens as extra keys and
+    values (normed with the image `norm_k`, no RoPE, no mask: padded text slots count, as in the official model)."""
 
-    def __init__(self, dim: int, num_heads: int, added_kv: bool = False):
+    _attention_backend = None
+    _parallel_config = None
+
+    def __call__(
+        self,
+        attn: "PixNerdAttention",
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        if attn.fused_projections:
+            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        query, key, value = (x.unflatten(-1, (attn.heads, -1)) for x in (query, key, value))  # (B, N, H, D)
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        if image_rotary_emb is not None:
+            query, key = apply_rope(query, *image_rotary_emb), apply_rope(key, *image_rotary_emb)
+        if encoder_hidden_states is not None:
+            if attn.fused_projections:
+                text_key, text_value = attn.to_added_kv(encoder_hidden_states).chunk(2, dim=-1)
+            else:
+                text_key, text_value = attn.add_k_proj(encoder_hidden_states), attn.add_v_proj(encoder_hidden_states)
+            text_key = attn.norm_k(text_key.unflatten(-1, (attn.heads, -1)))
+            key = torch.cat([key, text_key], dim=1)
+            value = torch.cat([value, text_value.unflatten(-1, (attn.heads, -1))], dim=1)
+        hidden_states = dispatch_attention_fn(
+            query,
+            key,
+            value,
+            attn_mask=attention_mask,
+            backend=self._attention_backend,
+            parallel_config=self._parallel_config,
+        )
+        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
+        return attn.to_out[1](attn.to_out[0](hidden_states))
+
+
+class PixNerdAttention(nn.Module, AttentionModuleMixin):
+    """Multi-head attention in diffusers' layout (`to_q`, `to_k`, `to_v`, `to_out.0`; `add_k_proj`/`add_v_proj` for
+    the text keys and values) with per-head RMSNorm on q and k; the computation is in `PixNerdAttnProcessor`."""
+
+    _default_processor_cls = PixNerdAttnProcessor
+    _available_processors = [PixNerdAttnProcessor]
+
+    def __init__(self, dim: int, num_heads: int, added_kv: bool = False, processor=None):
         super().__init__()
-        self.num_heads = num_heads
-        head_dim = dim // num_heads
-        self.to_qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.add_kv_proj = nn.Linear(dim, 2 * dim, bias=False) if added_kv else None
-        self.norm_q = RMSNorm(head_dim, eps=1e-6)
-        self.norm_k = RMSNorm(head_dim, eps=1e-6)
-        self.to_out = nn.Linear(dim, dim)
+        self.heads = num_heads
+        self.head_dim = dim // num_heads
+        self.inner_dim = dim
+        self.use_bias = False
+        self.added_kv_proj_dim = dim if added_kv else None
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(dim, dim, bias=False)
+        self.to_v = nn.Linear(dim, dim, bias=False)
+        self.norm_q = RMSNorm(self.head_dim, eps=1e-6)
+        self.norm_k = RMSNorm(self.head_dim, eps=1e-6)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Dropout(0.0)])
+        if added_kv:
+            self.add_k_proj = nn.Linear(dim, dim, bias=False)
+            self.add_v_proj = nn.Linear(dim, dim, bias=False)
+        self.set_processor(processor if processor is not None else self._default_processor_cls())
 
-    def _heads(self, x: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
-        b, length, _ = x.shape
-        return x.reshape(b, length, n, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # n x (B, H, L, D)
+    @torch.no_grad()
+    def fuse_projections(self):
+        """Fuses q, k, v into `to_qkv` (diffusers' way) and the text k, v into `to_added_kv`."""
+        if self.fused_projections:
+            return
+        super().fuse_projections()
+        if self.added_kv_proj_dim is not None:
+            weight = torch.cat([self.add_k_proj.weight, self.add_v_proj.weight])
+            self.to_added_kv = nn.Linear(
+                weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype
+            )
+            self.to_added_kv.weight.copy_(weight)
 
-    def forward(self, x: torch.Tensor, rope: tuple | None = None, context: torch.Tensor | None = None):
-        b, n, c = x.shape
-        q, k, v = self._heads(self.to_qkv(x), 3)
-        q, k = self.norm_q(q), self.norm_k(k)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if context is not None:
-            # Text keys share the image k-norm and get no RoPE; no mask: padded text slots count (official).
-            context_k, context_v = self._heads(self.add_kv_proj(context), 2)
-            k = torch.cat([k, self.norm_k(context_k)], dim=2)
-            v = torch.cat([v, context_v], dim=2)
-        x = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, D)
-        return self.to_out(x.transpose(1, 2).reshape(b, n, c))
+    @torch.no_grad()
+    def unfuse_projections(self):
+        if self.fused_projections and hasattr(self, "to_added_kv"):
+            del self.to_added_kv
+        super().unfuse_projections()
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        return self.processor(self, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
 
 
 class PixNerdTransformerBlock(nn.Module):
@@ -157,7 +226,7 @@ class PixNerdTransformerBlock(nn.Module):
 
     def forward(self, x, c, rope=None, context=None):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(c).chunk(6, dim=-1)
-        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope, context)
+        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), context, image_rotary_emb=rope)
         return x + gate_mlp * self.ff(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
 
@@ -202,7 +271,9 @@ class PixNerdNeuralField(nn.Module):
         return self.proj_out(self.norm_out(x))
 
 
-class PixNerdTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, FromOfficialCheckpointMixin):
+class PixNerdTransformer2DModel(
+    ModelMixin, ConfigMixin, AttentionMixin, PeftAdapterMixin, FromOfficialCheckpointMixin
+):
     r"""
     The PixNerd transformer: a pixel-space DiT with large patches whose final projection is a per-patch neural
     field ([paper](https://arxiv.org/abs/2507.23268)). One class serves both official variants: class-conditional
@@ -250,7 +321,18 @@ class PixNerdTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, FromO
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["PixNerdTransformerBlock", "PixNerdNeuralField"]
-    _skip_layerwise_casting_patterns = ["patch_embed", "norm", "time_embedder", "class_embedder", "text_pos_embed"]
+    # Kept in the compute dtype under layerwise casting: embeddings, norms and the neural field's pixel input/output
+    # projections (tiny; in fp8 storage they alone raise the velocity error of the bundled model from 1% to 4%).
+    _skip_layerwise_casting_patterns = [
+        "patch_embed",
+        "norm",
+        "time_embedder",
+        "class_embedder",
+        "text_pos_embed",
+        "neural_field.in_proj",
+        "neural_field.proj_out",
+    ]
+    _repeated_blocks = ["PixNerdTransformerBlock"]
 
     @register_to_config
     def __init__(
@@ -346,6 +428,14 @@ class PixNerdTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, FromO
         )
         self.gradient_checkpointing = False
         self.initialize_weights()
+
+    def _fix_state_dict_keys_on_load(self, state_dict: dict) -> None:
+        """Folders saved in the fused attention layout (diffusers-pixnerd < 0.2) load into diffusers' layout."""
+        super()._fix_state_dict_keys_on_load(state_dict)
+        if has_fused_attention_keys(state_dict):
+            converted = unfuse_attention_keys(state_dict)
+            state_dict.clear()
+            state_dict.update(converted)
 
     @classmethod
     def from_preset(cls, name: str, **kwargs) -> "PixNerdTransformer2DModel":
@@ -466,7 +556,7 @@ class PixNerdTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, FromO
         class_labels = torch.as_tensor(class_labels, device=hidden_states.device) if class_labels is not None else None
         self.check_inputs(hidden_states, timestep, class_labels, encoder_hidden_states)
         batch, _, height, width = hidden_states.shape
-        dtype = self.patch_embed.weight.dtype
+        dtype = self.dtype  # the compute dtype: layerwise casting and quantized weights store another one
         p = self.config.patch_size
         grid_h, grid_w, patch_h, patch_w = self.token_grid(height, width)
         checkpoint = (
@@ -500,7 +590,7 @@ class PixNerdTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, FromO
             c = F.silu(t_emb + self.class_embedder(class_labels.reshape(-1).expand(batch))[:, None])
             angles = rope_angles(head_dim, grid_h, grid_w, 16.0, 16.0)
         angles = angles.to(hidden_states.device)
-        rope = (angles.cos(), angles.sin())
+        rope = (angles.cos()[:, None], angles.sin()[:, None])  # (N, 1, D/2): broadcast over heads
 
         # 4. DiT blocks.
         for block in self.transformer_blocks:

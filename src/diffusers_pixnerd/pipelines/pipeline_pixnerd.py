@@ -7,6 +7,7 @@ import numbers
 import os
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils import replace_example_docstring
@@ -100,22 +101,27 @@ class PixNerdPipeline(PixNerdBasePipeline):
         return ids
 
     def _class_ids(self, class_labels) -> list[int]:
-        labels = class_labels if isinstance(class_labels, (list, tuple)) else [class_labels]
-        if isinstance(class_labels, torch.Tensor):
-            labels = class_labels.reshape(-1).tolist()
+        """Class ids from the shapes `DiTPipeline` takes: an id or name, a list (or tuple) of them, a numpy array or a
+        tensor of ids, and one-element lists (arrays, tensors) as entries, e.g. `[[3], [5]]` (DiT flattens those)."""
+        num_classes = self.transformer.config.num_classes
+        if isinstance(class_labels, (torch.Tensor, np.ndarray)):
+            class_labels = class_labels.tolist()
+        labels = list(class_labels) if isinstance(class_labels, (list, tuple)) else [class_labels]
         if len(labels) == 0:
             raise ValueError("`class_labels` is empty.")
-        num_classes = self.transformer.config.num_classes
         ids = []
-        for label in labels:
+        for entry in labels:
+            label = entry.tolist() if isinstance(entry, (torch.Tensor, np.ndarray)) else entry
+            if isinstance(label, (list, tuple)) and len(label) == 1:  # a nested id, as in [[3], [5]]
+                label = label[0]
             if isinstance(label, str):
                 ids.extend(self.get_label_ids(label))
             elif isinstance(label, numbers.Integral) and not isinstance(label, bool) and 0 <= label <= num_classes:
                 ids.append(int(label))  # num_classes itself is the null class: unconditional samples
             else:
                 raise ValueError(
-                    f"`class_labels` entries must be class names or ids in [0, {num_classes}] "
-                    f"({num_classes} = unconditional), got {label!r}."
+                    f"`class_labels` entries must be class names or ids in [0, {num_classes}] ({num_classes} = "
+                    f"unconditional), or one-element lists of one, got {entry!r}."
                 )
         return ids
 
@@ -123,10 +129,11 @@ class PixNerdPipeline(PixNerdBasePipeline):
     @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
-        class_labels: int | str | list[int | str] | torch.Tensor,
+        class_labels: int | str | list[int | str] | list[list[int]] | np.ndarray | torch.Tensor,
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int | None = None,
+        sigmas: list[float] | None = None,
         guidance_scale: float | None = None,
         guidance_interval: tuple[float, float] | None = None,
         num_images_per_prompt: int = 1,
@@ -142,14 +149,23 @@ class PixNerdPipeline(PixNerdBasePipeline):
         Generates images of the given classes.
 
         Args:
-            class_labels (`int`, `str`, `list` or `torch.Tensor`):
-                Class ids or names (see `get_label_ids`); the id `num_classes` asks for an unconditional sample.
+            class_labels (`int`, `str`, `list`, `np.ndarray` or `torch.Tensor`):
+                Class ids or names (see `get_label_ids`), one or a list, a 1-D array or tensor of ids, or one-element
+                lists like `[[3], [5]]` (as `DiTPipeline` takes them); the id `num_classes` asks for an unconditional
+                sample.
             height (`int`, *optional*):
-                Image height in pixels, a multiple of the patch size; defaults to the model's `sample_size`.
+                Image height in pixels, a multiple of the patch size; defaults to the height of `latents` if given,
+                else to the model's `sample_size`.
             width (`int`, *optional*):
-                Image width in pixels; defaults to the model's `sample_size`.
+                Image width in pixels; defaults to the width of `latents` if given, else to the model's `sample_size`.
             num_inference_steps (`int`, *optional*):
-                Sampling steps; defaults to the scheduler config's `num_inference_steps` (the checkpoint's setting).
+                Sampling steps; defaults to `len(sigmas)` if given, else to the scheduler config's
+                `num_inference_steps` (the checkpoint's setting).
+            sigmas (`list[float]`, *optional*):
+                A custom schedule: the unshifted sigmas of the steps, strictly decreasing in (0, 1], without the final
+                0, passed to the scheduler's `set_timesteps(sigmas=...)`, which shifts them and appends 0
+                (`np.linspace(1, 1 / N, N)` is the default grid of [`PixNerdFlowMatchScheduler`] up to float32
+                rounding). It sets the number of steps; `num_inference_steps`, if given too, must equal `len(sigmas)`.
             guidance_scale (`float`, *optional*):
                 Classifier-free guidance scale; `<= 1` disables guidance. Defaults to the scheduler config's.
             guidance_interval (`tuple[float, float]`, *optional*):
@@ -160,7 +176,8 @@ class PixNerdPipeline(PixNerdBasePipeline):
             generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
                 Seeds the initial noise (drawn on the CPU, so a seed gives the same image on any device).
             latents (`torch.Tensor`, *optional*):
-                Initial noise of shape `(batch, 3, height, width)`, instead of drawing it.
+                Initial noise of shape `(batch, 3, height, width)`, instead of drawing it; it sets the image size when
+                `height` and `width` are not given.
             output_type (`str`, defaults to `"pil"`):
                 `"pil"`, `"np"` or `"pt"` (images in [0, 1]), or `"latent"` (the raw pixels in [-1, 1]).
             return_dict (`bool`, defaults to `True`):
@@ -178,8 +195,8 @@ class PixNerdPipeline(PixNerdBasePipeline):
         Returns:
             [`ImagePipelineOutput`] or `tuple`: the generated images.
         """
-        height, width, num_inference_steps, guidance_scale, guidance_interval = self._defaults(
-            height, width, num_inference_steps, guidance_scale, guidance_interval
+        height, width, num_inference_steps, guidance_scale, guidance_interval, sigmas = self._defaults(
+            height, width, num_inference_steps, guidance_scale, guidance_interval, latents, sigmas
         )
         # 1. Check inputs and map names to ids.
         class_ids = self._class_ids(class_labels)
@@ -197,6 +214,7 @@ class PixNerdPipeline(PixNerdBasePipeline):
             callback_on_step_end_tensor_inputs,
         )
         self._guidance_scale, self._interrupt = guidance_scale, False
+        self._attention_kwargs, self._current_timestep = attention_kwargs, None
         device = self._execution_device
 
         # 2. Conditions: the labels, and the null class for the unconditional half.
@@ -214,6 +232,7 @@ class PixNerdPipeline(PixNerdBasePipeline):
             callback_on_step_end,
             callback_on_step_end_tensor_inputs,
             attention_kwargs,
+            sigmas,
         )
         # 5. Images.
         return self.postprocess(latents, output_type, return_dict)

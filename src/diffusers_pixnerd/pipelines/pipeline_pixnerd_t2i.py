@@ -9,10 +9,13 @@ from diffusers.utils import replace_example_docstring
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..models.transformer_pixnerd import PixNerdTransformer2DModel
-from ..schedulers.scheduling_pixnerd import PixNerdFlowMatchScheduler
+from ..schedulers.scheduling_pixnerd import PixNerdFlowMatchScheduler, is_integer
 from .pipeline_utils import PixNerdBasePipeline
 
 DEFAULT_TEXT_ENCODER = "Qwen/Qwen3-1.7B"  # the official model's
+# Tokens per prompt of `encode_prompt` in a pipeline without a transformer (whose `text_max_length` decides otherwise):
+# the official model's, as in its qwen3_text_encoder.py.
+DEFAULT_MAX_SEQUENCE_LENGTH = 128
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -29,10 +32,11 @@ EXAMPLE_DOC_STRING = """
 
 
 def encode_qwen3_prompts(
-    text_encoder, tokenizer, prompts: list[str], max_length: int, embed_dim: int, device: torch.device
+    text_encoder, tokenizer, prompts: list[str], max_length: int, embed_dim: int | None, device: torch.device
 ) -> torch.Tensor:
     """The official conditioner (qwen3_text_encoder.py): right padding to `max_length` with truncation, the encoder's
-    last hidden state (the attention mask goes to the encoder only), cut or zero-padded to `embed_dim` features."""
+    last hidden state (the attention mask goes to the encoder only), cut or zero-padded to `embed_dim` features (all of
+    them, unchanged, for `embed_dim=None`)."""
     tokens = tokenizer(
         prompts,
         padding="max_length",
@@ -42,6 +46,8 @@ def encode_qwen3_prompts(
         return_tensors="pt",
     )
     hidden = text_encoder(input_ids=tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device))[0]
+    if embed_dim is None:
+        return hidden
     hidden = hidden[..., :embed_dim]
     if hidden.shape[-1] < embed_dim:
         hidden = torch.nn.functional.pad(hidden, (0, embed_dim - hidden.shape[-1]))
@@ -58,7 +64,7 @@ class PixNerdT2IPipeline(PixNerdBasePipeline):
 
     Parameters:
         transformer ([`PixNerdTransformer2DModel`]):
-            A text-conditional PixNerd transformer.
+            A text-conditional PixNerd transformer. May be `None` for a pipeline that only runs `encode_prompt`.
         scheduler ([`PixNerdFlowMatchScheduler`] or [`FlowMatchEulerDiscreteScheduler`]):
             The sampler; a [`PixNerdFlowMatchScheduler`] config also carries the checkpoint's default settings.
         text_encoder ([`~transformers.Qwen3Model`], *optional*):
@@ -70,6 +76,7 @@ class PixNerdT2IPipeline(PixNerdBasePipeline):
 
     model_cpu_offload_seq = "text_encoder->transformer"
     _optional_components = ["text_encoder", "tokenizer"]
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
     @classmethod
     def from_official_transformer(
@@ -109,14 +116,14 @@ class PixNerdT2IPipeline(PixNerdBasePipeline):
         )
 
     def _encode(self, texts: list[str], device: torch.device, max_sequence_length: int) -> torch.Tensor:
-        return encode_qwen3_prompts(
-            self.text_encoder,
-            self.tokenizer,
-            texts,
-            max_sequence_length,
-            self.transformer.config.text_embed_dim,
-            device,
-        )
+        if self.text_encoder is None or self.tokenizer is None:
+            raise ValueError(
+                "This pipeline has no `text_encoder`/`tokenizer`: pass `prompt_embeds` (and `negative_prompt_embeds` "
+                "when guidance is on)."
+            )
+        # The transformer's width (the official conditioner cuts or pads to it); without one, the encoder's own.
+        embed_dim = self.transformer.config.text_embed_dim if self.transformer is not None else None
+        return encode_qwen3_prompts(self.text_encoder, self.tokenizer, texts, max_sequence_length, embed_dim, device)
 
     def encode_prompt(
         self,
@@ -149,13 +156,25 @@ class PixNerdT2IPipeline(PixNerdBasePipeline):
             negative_prompt_embeds (`torch.Tensor`, *optional*):
                 Precomputed unconditional embeddings.
             max_sequence_length (`int`, *optional*):
-                Tokens per prompt; must equal the transformer's `text_max_length` (its learned positions).
+                Tokens per prompt (padded or truncated to it). Defaults to the transformer's `text_max_length` (its
+                learned positions; generating needs exactly that), or to `DEFAULT_MAX_SEQUENCE_LENGTH` (128, the
+                official model's) in a pipeline without a transformer.
 
         Returns:
-            `(prompt_embeds, negative_prompt_embeds)` in the transformer's dtype, the second `None` without guidance.
+            `(prompt_embeds, negative_prompt_embeds)`, the second `None` without guidance, in the transformer's dtype
+            (the text encoder's in a pipeline without a transformer). Their width is the transformer's
+            `text_embed_dim` (the encoder's hidden state cut or zero-padded to it, as officially), or the encoder's
+            hidden size without a transformer (the same for the official model).
         """
         device = device or self._execution_device
-        max_sequence_length = max_sequence_length or self.transformer.config.text_max_length
+        if max_sequence_length is None and self.transformer is not None:
+            max_sequence_length = self.transformer.config.text_max_length
+        elif max_sequence_length is None:
+            max_sequence_length = DEFAULT_MAX_SEQUENCE_LENGTH
+        if not is_integer(max_sequence_length) or max_sequence_length < 1:
+            raise ValueError(f"`max_sequence_length` must be a positive integer, got {max_sequence_length!r}.")
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("Pass `prompt` or `prompt_embeds`.")
         if prompt_embeds is None:
             prompt = [prompt] if isinstance(prompt, str) else list(prompt)
             prompt_embeds = self._encode(prompt, device, max_sequence_length)
@@ -170,7 +189,10 @@ class PixNerdT2IPipeline(PixNerdBasePipeline):
             else:
                 negative_prompt_embeds = self._encode(negative_prompt, device, max_sequence_length)
 
-        dtype = self.transformer.dtype
+        if self.transformer is not None:
+            dtype = self.transformer.dtype
+        else:
+            dtype = self.text_encoder.dtype if self.text_encoder is not None else prompt_embeds.dtype
         prompt_embeds = prompt_embeds.to(device, dtype).repeat_interleave(num_images_per_prompt, dim=0)
         if negative_prompt_embeds is not None:
             negative_prompt_embeds = negative_prompt_embeds.to(device, dtype).repeat_interleave(
@@ -183,10 +205,11 @@ class PixNerdT2IPipeline(PixNerdBasePipeline):
     ):
         if (prompt is None) == (prompt_embeds is None):
             raise ValueError("Pass exactly one of `prompt` and `prompt_embeds`.")
-        if prompt is not None and not (
-            isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(p, str) for p in prompt))
-        ):
-            raise ValueError(f"`prompt` must be a string or a list of strings, got {type(prompt).__name__}.")
+        for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+            if text is not None and not (
+                isinstance(text, str) or (isinstance(text, list) and all(isinstance(t, str) for t in text))
+            ):
+                raise ValueError(f"`{name}` must be a string or a list of strings, got {type(text).__name__}.")
         if negative_prompt is not None and negative_prompt_embeds is not None:
             raise ValueError("Pass at most one of `negative_prompt` and `negative_prompt_embeds`.")
         config = self.transformer.config
@@ -223,6 +246,7 @@ class PixNerdT2IPipeline(PixNerdBasePipeline):
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int | None = None,
+        sigmas: list[float] | None = None,
         guidance_scale: float | None = None,
         guidance_interval: tuple[float, float] | None = None,
         num_images_per_prompt: int = 1,
@@ -247,12 +271,18 @@ class PixNerdT2IPipeline(PixNerdBasePipeline):
                 The unconditional prompts of guidance (one for all or one per prompt); default `""`.
             height (`int`, *optional*):
                 Image height in pixels, a multiple of `transformer.resolution_multiple` (32 for the official model);
-                defaults to the model's `sample_size`. Other sizes than the trained one are decoded by the neural field
-                from the trained token grid.
+                defaults to the height of `latents` if given, else to the model's `sample_size`. Other sizes than the
+                trained one are decoded by the neural field from the trained token grid.
             width (`int`, *optional*):
-                Image width in pixels; defaults to the model's `sample_size`.
+                Image width in pixels; defaults to the width of `latents` if given, else to the model's `sample_size`.
             num_inference_steps (`int`, *optional*):
-                Sampling steps; defaults to the scheduler config's (25 for the official model).
+                Sampling steps; defaults to `len(sigmas)` if given, else to the scheduler config's (25 for the official
+                model).
+            sigmas (`list[float]`, *optional*):
+                A custom schedule: the unshifted sigmas of the steps, strictly decreasing in (0, 1], without the final
+                0, passed to the scheduler's `set_timesteps(sigmas=...)`, which shifts them and appends 0
+                (`np.linspace(1, 1 / N, N)` is the default grid of [`PixNerdFlowMatchScheduler`] up to float32
+                rounding). It sets the number of steps; `num_inference_steps`, if given too, must equal `len(sigmas)`.
             guidance_scale (`float`, *optional*):
                 Classifier-free guidance scale; `<= 1` disables guidance. Defaults to the scheduler config's (4).
             guidance_interval (`tuple[float, float]`, *optional*):
@@ -262,7 +292,8 @@ class PixNerdT2IPipeline(PixNerdBasePipeline):
             generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
                 Seeds the initial noise (drawn on the CPU, so a seed gives the same image on any device).
             latents (`torch.Tensor`, *optional*):
-                Initial noise of shape `(batch, 3, height, width)`.
+                Initial noise of shape `(batch, 3, height, width)`; it sets the image size when `height` and `width`
+                are not given.
             prompt_embeds (`torch.Tensor`, *optional*):
                 Precomputed text embeddings `(batch, text_max_length, text_embed_dim)`.
             negative_prompt_embeds (`torch.Tensor`, *optional*):
@@ -275,19 +306,22 @@ class PixNerdT2IPipeline(PixNerdBasePipeline):
                 Passed to the transformer, e.g. `{"scale": 0.5}` for loaded LoRA weights.
             callback_on_step_end (`Callable`, *optional*):
                 Called as `callback_on_step_end(pipe, step, timestep, callback_kwargs)` after each step; it may
-                return `{"latents": ...}` to replace the latents.
+                return `{"latents": ...}` to replace the latents, and `"prompt_embeds"` or `"negative_prompt_embeds"`
+                (same shape) to condition the following steps on other embeddings.
             callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`):
-                The tensors passed in `callback_kwargs`.
+                The tensors passed in `callback_kwargs`, from `_callback_tensor_inputs`: `"latents"`,
+                `"prompt_embeds"` and `"negative_prompt_embeds"` (`None` without guidance).
             max_sequence_length (`int`, *optional*):
-                Tokens per prompt; must equal the transformer's `text_max_length` (128 for the official model).
+                Tokens per prompt; must equal the transformer's `text_max_length` (128 for the official model), the
+                default.
 
         Examples:
 
         Returns:
             [`ImagePipelineOutput`] or `tuple`: the generated images.
         """
-        height, width, num_inference_steps, guidance_scale, guidance_interval = self._defaults(
-            height, width, num_inference_steps, guidance_scale, guidance_interval
+        height, width, num_inference_steps, guidance_scale, guidance_interval, sigmas = self._defaults(
+            height, width, num_inference_steps, guidance_scale, guidance_interval, latents, sigmas
         )
         # 1. Check inputs.
         guided = guidance_scale > 1.0
@@ -308,6 +342,7 @@ class PixNerdT2IPipeline(PixNerdBasePipeline):
             callback_on_step_end_tensor_inputs,
         )
         self._guidance_scale, self._interrupt = guidance_scale, False
+        self._attention_kwargs, self._current_timestep = attention_kwargs, None
         device = self._execution_device
 
         # 2. Text embeddings (no attention mask inside the transformer: the padded slots count, as officially).
@@ -334,6 +369,11 @@ class PixNerdT2IPipeline(PixNerdBasePipeline):
             callback_on_step_end,
             callback_on_step_end_tensor_inputs,
             attention_kwargs,
+            sigmas,
+            {
+                "prompt_embeds": ("condition", "encoder_hidden_states"),
+                "negative_prompt_embeds": ("uncondition", "encoder_hidden_states"),
+            },
         )
         # 5. Images.
         return self.postprocess(latents, output_type, return_dict)

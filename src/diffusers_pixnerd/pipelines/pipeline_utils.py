@@ -2,6 +2,7 @@
 """The denoising loop shared by the class-conditional and the text-to-image PixNerd pipelines."""
 
 import functools
+import inspect
 import math
 import os
 import re
@@ -18,6 +19,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import create_repo
 
 from ..loaders import official_pipeline_folder
+from ..loaders.attention_layout import has_fused_attention_keys, unfuse_attention_keys, unfuse_target_modules
 from ..models.transformer_pixnerd import PixNerdTransformer2DModel
 from ..schedulers.scheduling_pixnerd import check_guidance_interval, is_integer, is_real
 
@@ -48,6 +50,32 @@ def write_model_card(folder: str, card: str) -> bool:
     return True
 
 
+def check_sigmas(sigmas) -> list[float]:
+    """Custom `sigmas` of a pipeline call as a list of floats: a non-empty, strictly decreasing 1-D sequence of finite
+    values in (0, 1], the unshifted sigmas of the N steps without the final 0 (the scheduler shifts them and appends
+    it), as `FlowMatchEulerDiscreteScheduler.set_timesteps(sigmas=...)` takes them."""
+    values = None
+    if not isinstance(sigmas, (str, bytes)):
+        try:
+            values = torch.as_tensor(sigmas, dtype=torch.float64).cpu()
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    if (
+        values is None
+        or values.ndim != 1
+        or values.numel() == 0
+        or not torch.isfinite(values).all()
+        or (values <= 0).any()
+        or (values > 1).any()
+        or (values.diff() >= 0).any()
+    ):
+        raise ValueError(
+            "`sigmas` must be a non-empty, strictly decreasing 1-D sequence of finite values in (0, 1] (the N steps, "
+            f"without the final 0), got {sigmas!r}."
+        )
+    return values.tolist()
+
+
 MARKDOWN_IMAGE = re.compile(r"!\[[^\]]*\]\(([^)\s]+)\)")
 
 
@@ -72,8 +100,24 @@ class PixNerdLoraLoaderMixin(SanaLoraLoaderMixin):
     """`load_lora_weights`, `save_lora_weights`, `fuse_lora`, `unfuse_lora`, `set_adapters` for the transformer.
 
     Nothing in diffusers' transformer-only LoRA loader is Sana-specific: the diffusers LoRA format
-    (`transformer.<module>.lora_A.weight`) applies to any PEFT-enabled transformer.
+    (`transformer.<module>.lora_A.weight`) applies to any PEFT-enabled transformer. LoRAs saved for the fused
+    attention layout (`to_qkv`, `add_kv_proj`, `to_out`; diffusers-pixnerd < 0.2) are converted on load, exactly.
     """
+
+    @classmethod
+    def lora_state_dict(cls, pretrained_model_name_or_path_or_dict, **kwargs):
+        return_metadata = kwargs.get("return_lora_metadata", False)
+        out = super().lora_state_dict(pretrained_model_name_or_path_or_dict, **kwargs)
+        state_dict, metadata = out if return_metadata else (out, None)
+        if has_fused_attention_keys(state_dict):
+            logger.info("LoRA in the fused attention layout (to_qkv, add_kv_proj, to_out): converted to to_q/k/v.")
+            state_dict = unfuse_attention_keys(state_dict)
+            if metadata and metadata.get("transformer.target_modules") is not None:
+                metadata = {
+                    **metadata,
+                    "transformer.target_modules": unfuse_target_modules(metadata["transformer.target_modules"]),
+                }
+        return (state_dict, metadata) if return_metadata else state_dict
 
 
 MODEL_CARD = """---
@@ -189,22 +233,67 @@ class PixNerdBasePipeline(DiffusionPipeline, PixNerdLoraLoaderMixin):
         super().__init__()
         # Pixels in [-1, 1] to images in [0, 1]; no VAE (scale factor 1).
         self.image_processor = VaeImageProcessor(vae_scale_factor=1, do_normalize=True)
+        # The state of the running (or last) call, for callbacks; see the properties below.
+        self._guidance_scale, self._num_timesteps, self._interrupt = None, None, False
+        self._attention_kwargs, self._current_timestep = None, None
 
     @property
-    def guidance_scale(self) -> float:
+    def guidance_scale(self) -> float | None:
+        """The classifier-free guidance scale of the running (or last) call."""
         return self._guidance_scale
 
     @property
-    def num_timesteps(self) -> int:
+    def do_classifier_free_guidance(self) -> bool:
+        """Whether the running call guides at all (`guidance_scale > 1`); the guidance interval picks the steps."""
+        return self._guidance_scale is not None and self._guidance_scale > 1.0
+
+    @property
+    def num_timesteps(self) -> int | None:
+        """The number of denoising steps of the running (or last) call."""
         return self._num_timesteps
 
     @property
     def interrupt(self) -> bool:
+        """Set `pipe._interrupt = True` (e.g. in a callback) to skip the remaining steps of the running call."""
         return self._interrupt
 
-    def _defaults(self, height, width, num_inference_steps, guidance_scale, guidance_interval):
-        """`None` arguments take the transformer's trained size and the scheduler config's sampling settings."""
+    @property
+    def attention_kwargs(self) -> dict[str, Any] | None:
+        """The `attention_kwargs` of the running (or last) call."""
+        return self._attention_kwargs
+
+    @property
+    def current_timestep(self) -> torch.Tensor | None:
+        """The timestep of the denoising step being run (an entry of `scheduler.timesteps`); `None` outside the loop."""
+        return self._current_timestep
+
+    def _defaults(
+        self, height, width, num_inference_steps, guidance_scale, guidance_interval, latents=None, sigmas=None
+    ):
+        """`None` arguments take the size of `latents` (else the transformer's trained size), the length of `sigmas`
+        and the scheduler config's sampling settings. Returns them with `sigmas` checked (`check_sigmas`)."""
+        if self.transformer is None:
+            raise ValueError(
+                f"This {type(self).__name__} has no `transformer`; load one (e.g. `from_pretrained(...)` without "
+                "`transformer=None`) to generate images."
+            )
         config, size = self.scheduler.config, self.transformer.config.sample_size
+        if isinstance(latents, torch.Tensor) and latents.ndim == 4:  # the size of the given noise
+            height = latents.shape[-2] if height is None else height
+            width = latents.shape[-1] if width is None else width
+        if sigmas is not None:
+            sigmas = check_sigmas(sigmas)
+            if "sigmas" not in inspect.signature(self.scheduler.set_timesteps).parameters:
+                raise ValueError(
+                    f"`sigmas`: the scheduler {type(self.scheduler).__name__} takes no custom sigmas in "
+                    "`set_timesteps`; use a `PixNerdFlowMatchScheduler` or a `FlowMatchEulerDiscreteScheduler`."
+                )
+            if num_inference_steps is not None and num_inference_steps != len(sigmas):
+                raise ValueError(
+                    f"`num_inference_steps` ({num_inference_steps!r}) must equal `len(sigmas)` ({len(sigmas)}), or be "
+                    "left out: custom `sigmas` set the number of steps."
+                )
+            num_inference_steps = len(sigmas)
         if guidance_interval is None:
             guidance_interval = (config.get("guidance_interval_min", 0.0), config.get("guidance_interval_max", 1.0))
         if guidance_scale is None:
@@ -220,6 +309,7 @@ class PixNerdBasePipeline(DiffusionPipeline, PixNerdLoraLoaderMixin):
             num_inference_steps if num_inference_steps is not None else config.get("num_inference_steps", 50),
             float(guidance_scale),
             tuple(guidance_interval),
+            sigmas,
         )
 
     def check_common_inputs(
@@ -255,7 +345,10 @@ class PixNerdBasePipeline(DiffusionPipeline, PixNerdLoraLoaderMixin):
             )
         expected = (batch_size, self.transformer.config.in_channels, height, width)
         if latents is not None and tuple(latents.shape) != expected:
-            raise ValueError(f"`latents` must have shape {expected}, got {tuple(latents.shape)}.")
+            raise ValueError(
+                f"`latents` must have shape {expected}, got {tuple(latents.shape)} (`height` and `width` default to "
+                "the size of `latents`)."
+            )
         if latents is not None and not torch.isfinite(latents).all():
             raise ValueError("`latents` contain NaN or infinite values.")
         if output_type not in OUTPUT_TYPES:
@@ -292,47 +385,90 @@ class PixNerdBasePipeline(DiffusionPipeline, PixNerdLoraLoaderMixin):
         callback_on_step_end: Callable | None,
         callback_on_step_end_tensor_inputs: list[str],
         attention_kwargs: dict[str, Any] | None = None,
+        sigmas: list[float] | None = None,
+        callback_conditions: dict[str, tuple[str, str]] | None = None,
     ) -> torch.Tensor:
-        """The sampling loop: the batch is [uncond, cond] where guidance is active, cond alone elsewhere."""
+        """The sampling loop: the batch is [uncond, cond] where guidance is active, cond alone elsewhere.
+
+        `sigmas` (see `check_sigmas`) replace the scheduler's own grid of `num_inference_steps` steps.
+        `callback_conditions` names the condition tensors that `callback_on_step_end` may read and replace, as
+        `{callback name: ("condition" or "uncondition", key)}`, e.g. `{"prompt_embeds": ("condition",
+        "encoder_hidden_states")}`.
+        """
         device, dtype = latents.device, self.transformer.dtype
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        if sigmas is None:
+            self.scheduler.set_timesteps(num_inference_steps, device=device)
+        else:
+            self.scheduler.set_timesteps(sigmas=sigmas, device=device)
         timesteps = self.scheduler.timesteps
         self._num_timesteps = len(timesteps)
         batch_size = latents.shape[0]
-        # Concatenated once: steps inside the interval reuse it.
+        conditions = {"condition": dict(condition), "uncondition": dict(uncondition)}
+        condition, uncondition = conditions["condition"], conditions["uncondition"]
+        callback_conditions = callback_conditions or {}
+        # Concatenated once: steps inside the interval reuse it (until a callback replaces a condition).
         guided = {k: torch.cat([uncondition[k], condition[k]]) for k in uncondition}
 
-        with self.progress_bar(total=len(timesteps)) as progress_bar:
-            for i, t in enumerate(timesteps):
-                if self.interrupt:
-                    continue
-                active = self.guidance_active(t, guidance_interval)
-                model_input = torch.cat([latents, latents]) if active else latents
-                noise_pred = self.transformer(
-                    model_input.to(dtype),
-                    t.expand(model_input.shape[0]),
-                    **(guided if active else condition),
-                    attention_kwargs=attention_kwargs,
-                ).sample.float()
-                if active:
-                    noise_uncond, noise_cond = noise_pred.chunk(2)
-                    noise_pred = noise_uncond + self.guidance_scale * (noise_cond - noise_uncond)
-                latents = self.scheduler.step(noise_pred, t, latents).prev_sample
+        self._current_timestep = None
+        try:
+            with self.progress_bar(total=len(timesteps)) as progress_bar:
+                for i, t in enumerate(timesteps):
+                    if self.interrupt:
+                        continue
+                    self._current_timestep = t
+                    active = self.guidance_active(t, guidance_interval)
+                    model_input = torch.cat([latents, latents]) if active else latents
+                    noise_pred = self.transformer(
+                        model_input.to(dtype),
+                        t.expand(model_input.shape[0]),
+                        **(guided if active else condition),
+                        attention_kwargs=attention_kwargs,
+                    ).sample.float()
+                    if active:
+                        noise_uncond, noise_cond = noise_pred.chunk(2)
+                        noise_pred = noise_uncond + self.guidance_scale * (noise_cond - noise_uncond)
+                    latents = self.scheduler.step(noise_pred, t, latents).prev_sample
 
-                if callback_on_step_end is not None:
-                    tensors = {"latents": latents}
-                    callback_kwargs = {k: tensors[k] for k in callback_on_step_end_tensor_inputs}
-                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
-                    if not isinstance(callback_outputs, dict):
-                        raise ValueError(
-                            "`callback_on_step_end` must return a dict (e.g. the `callback_kwargs` it was given), got "
-                            f"{type(callback_outputs).__name__}."
-                        )
-                    latents = callback_outputs.pop("latents", latents)
-                    if latents.shape[0] != batch_size:
-                        raise ValueError("The callback returned `latents` with another batch size.")
-                progress_bar.update()
+                    if callback_on_step_end is not None:
+                        tensors = {"latents": latents}
+                        for name, (which, key) in callback_conditions.items():
+                            tensors[name] = conditions[which].get(key)
+                        callback_kwargs = {k: tensors[k] for k in callback_on_step_end_tensor_inputs}
+                        callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                        if not isinstance(callback_outputs, dict):
+                            raise ValueError(
+                                "`callback_on_step_end` must return a dict (e.g. the `callback_kwargs` it was given), "
+                                f"got {type(callback_outputs).__name__}."
+                            )
+                        latents = callback_outputs.pop("latents", latents)
+                        if latents.shape[0] != batch_size:
+                            raise ValueError("The callback returned `latents` with another batch size.")
+                        if self._replace_conditions(callback_outputs, conditions, callback_conditions):
+                            guided = {k: torch.cat([uncondition[k], condition[k]]) for k in uncondition}
+                    progress_bar.update()
+        finally:
+            self._current_timestep = None
         return latents
+
+    @staticmethod
+    def _replace_conditions(
+        callback_outputs: dict, conditions: dict[str, dict], callback_conditions: dict[str, tuple[str, str]]
+    ) -> bool:
+        """Takes the condition tensors a callback returned (in the dtype and on the device of the ones they replace);
+        whether any changed. A condition the call does not use (the unconditional one without guidance) is left out.
+        """
+        changed = False
+        for name, (which, key) in callback_conditions.items():
+            old = conditions[which].get(key)
+            new = callback_outputs.pop(name, old)
+            if old is None or new is old:
+                continue
+            if not isinstance(new, torch.Tensor) or new.shape != old.shape:
+                got = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
+                raise ValueError(f"The callback returned `{name}` of shape {got}; expected {tuple(old.shape)}.")
+            conditions[which][key] = new.to(device=old.device, dtype=old.dtype)
+            changed = True
+        return changed
 
     def model_card(self, repo_id: str | None = None, extra: str = "", base_model: str | None = None) -> str:
         """The README.md written beside the pipeline: library, tags, usage, sampling defaults, the paper; `base_model`

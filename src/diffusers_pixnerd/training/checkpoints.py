@@ -6,6 +6,7 @@ loading the transformer weights (EMA or trained) of a checkpoint."""
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -14,6 +15,7 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
+from ..loaders.attention_layout import has_fused_attention_keys, unfuse_attention_keys
 from .ema import ema_file_in, load_ema_state
 
 logger = logging.getLogger(__name__)
@@ -143,18 +145,60 @@ def load_checkpoint_weights(transformer: nn.Module, checkpoint: str, use_ema: bo
     model_file = os.path.join(checkpoint, "model.safetensors")
     if not os.path.isfile(model_file):
         raise ValueError(f"{checkpoint!r} is not a training checkpoint folder (no model.safetensors).")
-    transformer.load_state_dict(sub_state_dict(load_file(model_file), "transformer"))
+    weights = sub_state_dict(load_file(model_file), "transformer")
+    fused = has_fused_attention_keys(weights)  # written before the attention took diffusers' layout
+    transformer.load_state_dict(unfuse_attention_keys(weights) if fused else weights)
     ema_file = ema_file_in(checkpoint)
     if not (use_ema and ema_file):
         return "trained"
-    shadow = load_ema_state(ema_file)["shadow_params"]
-    parameters = list(transformer.parameters())
-    if len(shadow) != len(parameters):
-        raise ValueError(f"{ema_file} holds {len(shadow)} tensors, the transformer {len(parameters)} parameters.")
-    with torch.no_grad():
-        for parameter, value in zip(parameters, shadow):
-            parameter.copy_(value)
+    shadow = load_ema_state(ema_file)["shadow_params"]  # in the order of the parameters when it was saved
+    names = fused_layout_parameter_names(transformer) if fused else [n for n, _ in transformer.named_parameters()]
+    if len(shadow) != len(names):
+        raise ValueError(f"{ema_file} holds {len(shadow)} tensors, the transformer {len(names)} parameters.")
+    ema_weights = dict(zip(names, shadow))
+    transformer.load_state_dict(unfuse_attention_keys(ema_weights) if fused else ema_weights)
     return "ema"
+
+
+_ATTENTION_PARAMETER = re.compile(r"^(.*\battn\.)(to_q|to_k|to_v|norm_q|norm_k|to_out\.0|add_k_proj|add_v_proj)\.\w+$")
+
+
+def fused_layout_parameter_names(transformer: nn.Module) -> list[str]:
+    """The parameter names of `transformer` as the fused attention layout (diffusers-pixnerd < 0.2) named and ordered
+    them, the order of an EMA saved then: per attention `to_qkv`, `add_kv_proj` (text model), `norm_q`, `norm_k`,
+    `to_out`; everything else as now."""
+    current = [name for name, _ in transformer.named_parameters()]
+    names, seen = [], set()
+    for name in current:
+        match = _ATTENTION_PARAMETER.match(name)
+        if match is None:
+            names.append(name)
+            continue
+        prefix = match.group(1)
+        if prefix in seen:
+            continue
+        seen.add(prefix)
+        added_kv = [f"{prefix}add_kv_proj.weight"] if f"{prefix}add_k_proj.weight" in current else []
+        names += [f"{prefix}to_qkv.weight", *added_kv, f"{prefix}norm_q.weight", f"{prefix}norm_k.weight"]
+        names += [f"{prefix}to_out.weight", f"{prefix}to_out.bias"]
+    return names
+
+
+def check_attention_layout(checkpoint: str):
+    """A training checkpoint in the fused attention layout (diffusers-pixnerd < 0.2) cannot be resumed: its optimizer
+    state is per fused parameter. Say so before Accelerate fails on the keys."""
+    from safetensors import safe_open
+
+    model_file = os.path.join(checkpoint, "model.safetensors")
+    if not os.path.isfile(model_file):
+        return
+    with safe_open(model_file, "pt") as f:
+        if has_fused_attention_keys(f.keys()):
+            raise ValueError(
+                f"{checkpoint} was written by diffusers-pixnerd < 0.2 (fused `to_qkv` attention): its optimizer state "
+                "cannot be resumed with this version. Its weights still load (`examples/evaluate.py --checkpoint`, "
+                "or `--pretrained_model_name_or_path` on the run's export to train on from them)."
+            )
 
 
 def remove_temporary_checkpoints(output_dir: str):

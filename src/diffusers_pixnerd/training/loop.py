@@ -18,6 +18,7 @@ from .checkpoints import (
     CHECKPOINT_PREFIX,
     TMP_SUFFIX,
     TRAINING_STATE_FILE,
+    check_attention_layout,
     commit_checkpoint,
     list_checkpoints,
     read_training_state,
@@ -367,6 +368,7 @@ class TrainingRun:
                     f"{random_states} cannot be read weights-only ({type(error).__name__}: {error}); the checkpoint "
                     "is damaged or was not written by this training script."
                 ) from None
+        check_attention_layout(checkpoint)
         self.accelerator.load_state(checkpoint)
         ema_file = self._ema_file() or (EMA_FILE if self.ema is not None else None)
         found = ema_file_in(checkpoint, ema_file) if ema_file is not None else None
