@@ -13,8 +13,8 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
-        "diffusers>=0.37",  # apply_lora_scale, dispatch_attention_fn with parallel_config
-        "transformers>=4.51",
+        "diffusers>=0.40",  # `dtype=` in from_pretrained (0.40), apply_lora_scale (0.37)
+        "transformers>=4.56",  # `dtype=` in from_pretrained
         "accelerate>=1.1",  # 1.1 reads checkpoints with weights_only=True
         "safetensors>=0.4",
         "huggingface-hub>=0.34",

@@ -4,15 +4,15 @@
         [--official_repo /path/to/MCG-NJU/PixNerd] [--dtype bfloat16 --device cuda] [--compile]
 
 Both models get the same (random) weights: ours is converted from the official one's state dict. Timings
-alternate between the two in one process (these machines are noisy) and the median is reported with the
-ratio official / ours (> 1: ours is faster). Peak memory of the forward above the weights: from
+alternate between them in one process (these machines are noisy) and the minimum is reported with the ratio
+official / ours (> 1: ours is faster); "ours_fused_qkv" is the same model after `fuse_qkv_projections()`. Peak memory of the forward above the weights: from
 `torch.cuda.max_memory_allocated` on CUDA; on CPU the growth of the peak resident set (VmHWM, Linux) of a fresh subprocess during one forward.
 """
 
 import argparse
+import copy
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -83,11 +83,19 @@ def build(args):
         y = torch.arange(args.batch_size, device=args.device) % 1000
         run_ours = lambda: ours(x, (1 - t) * 1000, class_labels=y).sample  # noqa: E731
         run_official = lambda: official(x, t, y)  # noqa: E731
+    # The same weights with q, k, v (and the text k, v) fused into one projection, as `fuse_qkv_projections` does.
+    fused = copy.deepcopy(ours)
+    fused.fuse_qkv_projections()
+    if ours.is_text_conditional:
+        run_fused = lambda: fused(x, (1 - t) * 1000, encoder_hidden_states=cond).sample  # noqa: E731
+    else:
+        run_fused = lambda: fused(x, (1 - t) * 1000, class_labels=y).sample  # noqa: E731
     if args.compile:
         ours = torch.compile(ours)
+        fused = torch.compile(fused)
         if official is not None:
             official = torch.compile(official)
-    return run_ours, (run_official if official is not None else None)
+    return run_ours, run_fused, (run_official if official is not None else None)
 
 
 def timed(fn, device) -> float:
@@ -102,27 +110,28 @@ def timed(fn, device) -> float:
 
 @torch.no_grad()
 def benchmark(args) -> dict:
-    run_ours, run_official = build(args)
+    run_ours, run_fused, run_official = build(args)
+    runs = {"ours": run_ours, "ours_fused_qkv": run_fused}
     if run_official is not None:
+        runs["official"] = run_official
         reference = run_official()
         diff = (run_ours() + reference).abs().max() / reference.abs().max()  # ours = -official
         print(f"max |ours - official| / max |official| = {diff.item():.2e}")
     for _ in range(args.warmup):
-        run_ours()
-        run_official and run_official()
-    times = {"ours": [], "official": []}
-    for _ in range(args.repeats):  # alternate so both see the same machine load
-        times["ours"].append(timed(run_ours, args.device))
-        if run_official is not None:
-            times["official"].append(timed(run_official, args.device))
-    return {k: statistics.median(v) for k, v in times.items() if v}
+        for fn in runs.values():
+            fn()
+    times = {name: [] for name in runs}
+    for _ in range(args.repeats):  # alternate so all see the same machine load; the minimum is the least disturbed
+        for name, fn in runs.items():
+            times[name].append(timed(fn, args.device))
+    return {name: min(v) for name, v in times.items()}
 
 
 @torch.no_grad()
 def peak_memory(args, which: str) -> float:
     """Peak memory in MiB of one forward of `which` ('ours' or 'official')."""
     if args.device == "cuda":
-        run_ours, run_official = build(args)
+        run_ours, _, run_official = build(args)
         fn = run_ours if which == "ours" else run_official
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -140,7 +149,7 @@ def _status_kib(field: str) -> int:
 
 
 def memory_child(args):
-    run_ours, run_official = build(args)
+    run_ours, _, run_official = build(args)
     fn = run_ours if args._memory_child == "ours" else run_official
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets the peak resident set (VmHWM) to the current one
@@ -174,12 +183,15 @@ def main(args):
         f"{torch.get_num_threads()} threads{', compiled' if args.compile else ''})"
     )
     times = benchmark(args)
-    memory = {} if args.no_memory else {k: peak_memory(args, k) for k in times}
+    memory = {} if args.no_memory else {k: peak_memory(args, k) for k in ("ours", "official") if k in times}
     for name in times:
         mem = f", peak memory {memory[name]:.0f} MiB" if name in memory else ""
-        print(f"  {name:>8}: {times[name] * 1000:9.1f} ms / forward{mem}")
+        print(f"  {name:>14}: {times[name] * 1000:9.1f} ms / forward{mem}")
+    print(f"  speed ratio ours/ours_fused_qkv = {times['ours'] / times['ours_fused_qkv']:.3f} (> 1: fusing helps)")
     if "official" in times:
-        print(f"  speed ratio official/ours = {times['official'] / times['ours']:.3f} (> 1: ours is faster)")
+        for name in ("ours", "ours_fused_qkv"):
+            ratio = times["official"] / times[name]
+            print(f"  speed ratio official/{name} = {ratio:.3f} (> 1: ours is faster)")
         if memory:
             print(f"  memory ratio ours/official = {memory['ours'] / memory['official']:.3f}")
 

@@ -41,16 +41,14 @@ BUNDLED_LORA_PROMPTS = ["a red dress", "here is a red sneaker, centered", "a red
 def load_pipeline(model: str, dtype: torch.dtype) -> PixNerdPipeline | PixNerdT2IPipeline:
     """A pipeline folder or Hub repo (diffusers format or official), or an official checkpoint file."""
     if os.path.isfile(model):
-        return convert_official_pipeline(model, torch_dtype=dtype)
+        return convert_official_pipeline(model, dtype=dtype)
     # Official repos: converted once (pipeline of the checkpoint's kind, no text encoder) and cached; the pipeline
     # class then loads the cached folder and, for text-to-image, the official text encoder.
     converted = official_pipeline_folder(model, functools.partial(convert_official_pipeline, text_encoder=None))
     if converted is not None:
         classes = {cls.__name__: cls for cls in (PixNerdPipeline, PixNerdT2IPipeline)}
-        return classes[DiffusionPipeline.load_config(converted)["_class_name"]].from_pretrained(
-            model, torch_dtype=dtype
-        )
-    return DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
+        return classes[DiffusionPipeline.load_config(converted)["_class_name"]].from_pretrained(model, dtype=dtype)
+    return DiffusionPipeline.from_pretrained(model, dtype=dtype)
 
 
 def caption_font(size: int) -> ImageFont.ImageFont:

@@ -253,3 +253,61 @@ def test_unknown_keyword_arguments_are_an_error_not_dropped():
         PixNerdTransformer2DModel.from_single_file(C2I_CKPT, sample_sise=512)
     with pytest.raises(TypeError, match=r"\['text_encoder'\]"):  # a T2I-only option on the C2I pipeline
         PixNerdPipeline.from_single_file(C2I_CKPT, text_encoder=None)
+
+
+# ----------------------------------------------------------------------------------------------------- dtype
+
+
+def test_dtype_in_every_loading_path(tmp_path):
+    """`dtype=` is honoured by the model's and the pipelines' `from_single_file`, the conversion functions, the
+    official-folder cache of `from_pretrained` and the converter CLI (it was silently dropped before)."""
+    import shutil
+
+    from diffusers_pixnerd import PixNerdT2IPipeline, convert_official_pipeline
+
+    bf16 = torch.bfloat16
+    assert PixNerdTransformer2DModel.from_single_file(C2I_CKPT, dtype=bf16).dtype == bf16
+    assert PixNerdTransformer2DModel.from_single_file(C2I_CKPT, sample_size=16, dtype=torch.float16).dtype == (
+        torch.float16
+    )
+    assert convert_official_checkpoint(C2I_CKPT, dtype=bf16).dtype == bf16
+    assert PixNerdPipeline.from_single_file(C2I_CKPT, sample_size=16, dtype=bf16).transformer.dtype == bf16
+    t2i = PixNerdT2IPipeline.from_single_file(T2I_CKPT, sample_size=16, dtype=bf16, text_encoder=None, tokenizer=None)
+    assert t2i.transformer.dtype == bf16
+    assert convert_official_pipeline(C2I_CKPT, sample_size=16, dtype=bf16).transformer.dtype == bf16
+
+    folder = tmp_path / "PixNerd-tiny"
+    folder.mkdir()
+    shutil.copy(C2I_CKPT, folder / "model.ckpt")
+    cached = PixNerdPipeline.from_pretrained(folder, cache_dir=tmp_path / "cache", sample_size=16, dtype=bf16)
+    assert cached.transformer.dtype == bf16
+
+    main(["--checkpoint", C2I_CKPT, "--output", str(tmp_path / "cli"), "--dtype", "bfloat16"])
+    assert {v.dtype for v in load_file(tmp_path / "cli" / "diffusion_pytorch_model.safetensors").values()} == {bf16}
+
+
+def test_torch_dtype_still_works_with_a_deprecation_warning():
+    with pytest.warns(FutureWarning, match="`torch_dtype` is deprecated"):
+        model = PixNerdTransformer2DModel.from_single_file(C2I_CKPT, torch_dtype=torch.bfloat16)
+    assert model.dtype == torch.bfloat16
+    with pytest.warns(FutureWarning, match="`torch_dtype` is deprecated"):
+        pipe = PixNerdPipeline.from_single_file(C2I_CKPT, sample_size=16, torch_dtype=torch.float16)
+    assert pipe.transformer.dtype == torch.float16
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (
+            dict(dtype=torch.bfloat16, torch_dtype=torch.float16),
+            ValueError,
+            r"`dtype` .* and `torch_dtype` .* disagree",
+        ),
+        (dict(dtype=torch.int8), ValueError, r"`dtype` must be a floating-point torch.dtype"),
+        (dict(dtype="bfloat16"), ValueError, r"`dtype` must be a floating-point torch.dtype"),
+        (dict(dtpye=torch.bfloat16), TypeError, r"Unexpected keyword argument\(s\) \['dtpye'\]"),
+    ],
+)
+def test_bad_dtype_arguments_are_named(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        PixNerdTransformer2DModel.from_single_file(C2I_CKPT, **kwargs)

@@ -134,7 +134,7 @@ def test_dtype_round_trip(tiny_c2i, tmp_path, dtype):
         reference = tiny_c2i(x, 500.0, class_labels=y).sample
     half = tiny_c2i.to(dtype)
     half.save_pretrained(tmp_path)
-    loaded = PixNerdTransformer2DModel.from_pretrained(tmp_path, torch_dtype=dtype).eval()
+    loaded = PixNerdTransformer2DModel.from_pretrained(tmp_path, dtype=dtype).eval()
     assert all(p.dtype == dtype for p in loaded.parameters())
     with torch.no_grad():
         out = loaded(x, 500.0, class_labels=y).sample

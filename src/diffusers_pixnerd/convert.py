@@ -58,7 +58,7 @@ def main(input_args=None):
         pipe.save_pretrained(args.output)
         print(f"Wrote the {type(pipe).__name__} folder {args.output}")
         return
-    model = convert_official_checkpoint(args.checkpoint, ema=args.ema, sample_size=args.sample_size, torch_dtype=dtype)
+    model = convert_official_checkpoint(args.checkpoint, ema=args.ema, sample_size=args.sample_size, dtype=dtype)
     model.save_pretrained(args.output)
     print(f"Wrote {args.output} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters)")
 

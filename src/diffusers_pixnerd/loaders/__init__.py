@@ -10,6 +10,7 @@ from .official_checkpoint import (
     load_official_state_dict,
     official_state_dict_for_model,
     resolve_checkpoint_file,
+    resolve_dtype,
     sample_size_from_name,
     select_denoiser,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "official_pipeline_folder",
     "official_state_dict_for_model",
     "resolve_checkpoint_file",
+    "resolve_dtype",
     "sample_size_from_name",
     "select_denoiser",
     "unfuse_attention_keys",

@@ -13,7 +13,7 @@ import re
 
 import huggingface_hub
 import torch
-from diffusers.utils import logging
+from diffusers.utils import deprecate, logging
 from safetensors.torch import load_file
 
 from .attention_layout import unfuse_attention_keys
@@ -207,6 +207,16 @@ def convert_state_dict(state_dict: dict, config: dict) -> dict:
     return unfuse_attention_keys(converted)
 
 
+def resolve_dtype(dtype: torch.dtype | None, torch_dtype: torch.dtype | None) -> torch.dtype | None:
+    """`dtype`, or the older name `torch_dtype` (deprecated as in diffusers); both at once must agree."""
+    if torch_dtype is None:
+        return dtype
+    if dtype is not None and dtype != torch_dtype:
+        raise ValueError(f"`dtype` ({dtype}) and `torch_dtype` ({torch_dtype}) disagree; pass only `dtype`.")
+    deprecate("torch_dtype", "1.0.0", "`torch_dtype` is deprecated: pass `dtype` instead.", standard_warn=False)
+    return torch_dtype
+
+
 def _looks_local(path: str) -> bool:
     """A path meant for this machine: absolute, `./`, `../` or `~`, or inside a folder that exists here."""
     if os.path.isabs(path) or path.startswith((".", "~")):
@@ -223,7 +233,7 @@ def resolve_checkpoint_file(path_or_hub_file: str, **hub_kwargs) -> str:
     if unknown:
         raise TypeError(
             f"Unexpected keyword argument(s) {unknown} for loading an official checkpoint: expected `ema`, "
-            f"`sample_size`, `torch_dtype` or Hub download options ({', '.join(sorted(options))})."
+            f"`sample_size`, `dtype` or Hub download options ({', '.join(sorted(options))})."
         )
     path_or_hub_file = os.path.expanduser(path_or_hub_file)  # `~/file.ckpt` is local, as the error below says
     if os.path.isfile(path_or_hub_file):
@@ -277,6 +287,8 @@ class FromOfficialCheckpointMixin:
         pretrained_model_link_or_path: str,
         ema: bool = True,
         sample_size: int | None = None,
+        dtype: torch.dtype | None = None,
+        *,
         torch_dtype: torch.dtype | None = None,
         **hub_kwargs,
     ):
@@ -284,8 +296,12 @@ class FromOfficialCheckpointMixin:
         (`org/repo/file.ckpt`) or a Hub URL (`hub_kwargs`: `revision`, `token`, `cache_dir`, ...).
 
         `ema` chooses the EMA weights (default) or the online ones; `sample_size` is the trained resolution (see
-        `official_state_dict_for_model`).
+        `official_state_dict_for_model`); `dtype` the dtype of the weights (default float32; `torch_dtype` is its
+        older name).
         """
+        dtype = resolve_dtype(dtype, torch_dtype)
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"`dtype` must be a floating-point torch.dtype, got {dtype!r}.")
         config, converted = official_state_dict_for_model(
             pretrained_model_link_or_path, ema, sample_size, **hub_kwargs
         )
@@ -294,6 +310,7 @@ class FromOfficialCheckpointMixin:
         missing = sorted(set(model.state_dict()) - set(converted))
         if missing:
             raise ValueError(f"The official checkpoint lacks weights for: {missing[:10]}")
+        if dtype is not None:  # cast the tensors, not the model: `ModelMixin.to(dtype)` warns on every cast
+            converted = {k: v.to(dtype) if v.is_floating_point() else v for k, v in converted.items()}
         model.load_state_dict(converted, strict=True, assign=True)
-        model.eval()
-        return model.to(torch_dtype) if torch_dtype not in (None, torch.float32) else model
+        return model.eval()

@@ -55,7 +55,7 @@ class PixNerdPipeline(PixNerdBasePipeline):
     """
 
     @classmethod
-    def from_official_transformer(cls, transformer, scheduler_preset=None, torch_dtype=None):
+    def from_official_transformer(cls, transformer, scheduler_preset=None, dtype=None):
         """The paper's class-conditional sampler ("c2i-euler100" unless `scheduler_preset` says otherwise), with the
         ImageNet class names for a 1000-class model."""
         scheduler = PixNerdFlowMatchScheduler.from_official_preset(scheduler_preset or "c2i-euler100")

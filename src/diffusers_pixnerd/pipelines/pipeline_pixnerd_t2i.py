@@ -23,7 +23,7 @@ EXAMPLE_DOC_STRING = """
         >>> import torch
         >>> from diffusers_pixnerd import PixNerdT2IPipeline
 
-        >>> pipe = PixNerdT2IPipeline.from_pretrained("MCG-NJU/PixNerd-XXL-P16-T2I", torch_dtype=torch.bfloat16)
+        >>> pipe = PixNerdT2IPipeline.from_pretrained("MCG-NJU/PixNerd-XXL-P16-T2I", dtype=torch.bfloat16)
         >>> pipe.to("cuda")
         >>> image = pipe("a red fox in the snow, golden hour", height=512, width=768).images[0]
         >>> image.save("fox.png")
@@ -80,21 +80,21 @@ class PixNerdT2IPipeline(PixNerdBasePipeline):
 
     @classmethod
     def from_official_transformer(
-        cls, transformer, scheduler_preset=None, torch_dtype=None, text_encoder=DEFAULT_TEXT_ENCODER, tokenizer=None
+        cls, transformer, scheduler_preset=None, dtype=None, text_encoder=DEFAULT_TEXT_ENCODER, tokenizer=None
     ):
         """The paper's text-to-image sampler ("t2i" unless `scheduler_preset` says otherwise) and `text_encoder`: a
-        Qwen3 name or path (loaded with its tokenizer, in `torch_dtype`, default bfloat16), a model, or `None`."""
+        Qwen3 name or path (loaded with its tokenizer, in `dtype`, default bfloat16), a model, or `None`."""
         scheduler = PixNerdFlowMatchScheduler.from_official_preset(scheduler_preset or "t2i")
         if isinstance(text_encoder, str):
             tokenizer = tokenizer or AutoTokenizer.from_pretrained(text_encoder)
-            text_encoder = AutoModel.from_pretrained(text_encoder, torch_dtype=torch_dtype or torch.bfloat16)
+            text_encoder = AutoModel.from_pretrained(text_encoder, dtype=dtype or torch.bfloat16)
         return cls(transformer=transformer, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer)
 
     @classmethod
     def _official_default_components(cls, kwargs: dict) -> dict:
         if "text_encoder" not in kwargs:  # the official model's encoder
-            dtype = kwargs.get("torch_dtype") or torch.bfloat16
-            kwargs["text_encoder"] = AutoModel.from_pretrained(DEFAULT_TEXT_ENCODER, torch_dtype=dtype)
+            dtype = kwargs.get("dtype") or kwargs.get("torch_dtype") or torch.bfloat16
+            kwargs["text_encoder"] = AutoModel.from_pretrained(DEFAULT_TEXT_ENCODER, dtype=dtype)
             kwargs.setdefault("tokenizer", AutoTokenizer.from_pretrained(DEFAULT_TEXT_ENCODER))
         return kwargs
 

@@ -18,7 +18,7 @@ from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import create_repo
 
-from ..loaders import official_pipeline_folder
+from ..loaders import official_pipeline_folder, resolve_dtype
 from ..loaders.attention_layout import has_fused_attention_keys, unfuse_attention_keys, unfuse_target_modules
 from ..models.transformer_pixnerd import PixNerdTransformer2DModel
 from ..schedulers.scheduling_pixnerd import check_guidance_interval, is_integer, is_real
@@ -202,19 +202,22 @@ class PixNerdBasePipeline(DiffusionPipeline, PixNerdLoraLoaderMixin):
         pretrained_model_link_or_path: str,
         ema: bool = True,
         sample_size: int | None = None,
-        torch_dtype: torch.dtype | None = None,
+        dtype: torch.dtype | None = None,
         scheduler_preset: str | None = None,
+        *,
+        torch_dtype: torch.dtype | None = None,
         **kwargs,
     ):
         """A complete pipeline from an official checkpoint (local path, `org/repo/file.ckpt` or Hub URL): the
-        transformer from `PixNerdTransformer2DModel.from_single_file` (options `ema`, `sample_size`, `torch_dtype`
-        and Hub download options), the scheduler from `PixNerdFlowMatchScheduler.from_official_preset`
+        transformer from `PixNerdTransformer2DModel.from_single_file` (options `ema`, `sample_size`, `dtype` (or
+        the older `torch_dtype`) and Hub download options), the scheduler from `PixNerdFlowMatchScheduler.from_official_preset`
         (`scheduler_preset`, by default the paper's setting for the checkpoint), and the pipeline's optional
         components (`text_encoder`, `tokenizer`) from `kwargs`.
         """
         components = {k: kwargs.pop(k) for k in ("text_encoder", "tokenizer") if k in kwargs}
+        dtype = resolve_dtype(dtype, torch_dtype)
         transformer = PixNerdTransformer2DModel.from_single_file(
-            pretrained_model_link_or_path, ema=ema, sample_size=sample_size, torch_dtype=torch_dtype, **kwargs
+            pretrained_model_link_or_path, ema=ema, sample_size=sample_size, dtype=dtype, **kwargs
         )
         expected = "PixNerdT2IPipeline" if transformer.is_text_conditional else "PixNerdPipeline"
         if expected != cls.__name__:
@@ -222,10 +225,10 @@ class PixNerdBasePipeline(DiffusionPipeline, PixNerdLoraLoaderMixin):
         unknown = sorted(set(components) - set(cls._optional_components))
         if unknown:
             raise TypeError(f"{cls.__name__}.from_single_file() got unexpected keyword argument(s) {unknown}.")
-        return cls.from_official_transformer(transformer, scheduler_preset, torch_dtype, **components)
+        return cls.from_official_transformer(transformer, scheduler_preset, dtype, **components)
 
     @classmethod
-    def from_official_transformer(cls, transformer, scheduler_preset=None, torch_dtype=None, **components):
+    def from_official_transformer(cls, transformer, scheduler_preset=None, dtype=None, **components):
         """The pipeline around a converted official transformer, with the paper's sampler settings."""
         raise NotImplementedError
 
