@@ -282,10 +282,12 @@ def qwen3_tokenizer_folder() -> str:
 
 ABOUT_T2I = """## About this model
 
-A small text-to-image PixNerd trained from scratch on Fashion-MNIST (28x28 gray garments padded to 32x32 RGB) with
-captions in 8 wordings x 3 phrasings per class ("a photo of a sneaker", "a running shoe, white on a black
-background", ...), by `examples/train_pixnerd_t2i.py` of diffusers-pixnerd on 2 CPU cores. It is a demonstration and
-a test fixture, not a general text-to-image model: it draws the 10 Fashion-MNIST classes, in gray.
+A small text-to-image PixNerd trained from scratch on Fashion-MNIST (28x28 gray garments padded to 32x32 RGB) by
+`examples/train_pixnerd_t2i.py` of diffusers-pixnerd on 2 CPU cores: 6,000 steps on captions in 8 wordings x 3
+phrasings per class ("a photo of a sneaker", "a running shoe, white on a black background", ...), then 3,200 steps on
+captions in 400 wordings (`prepare --wordings varied`), so that it reads the class out of sentences it never saw. It
+is a demonstration and a test fixture, not a general text-to-image model: it draws the 10 Fashion-MNIST classes, in
+gray.
 
 **The text encoder is a stand-in.** The official PixNerd text-to-image model conditions on Qwen/Qwen3-1.7B, which
 could not be downloaded on the machine this model was trained on. `text_encoder/` is a Qwen3 of the same

@@ -297,3 +297,15 @@ def test_web_demo_shows_the_pipelines_message_enforces_its_caps_and_cleans_up(tm
         gr.Markdown("x")
     queue = app.bounded_queue(demo)._queue
     assert (queue.max_size, queue.default_concurrency_limit) == (app.MAX_QUEUE, 1)
+
+
+def test_training_wordings_never_use_a_held_out_wording():
+    """The held-out prompts test new sentences: no training wording (basic or varied) contains a held-out one's
+    distinctive words."""
+    assert len(set(fashion_mnist.VARIED_TEMPLATES)) == 400
+    for template in fashion_mnist.CAPTION_TEMPLATES + fashion_mnist.VARIED_TEMPLATES:
+        assert template.count("{}") == 1
+        assert template not in fashion_mnist.HELDOUT_TEMPLATES
+        assert not [word for word in fashion_mnist.HELDOUT_WORDS if word in template], template
+    for template in fashion_mnist.HELDOUT_TEMPLATES:  # and each held-out wording has one of those words
+        assert [word for word in fashion_mnist.HELDOUT_WORDS if word in template], template
