@@ -30,6 +30,7 @@ Other text-to-image prompts: `--prompt_file` takes a text file (one prompt a lin
 import argparse
 import json
 import os
+import time
 
 import numpy as np
 import torch
@@ -205,6 +206,10 @@ def parse_args(input_args=None):
     )
     parser.add_argument("--lora", default=None, help="Text-to-image: LoRA weights (folder or file) loaded first.")
     parser.add_argument("--lora_scale", type=float, default=1.0, help='The LoRA scale (`attention_kwargs["scale"]`).')
+    parser.add_argument(
+        "--cache", default=None, help="A diffusers cache on the transformer, NAME[:key=value,...] as in generate.py."
+    )
+    parser.add_argument("--compile", default="none", choices=["none", "regional", "full"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser.parse_args(input_args)
 
@@ -213,7 +218,7 @@ def main(args):
     import sys
 
     sys.path.insert(0, EXAMPLES)  # fashion_mnist.py beside this script
-    from generate import load_pipeline
+    from generate import cache_config, compile_transformer, load_pipeline
 
     pipe = load_pipeline(args.model, torch.float32)
     if args.checkpoint:
@@ -222,6 +227,9 @@ def main(args):
         print(f"Weights of {args.checkpoint}: {load_checkpoint_weights(pipe.transformer, args.checkpoint)}")
     pipe = pipe.to(args.device)
     pipe.set_progress_bar_config(disable=True)
+    if args.cache:
+        pipe.transformer.enable_cache(cache_config(args.cache, pipe))
+    compile_transformer(pipe, args.compile)
     os.makedirs(args.output_dir, exist_ok=True)
     call_kwargs = {}
     if isinstance(pipe, PixNerdT2IPipeline):
@@ -241,9 +249,19 @@ def main(args):
     else:
         labels = class_balanced_labels(args.num_samples, pipe.transformer.config.num_classes)
         conditions = labels
+    start = time.perf_counter()
     images = sample_conditions(pipe, conditions, args, **call_kwargs)
+    sampling_seconds = time.perf_counter() - start
     np.savez(os.path.join(args.output_dir, "samples.npz"), arr_0=images, arr_1=np.array(labels))
-    metrics = {"num_samples": len(images), "seed": args.seed, "settings": dict(pipe.scheduler.config)}
+    metrics = {
+        "num_samples": len(images),
+        "seed": args.seed,
+        "cache": args.cache,
+        "compile": args.compile,
+        "sampling_seconds": round(sampling_seconds, 1),
+        "torch_threads": torch.get_num_threads(),
+        "settings": dict(pipe.scheduler.config),
+    }
     if args.checkpoint:
         metrics["checkpoint"] = args.checkpoint
     if isinstance(pipe, PixNerdT2IPipeline):

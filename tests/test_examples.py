@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -39,6 +40,38 @@ def test_demo_writes_a_labelled_grid(tmp_path, capsys):
 def test_demo_rejects_a_prompt_for_a_class_model(tmp_path):
     with pytest.raises(ValueError, match="--class_labels"):
         generate.main(generate.parse_args(["--prompt", "a shoe", "--output", str(tmp_path / "x.png")]))
+
+
+def test_cache_option_builds_diffusers_cache_configs():
+    from diffusers import FirstBlockCacheConfig, PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig
+
+    pipe = SimpleNamespace(current_timestep=torch.tensor(700.0), scheduler=SimpleNamespace(config={}))
+    config = generate.cache_config("first_block:threshold=0.3", pipe)
+    assert isinstance(config, FirstBlockCacheConfig) and config.threshold == 0.3
+    config = generate.cache_config("taylorseer:cache_interval=4,taylor_factors_dtype=bfloat16", pipe)
+    assert isinstance(config, TaylorSeerCacheConfig)
+    assert (config.cache_interval, config.taylor_factors_dtype) == (4, torch.bfloat16)
+    assert config.cache_identifiers == [r"transformer_blocks\.\d+"]  # whole DiT blocks by default
+    config = generate.cache_config("pab:spatial_attention_timestep_skip_range=(100,950)", pipe)
+    assert isinstance(config, PyramidAttentionBroadcastConfig)
+    assert config.spatial_attention_timestep_skip_range == (100, 950)
+    assert config.current_timestep_callback() == 700.0
+    with pytest.raises(ValueError, match="`--cache` must start with one of"):
+        generate.cache_config("teacache", pipe)
+    with pytest.raises(ValueError, match="not key=value with a key of FirstBlockCacheConfig"):
+        generate.cache_config("first_block:thresh=0.3", pipe)
+
+
+def test_evaluate_with_a_cache_records_it_and_skips_work(tmp_path):
+    common = ["--model", BUNDLED, "--num_samples", "10", "--batch_size", "10", "--num_inference_steps", "20"]
+    plain = evaluate.main(evaluate.parse_args([*common, "--output_dir", str(tmp_path / "plain")]))
+    cached = evaluate.main(
+        evaluate.parse_args([*common, "--cache", "first_block:threshold=0.1", "--output_dir", str(tmp_path / "fbc")])
+    )
+    assert (plain["cache"], cached["cache"]) == (None, "first_block:threshold=0.1")
+    assert cached["sampling_seconds"] > 0
+    a, b = (np.load(tmp_path / name / "samples.npz")["arr_0"].astype(np.float32) for name in ("plain", "fbc"))
+    assert 0 < np.abs(a - b).mean() < 10  # an approximation of the same images, not other images
 
 
 def test_bundled_model_is_a_complete_pipeline():

@@ -17,6 +17,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.attention import AttentionMixin, AttentionModuleMixin
 from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.cache_utils import CacheMixin
 from diffusers.models.embeddings import TimestepEmbedding, get_timestep_embedding
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
@@ -25,6 +26,7 @@ from diffusers.utils import apply_lora_scale
 
 from ..loaders.attention_layout import has_fused_attention_keys, unfuse_attention_keys
 from ..loaders.official_checkpoint import FromOfficialCheckpointMixin
+from .cache import check_cache_config, separate_cache_contexts
 
 # Official sizes. `PixNerdTransformer2DModel.from_preset(name)` builds one (random weights) to train from scratch.
 PIXNERD_PRESETS = {
@@ -224,10 +226,20 @@ class PixNerdTransformerBlock(nn.Module):
         self.ff = SwiGLU(dim, mlp_hidden_dim)
         self.modulation = nn.Linear(dim, 6 * dim)  # its input c already went through SiLU
 
-    def forward(self, x, c, rope=None, context=None):
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(c).chunk(6, dim=-1)
-        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), context, image_rotary_emb=rope)
-        return x + gate_mlp * self.ff(modulate(self.norm2(x), shift_mlp, scale_mlp))
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        temb: torch.Tensor,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        # `temb` is the condition after its SiLU; `encoder_hidden_states` the refined text for the T2I backbone.
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(temb).chunk(6, dim=-1)
+        attn_input = modulate(self.norm1(hidden_states), shift_msa, scale_msa)
+        hidden_states = hidden_states + gate_msa * self.attn(
+            attn_input, encoder_hidden_states, image_rotary_emb=image_rotary_emb
+        )
+        return hidden_states + gate_mlp * self.ff(modulate(self.norm2(hidden_states), shift_mlp, scale_mlp))
 
 
 class NeuralFieldBlock(nn.Module):
@@ -272,7 +284,7 @@ class PixNerdNeuralField(nn.Module):
 
 
 class PixNerdTransformer2DModel(
-    ModelMixin, ConfigMixin, AttentionMixin, PeftAdapterMixin, FromOfficialCheckpointMixin
+    ModelMixin, ConfigMixin, AttentionMixin, CacheMixin, PeftAdapterMixin, FromOfficialCheckpointMixin
 ):
     r"""
     The PixNerd transformer: a pixel-space DiT with large patches whose final projection is a per-patch neural
@@ -436,6 +448,16 @@ class PixNerdTransformer2DModel(
             converted = unfuse_attention_keys(state_dict)
             state_dict.clear()
             state_dict.update(converted)
+
+    def enable_cache(self, config) -> None:
+        """diffusers' `CacheMixin.enable_cache`, with the DiT blocks registered for the block caches (FirstBlockCache,
+        MagCache), one Pyramid Attention Broadcast state per cache context, and a clear error for the caches PixNerd
+        cannot run (FasterCache, TextKVCache, SeaCache, TaylorSeer's lite mode). The pipelines give the conditional
+        and unconditional branches their own cache context ("cond", "uncond") while a cache is enabled.
+        """
+        check_cache_config(PixNerdTransformerBlock, config)
+        super().enable_cache(config)
+        separate_cache_contexts(self, config)
 
     @classmethod
     def from_preset(cls, name: str, **kwargs) -> "PixNerdTransformer2DModel":

@@ -391,7 +391,8 @@ class PixNerdBasePipeline(DiffusionPipeline, PixNerdLoraLoaderMixin):
         sigmas: list[float] | None = None,
         callback_conditions: dict[str, tuple[str, str]] | None = None,
     ) -> torch.Tensor:
-        """The sampling loop: the batch is [uncond, cond] where guidance is active, cond alone elsewhere.
+        """The sampling loop: the batch is [uncond, cond] where guidance is active, cond alone elsewhere. While the
+        transformer has a cache enabled (`enable_cache`), each branch is a separate call in its own cache context.
 
         `sigmas` (see `check_sigmas`) replace the scheduler's own grid of `num_inference_steps` steps.
         `callback_conditions` names the condition tensors that `callback_on_step_end` may read and replace, as
@@ -412,6 +413,9 @@ class PixNerdBasePipeline(DiffusionPipeline, PixNerdLoraLoaderMixin):
         # Concatenated once: steps inside the interval reuse it (until a callback replaces a condition).
         guided = {k: torch.cat([uncondition[k], condition[k]]) for k in uncondition}
 
+        cached = getattr(self.transformer, "is_cache_enabled", False)
+        if cached:
+            self.transformer._reset_stateful_cache()  # a sampling interrupted by an error left its states
         self._current_timestep = None
         try:
             with self.progress_bar(total=len(timesteps)) as progress_bar:
@@ -420,16 +424,23 @@ class PixNerdBasePipeline(DiffusionPipeline, PixNerdLoraLoaderMixin):
                         continue
                     self._current_timestep = t
                     active = self.guidance_active(t, guidance_interval)
-                    model_input = torch.cat([latents, latents]) if active else latents
-                    noise_pred = self.transformer(
-                        model_input.to(dtype),
-                        t.expand(model_input.shape[0]),
-                        **(guided if active else condition),
-                        attention_kwargs=attention_kwargs,
-                    ).sample.float()
-                    if active:
-                        noise_uncond, noise_cond = noise_pred.chunk(2)
-                        noise_pred = noise_uncond + self.guidance_scale * (noise_cond - noise_uncond)
+                    if cached:
+                        # One call per branch, each in its own cache context: a cache then sees a constant batch.
+                        noise_pred = self._predict_in_context("cond", i, t, latents, condition, attention_kwargs)
+                        if active:
+                            noise_uncond = self._predict_in_context("uncond", i, t, latents, uncondition, attention_kwargs)
+                            noise_pred = noise_uncond + self.guidance_scale * (noise_pred - noise_uncond)
+                    else:
+                        model_input = torch.cat([latents, latents]) if active else latents
+                        noise_pred = self.transformer(
+                            model_input.to(dtype),
+                            t.expand(model_input.shape[0]),
+                            **(guided if active else condition),
+                            attention_kwargs=attention_kwargs,
+                        ).sample.float()
+                        if active:
+                            noise_uncond, noise_cond = noise_pred.chunk(2)
+                            noise_pred = noise_uncond + self.guidance_scale * (noise_cond - noise_uncond)
                     latents = self.scheduler.step(noise_pred, t, latents).prev_sample
 
                     if callback_on_step_end is not None:
@@ -452,6 +463,19 @@ class PixNerdBasePipeline(DiffusionPipeline, PixNerdLoraLoaderMixin):
         finally:
             self._current_timestep = None
         return latents
+
+    def _predict_in_context(self, name, step_index, t, latents, condition, attention_kwargs) -> torch.Tensor:
+        """One branch's velocity in float32, computed inside the transformer's cache context `name`."""
+        sigma = float(t) / self.scheduler.config.num_train_timesteps
+        with self.transformer.cache_context(
+            name, step_index=step_index, num_inference_steps=self._num_timesteps, timestep=t, sigma=sigma
+        ):
+            return self.transformer(
+                latents.to(self.transformer.dtype),
+                t.expand(latents.shape[0]),
+                **condition,
+                attention_kwargs=attention_kwargs,
+            ).sample.float()
 
     @staticmethod
     def _replace_conditions(
