@@ -4,6 +4,7 @@ import json
 import os
 import runpy
 import shutil
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -497,6 +498,44 @@ def test_c2i_save_load_round_trip(tmp_path):
         assert loaded.scheduler.config.num_inference_steps == 2
         # Equal up to rounding: loaded weights are memory-mapped at other alignments, which changes BLAS paths.
         assert relative_error(sample(loaded, ["dog", 3]), expected) < TOLERANCE
+
+
+@pytest.mark.parametrize("text", [False, True], ids=["c2i", "t2i"])
+def test_diffusers_loads_a_saved_folder_without_importing_the_package(tmp_path, text):
+    """A fresh interpreter that never imports diffusers_pixnerd: `DiffusionPipeline.from_pretrained` with the custom
+    pipeline file saved beside the weights (diffusers then imports the installed package itself)."""
+    pipe = tiny_t2i_pipeline() if text else tiny_c2i_pipeline(id2label=LABELS)
+    embeds = torch.randn(1, 6, 24, generator=torch.Generator().manual_seed(0))
+    condition = dict(prompt_embeds=embeds, negative_prompt_embeds=-embeds) if text else dict(class_labels=[3])
+    expected = sample(pipe, **condition)
+    folder = tmp_path / "pipe"
+    pipe.save_pretrained(folder)
+    assert f"import {type(pipe).__name__}" in (folder / "pipeline_pixnerd.py").read_text()
+    assert 'custom_pipeline="pipeline_pixnerd", trust_remote_code=True' in (folder / "README.md").read_text()
+    torch.save(condition, tmp_path / "condition.pt")
+    script = f"""
+import sys, torch
+torch.set_num_threads(1)
+from diffusers import DiffusionPipeline
+assert "diffusers_pixnerd" not in sys.modules
+pipe = DiffusionPipeline.from_pretrained({str(folder)!r}, custom_pipeline="pipeline_pixnerd", trust_remote_code=True)
+pipe.set_progress_bar_config(disable=True)
+condition = torch.load({str(tmp_path / "condition.pt")!r})
+images = pipe(**condition, generator=torch.Generator().manual_seed(0), output_type="latent").images
+torch.save(images, {str(tmp_path / "images.pt")!r})
+print(type(pipe).__module__, type(pipe).__name__)
+"""
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-1] == type(pipe).__name__
+    assert relative_error(torch.load(tmp_path / "images.pt"), expected) < TOLERANCE
+    # Without trust_remote_code diffusers refuses, naming the flag; our own loader needs neither.
+    refused = subprocess.run(
+        [sys.executable, "-c", script.replace(", trust_remote_code=True", "")], env=env, capture_output=True, text=True
+    )
+    assert refused.returncode != 0 and "trust_remote_code=True" in refused.stderr
+    assert type(type(pipe).from_pretrained(folder)) is type(pipe)
 
 
 def test_t2i_save_load_round_trip_with_text_encoder(tmp_path):

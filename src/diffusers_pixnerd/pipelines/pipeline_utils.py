@@ -120,6 +120,26 @@ class PixNerdLoraLoaderMixin(SanaLoraLoaderMixin):
         return (state_dict, metadata) if return_metadata else state_dict
 
 
+# Written beside every saved pipeline: diffusers' custom-pipeline file, so that `DiffusionPipeline.from_pretrained(
+# folder_or_repo, custom_pipeline="pipeline_pixnerd", trust_remote_code=True)` loads it without importing this package
+# first. It only imports the installed package (`model_index.json` keeps a plain class name, so the package's own
+# `from_pretrained` needs no remote code).
+LOADER_NAME = "pipeline_pixnerd"
+LOADER_FILE = """# diffusers custom-pipeline file of a diffusers-pixnerd folder; it needs `pip install diffusers-pixnerd`:
+#     from diffusers import DiffusionPipeline
+#     pipe = DiffusionPipeline.from_pretrained(<this folder or repo>, custom_pipeline="{name}", trust_remote_code=True)
+from diffusers_pixnerd import {class_name}  # noqa: F401
+"""
+
+
+def write_loader_file(folder: str, class_name: str) -> str:
+    """Writes `pipeline_pixnerd.py` (see `LOADER_FILE`) into a pipeline folder; returns its path."""
+    path = os.path.join(folder, f"{LOADER_NAME}.py")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(LOADER_FILE.format(name=LOADER_NAME, class_name=class_name))
+    return path
+
+
 MODEL_CARD = """---
 library_name: diffusers
 license: mit
@@ -145,6 +165,9 @@ from diffusers_pixnerd import {class_name}
 pipe = {class_name}.from_pretrained("{repo_id}")
 image = pipe({example_input}, generator=torch.Generator().manual_seed(0)).images[0]
 ```
+
+With the package installed, diffusers alone loads it too, through the `{loader}` file beside the weights:
+`DiffusionPipeline.from_pretrained("{repo_id}", custom_pipeline="{loader_name}", trust_remote_code=True)`.
 
 Sampling defaults (scheduler config): {sampling}. Trained resolution {size}x{size}.
 
@@ -428,7 +451,9 @@ class PixNerdBasePipeline(DiffusionPipeline, PixNerdLoraLoaderMixin):
                         # One call per branch, each in its own cache context: a cache then sees a constant batch.
                         noise_pred = self._predict_in_context("cond", i, t, latents, condition, attention_kwargs)
                         if active:
-                            noise_uncond = self._predict_in_context("uncond", i, t, latents, uncondition, attention_kwargs)
+                            noise_uncond = self._predict_in_context(
+                                "uncond", i, t, latents, uncondition, attention_kwargs
+                            )
                             noise_pred = noise_uncond + self.guidance_scale * (noise_pred - noise_uncond)
                     else:
                         model_input = torch.cat([latents, latents]) if active else latents
@@ -514,6 +539,8 @@ class PixNerdBasePipeline(DiffusionPipeline, PixNerdLoraLoaderMixin):
             task_tag="text-to-image" if text else "class-conditional-image-generation",
             title=repo_id or f"PixNerd {'text-to-image' if text else 'class-conditional'} pipeline",
             class_name=type(self).__name__,
+            loader=f"{LOADER_NAME}.py",
+            loader_name=LOADER_NAME,
             repo_id=repo_id or "path/to/this/folder",
             example_input='"a red fox in the snow"' if text else "class_labels=[0]",
             sampling=sampling or "see scheduler/scheduler_config.json",
@@ -549,6 +576,8 @@ class PixNerdBasePipeline(DiffusionPipeline, PixNerdLoraLoaderMixin):
                     os.makedirs(os.path.dirname(target), exist_ok=True)
                     shutil.copyfile(image, target)
         write_model_card(save_directory, self.model_card(repo_id, model_card_extra, base_model))
+        if type(self).__module__.split(".")[0] == "diffusers_pixnerd":  # a subclass elsewhere has its own code
+            write_loader_file(save_directory, type(self).__name__)
         if push_to_hub:
             return self._push_folder(save_directory, repo_id, **hub_kwargs)
 
