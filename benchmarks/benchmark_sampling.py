@@ -59,7 +59,9 @@ def benchmark(args) -> list[dict]:
         start = time.perf_counter()
         images[variant] = sample(pipe, args.batch_size, args.num_inference_steps)
         first_call[variant] = time.perf_counter() - start
-        for _ in range(args.warmup):  # e.g. a compiled model's one recompile once diffusers has added its hook registry
+        for _ in range(
+            args.warmup
+        ):  # e.g. a compiled model's one recompile once diffusers has added its hook registry
             sample(pipe, args.batch_size, args.num_inference_steps)
     times = {variant: [] for variant in pipes}
     for _ in range(args.repeats):

@@ -65,7 +65,9 @@ def build(args):
         config = infer_config(state_dict, preset.get("sample_size"))
         ours = PixNerdTransformer2DModel(**config)
         ours.load_state_dict(convert_state_dict(state_dict, config))
-        official = official.to(args.device, getattr(torch, args.dtype)).eval()
+        # float32 weights: the official model cannot run on half-precision weights (its timestep embedding stays
+        # float32); in bf16/fp16 it runs under autocast below, as the official sampler runs it.
+        official = official.to(args.device).eval()
     else:
         ours = PixNerdTransformer2DModel.from_preset(args.model)
     ours = ours.to(args.device, getattr(torch, args.dtype)).eval()
@@ -78,11 +80,11 @@ def build(args):
             args.batch_size, ours.config.text_max_length, ours.config.text_embed_dim, device=args.device, dtype=dtype
         )
         run_ours = lambda: ours(x, (1 - t) * 1000, encoder_hidden_states=cond).sample  # noqa: E731
-        run_official = lambda: official(x, t, cond)  # noqa: E731
+        run_official = lambda: official(x.float(), t, cond.float())  # noqa: E731
     else:
         y = torch.arange(args.batch_size, device=args.device) % 1000
         run_ours = lambda: ours(x, (1 - t) * 1000, class_labels=y).sample  # noqa: E731
-        run_official = lambda: official(x, t, y)  # noqa: E731
+        run_official = lambda: official(x.float(), t, y)  # noqa: E731
     # The same weights with q, k, v (and the text k, v) fused into one projection, as `fuse_qkv_projections` does.
     fused = copy.deepcopy(ours)
     fused.fuse_qkv_projections()
@@ -95,6 +97,13 @@ def build(args):
         fused = torch.compile(fused)
         if official is not None:
             official = torch.compile(official)
+    if official is not None and dtype != torch.float32:
+        run_float32 = run_official
+
+        def run_official():
+            with torch.autocast(torch.device(args.device).type, dtype=dtype):
+                return run_float32()
+
     return run_ours, run_fused, (run_official if official is not None else None)
 
 
