@@ -23,7 +23,9 @@ setup(
     ],
     extras_require={
         "training": ["datasets>=3.0", "peft>=0.17", "tensorboard"],
-        "test": ["pytest>=8", "peft>=0.17", "datasets>=3.0", "tensorboard"],
+        # `--optimizer adamw8bit | adamw4bit | adamw_bf16 | prodigy` and `--quantize_text_encoder` (docs/training.md)
+        "optimizers": ["bitsandbytes>=0.48", "prodigyopt>=1.1", "torchao>=0.12"],
+        "test": ["pytest>=8", "peft>=0.17", "datasets>=3.0", "tensorboard", "bitsandbytes>=0.48", "prodigyopt>=1.1"],
         "quantization": ["torchao>=0.12"],  # quantization_config loading (tests: `make test` installs it)
         "demo": ["gradio>=5"],
     },

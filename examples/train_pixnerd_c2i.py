@@ -32,6 +32,7 @@ from diffusers_pixnerd.training import (
     prepare_output_dir,
     push_folder,
     read_class_names,
+    trained_weights_dtype,
 )
 
 logger = logging.getLogger(__name__)
@@ -157,8 +158,9 @@ def main(args):
     model = PixNerdTrainingModule(
         transformer, projector, args.repa_align_layer, args.repa_loss_weight, args.weighting_scheme
     )
+    model.to(trained_weights_dtype(args.optimizer))  # bfloat16 only with a stochastic-rounding optimizer
 
-    # 4. AdamW, lr schedule, Accelerate, EMA, resume; then train.
+    # 4. The optimizer (`--optimizer`), lr schedule, Accelerate, EMA, resume; then train.
     run = TrainingRun(accelerator, args, model, train_dataloader, checkpoint)
     model, trained = run.model, run.trained
 

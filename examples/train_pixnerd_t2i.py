@@ -18,8 +18,6 @@ docs/training.md.
 """
 
 import argparse
-import hashlib
-import json
 import logging
 import os
 
@@ -37,8 +35,9 @@ from diffusers_pixnerd.loaders import unfuse_target_modules
 from diffusers_pixnerd.pipelines.pipeline_utils import write_model_card
 from diffusers_pixnerd.training import (
     PixNerdTrainingModule,
+    PromptEmbeddingCache,
     TrainingRun,
-    add_prompt_embeddings,
+    add_lora_adapters,
     add_training_arguments,
     check_resolution,
     check_training_arguments,
@@ -53,8 +52,12 @@ from diffusers_pixnerd.training import (
     lora_model_card,
     model_config_from_args,
     prepare_output_dir,
+    prompt_cache_folder,
     push_folder,
+    quantize_text_encoder,
+    stream_captions,
     sub_state_dict,
+    trained_weights_dtype,
     weight_dtype,
 )
 
@@ -111,6 +114,12 @@ def parse_args(input_args=None):
     )
     model.add_argument(
         "--train_text_encoder_layers", type=int, default=0, help="Also train the last N Qwen3 layers (and its norm)."
+    )
+    model.add_argument(
+        "--quantize_text_encoder",
+        action="store_true",
+        help="Encode with an int8 weight-only copy of the frozen Qwen3 (torchao; half the memory of bfloat16), when "
+        "the captions are not precomputed. The exported pipeline keeps the encoder as loaded.",
     )
     model.add_argument(
         "--precompute_text_embeddings",
@@ -175,13 +184,13 @@ def parse_args(input_args=None):
     check_training_arguments(args)
     if args.train_text_encoder_layers < 0:
         raise ValueError(f"`--train_text_encoder_layers` must be >= 0, got {args.train_text_encoder_layers}.")
+    if args.train_text_encoder_layers and args.quantize_text_encoder:
+        raise ValueError("`--train_text_encoder_layers` trains the encoder: not with `--quantize_text_encoder`.")
     if args.train_text_encoder_layers and (args.precompute_text_embeddings or args.use_lora):
         raise ValueError(
             "`--train_text_encoder_layers` needs the text encoder in the loop: not with `--precompute_text_embeddings` "
             "or `--use_lora`."
         )
-    if args.precompute_text_embeddings and args.streaming:
-        raise ValueError("`--precompute_text_embeddings` needs a map-style dataset, not `--streaming`.")
     return args
 
 
@@ -259,7 +268,11 @@ def main(args):
         text_encoder.layers[-args.train_text_encoder_layers :].requires_grad_(True)
         text_encoder.norm.requires_grad_(True)
         text_encoder.train()
-    text_encoder.to(device, dtype=torch.float32 if train_text_encoder else dtype)
+    exported_text_encoder = text_encoder  # frozen: exported as loaded (a quantized copy encodes during training)
+    if args.quantize_text_encoder:
+        text_encoder = quantize_text_encoder(text_encoder, dtype).to(device)
+    else:
+        text_encoder.to(device, dtype=torch.float32 if train_text_encoder else dtype)
 
     def encode(prompts):
         with torch.no_grad(), accelerator.autocast():
@@ -267,43 +280,33 @@ def main(args):
 
     validation = {"prompt": args.validation_prompts}
     null_embeds = None if train_text_encoder else encode([""])
-    if args.precompute_text_embeddings:
+    prompt_cache = None
+    if args.precompute_text_embeddings:  # each process encodes its share of the captions, then Qwen3 leaves
+        captions = sorted(set(stream_captions(dataset)))
         key = [args.pretrained_model_name_or_path, text_encoder.config.to_dict(), transformer.config.text_max_length]
-        digest = hashlib.sha256(json.dumps([key, dataset["caption"]], default=str).encode()).hexdigest()[:16]
-        cache_dir = args.cache_dir or os.path.join(args.output_dir, "cache")
-        cache_file = os.path.join(cache_dir, f"prompt_embeds_{digest}.arrow")
-        with accelerator.main_process_first():
-            dataset = add_prompt_embeddings(dataset, encode, cache_file, batch_size=args.train_batch_size)
+        folder = prompt_cache_folder(args.cache_dir or os.path.join(args.output_dir, "cache"), key, captions)
+        prompt_cache = PromptEmbeddingCache.build(accelerator, captions, encode, folder, args.train_batch_size)
         negative = null_embeds.expand(len(args.validation_prompts), -1, -1)
         validation = {"prompt_embeds": encode(args.validation_prompts), "negative_prompt_embeds": negative}
         text_encoder.to("cpu")  # only needed again to be saved with a fully fine-tuned pipeline
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     train_dataloader = create_dataloader(accelerator, args, dataset)
 
     # 3. Full fine-tuning, or LoRA on attention, MLP and the neural-field weight generator (base frozen).
     transformer.train()
     if args.use_lora:
-        from peft import LoraConfig
-
-        transformer.requires_grad_(False)
-        if dtype != torch.float32:
-            transformer.to(dtype=dtype)
-        transformer.add_adapter(
-            LoraConfig(
-                r=args.lora_rank,
-                lora_alpha=args.lora_alpha,
-                lora_dropout=args.lora_dropout,
-                init_lora_weights="gaussian",
-                target_modules=lora_target_modules(args.lora_target_modules),
-            )
-        )
-        for p in transformer.parameters():  # the adapters train in float32
-            if p.requires_grad:
-                p.data = p.data.float()
+        targets = lora_target_modules(args.lora_target_modules)
+        add_lora_adapters(transformer, args.lora_rank, args.lora_alpha, args.lora_dropout, targets, base_dtype=dtype)
+    else:
+        transformer.to(trained_weights_dtype(args.optimizer))  # bfloat16 only with a stochastic-rounding optimizer
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
 
     # 4. The objective: flow matching, plus REPA (frozen DINOv2 + a projector that trains and is not exported).
     projector = create_repa_projector(args, transformer, repa_encoder)
+    if projector is not None:
+        projector.to(trained_weights_dtype(args.optimizer))
     model = PixNerdTrainingModule(
         transformer,
         projector,
@@ -315,7 +318,7 @@ def main(args):
         null_encoder_hidden_states=null_embeds,
     )
 
-    # 5. AdamW, lr schedule, Accelerate, EMA, resume; then train.
+    # 5. The optimizer (`--optimizer`), lr schedule, Accelerate, EMA, resume; then train.
     run = TrainingRun(accelerator, args, model, train_dataloader, checkpoint)
     model, trained = run.model, run.trained
 
@@ -331,8 +334,8 @@ def main(args):
             inputs = run.step_inputs(batch["pixel_values"], repa_encoder)
             if train_text_encoder:  # encoded inside the module, so that DDP sees the encoder's forward
                 condition = {"prompts": batch["caption"]}
-            elif args.precompute_text_embeddings:
-                condition = {"encoder_hidden_states": batch["prompt_embeds"].to(dtype)}
+            elif prompt_cache is not None:
+                condition = {"encoder_hidden_states": prompt_cache.lookup(batch["caption"]).to(device, dtype)}
             else:
                 condition = {"encoder_hidden_states": encode(batch["caption"])}
             losses = model(**inputs, **condition)
@@ -361,7 +364,7 @@ def main(args):
         if train_text_encoder:
             text_encoder.load_state_dict(sub_state_dict(state, "text_encoder"))
         else:
-            text_encoder.to("cpu", dtype=text_encoder_dtype)
+            text_encoder = exported_text_encoder.to("cpu", dtype=text_encoder_dtype)
         pipeline = PixNerdT2IPipeline(run.exported_transformer(state), scheduler, text_encoder, tokenizer)
         pipeline.save_pretrained(
             args.output_dir,

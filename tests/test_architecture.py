@@ -16,8 +16,6 @@ LAYERS = {
     "models": 1,
     "pipelines": 2,
     "training": 3,
-    "training_utils": 4,  # deprecated re-exports of `training`
-    "training_data": 4,
     "convert": 4,  # the command line
     "__init__": 5,
 }

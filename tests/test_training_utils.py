@@ -612,31 +612,6 @@ def test_16_bit_palette_and_alpha_images_convert_to_the_right_rgb(tmp_path):
     assert np.asarray(open_image(str(tmp_path / "palette.png"))).tolist() == [[[0, 200, 0]] * 4] * 4
 
 
-@pytest.mark.parametrize(
-    "old, new, example",
-    [
-        (
-            "training_utils",
-            ["objectives", "ema", "checkpoints", "data", "cli", "hub", "run_setup", "loop"],
-            "TrainingRun",
-        ),
-        ("training_data", ["data"], "load_training_dataset"),
-    ],
-)
-def test_the_old_module_paths_warn_and_give_the_same_objects(old, new, example):
-    import importlib
-    import sys
-
-    sys.modules.pop(f"diffusers_pixnerd.{old}", None)  # so that the import runs the module (and warns) again
-    with pytest.warns(FutureWarning, match=f"diffusers_pixnerd.{old} moved to diffusers_pixnerd.training"):
-        module = importlib.import_module(f"diffusers_pixnerd.{old}")
-    modules = [importlib.import_module(f"diffusers_pixnerd.training.{name}") for name in new]
-    assert example in module.__all__
-    for name in module.__all__:
-        found = {id(vars(m)[name]) for m in modules if name in vars(m)}
-        assert found == {id(getattr(module, name))}, name
-
-
 class _Payload:
     def __init__(self, marker):
         self.marker = str(marker)

@@ -3,13 +3,18 @@
 
 - `objectives`: timestep (sigma) sampling, the rectified-flow loss, condition dropout, flips, REPA (projector,
   DINOv2 targets, cosine loss), prompt encoding, and `PixNerdTrainingModule` (the losses of a step).
-- `ema`: the EMA of the trained weights (`create_ema`, `ema_decay_for_run`, `ema_weights`).
+- `ema`: the EMA of the trained weights (`create_ema`, `update_ema`, `ema_decay_for_run`, `ema_weights`), on the
+  accelerator or the CPU.
+- `optimizers`: `--optimizer` (AdamW, 8-bit and 4-bit AdamW, AdamW on bfloat16 weights, Adafactor, Prodigy) and the
+  lr schedule.
 - `checkpoints`: checkpoints that survive a kill (write, commit, list, resolve, clean up), the `--output_dir` lock,
   and loading a checkpoint's transformer weights (`load_checkpoint_weights`).
 - `data`: image folders and `datasets` datasets, crops, lazy decoding, the data loader of a run.
+- `prompt_cache`: `--precompute_text_embeddings`: distinct captions encoded once, sharded across processes, looked up
+  in the step.
 - `cli`: the flags both scripts share and their checks, the model config from the flags.
 - `hub`: the model card's training section and the upload to the Hub.
-- `run_setup`: what a run is built from: the `Accelerator`, the output folder, optimizer and lr schedule, REPA.
+- `run_setup`: what a run is built from: the `Accelerator`, the output folder, REPA, LoRA adapters.
 - `loop`: `TrainingRun` (batches, step, backward, EMA, logs, checkpoints and resume, signals, validation, export).
 
 The names the example scripts use are importable from here: `from diffusers_pixnerd.training import TrainingRun`.
@@ -28,7 +33,6 @@ from .cli import add_training_arguments, check_resolution, check_training_argume
 from .data import (
     ImageSampleDataset,
     StreamingImageSampleDataset,
-    add_prompt_embeddings,
     adm_center_crop,
     collate_samples,
     count_classes,
@@ -43,7 +47,7 @@ from .data import (
     scan_caption_folder,
     scan_class_folder,
 )
-from .ema import create_ema, ema_decay_for_run, ema_weights
+from .ema import create_ema, ema_decay_for_run, ema_weights, update_ema
 from .hub import hub_model_id, lora_model_card, push_folder
 from .loop import TrainingRun
 from .objectives import (
@@ -58,21 +62,33 @@ from .objectives import (
     sample_sigmas,
     shift_sigmas,
 )
+from .optimizers import OPTIMIZERS, create_optimizer, create_optimizer_and_schedule, trained_weights_dtype
+from .prompt_cache import PromptEmbeddingCache, prompt_cache_folder, stream_captions
 from .run_setup import (
+    add_lora_adapters,
     create_accelerator,
     create_repa_encoder,
     create_repa_projector,
     prepare_output_dir,
+    quantize_text_encoder,
     weight_dtype,
 )
 
 __all__ = [
+    "PromptEmbeddingCache",
+    "prompt_cache_folder",
+    "stream_captions",
+    "OPTIMIZERS",
+    "add_lora_adapters",
+    "create_optimizer",
+    "create_optimizer_and_schedule",
+    "trained_weights_dtype",
+    "update_ema",
     "ImageSampleDataset",
     "PixNerdTrainingModule",
     "REPAProjector",
     "StreamingImageSampleDataset",
     "TrainingRun",
-    "add_prompt_embeddings",
     "add_training_arguments",
     "adm_center_crop",
     "capture_block_output",
@@ -103,6 +119,7 @@ __all__ = [
     "open_image",
     "pad_to_size",
     "prepare_output_dir",
+    "quantize_text_encoder",
     "push_folder",
     "random_flip",
     "read_class_names",

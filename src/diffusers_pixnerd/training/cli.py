@@ -9,6 +9,7 @@ import math
 
 from ..models.transformer_pixnerd import PixNerdTransformer2DModel
 from .objectives import LOSS_WEIGHTING, TIMESTEP_SAMPLING
+from .optimizers import OPTIMIZERS, check_optimizer_available
 
 # The arguments a saved config may carry besides the model's own (diffusers writes these into config.json).
 _SAVED_CONFIG_KEYS = {"_class_name", "_diffusers_version", "_name_or_path"}
@@ -74,6 +75,14 @@ def add_training_arguments(parser: argparse.ArgumentParser, **defaults) -> argpa
     optim.add_argument("--num_train_epochs", type=int, default=100)
     optim.add_argument("--max_train_steps", type=int, default=None, help="Overrides `--num_train_epochs`.")
     optim.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    optim.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        default="adamw",
+        help="adamw (torch), adamw8bit (bitsandbytes), adamw4bit (torchao), adamw_bf16 (torchao, bfloat16 weights with "
+        "stochastic rounding), adafactor (transformers), prodigy (prodigyopt; use --learning_rate 1.0). See "
+        "docs/training.md#memory.",
+    )
     optim.add_argument("--learning_rate", type=float, default=defaults.get("learning_rate"))
     optim.add_argument("--scale_lr", action="store_true", help="Multiply the lr by batch size, accumulation, GPUs.")
     optim.add_argument(
@@ -109,6 +118,20 @@ def add_training_arguments(parser: argparse.ArgumentParser, **defaults) -> argpa
         help="Default: from the run length, the official 0.9999 for runs of 46,000+ steps, else 1 - 10 / steps (so "
         "the export always reflects the training; see docs/training.md#ema).",
     )
+    optim.add_argument(
+        "--ema_device",
+        choices=("accelerator", "cpu"),
+        default="accelerator",
+        help="Where the float32 EMA lives: `cpu` frees 4 bytes per trained parameter on the accelerator (the weights "
+        "are copied to the CPU at each EMA update).",
+    )
+    optim.add_argument(
+        "--ema_update_interval",
+        type=int,
+        default=1,
+        help="Update the EMA every N optimizer steps (with the decay raised to the power N, so it averages over the "
+        "same number of steps); with `--ema_device cpu` this divides the copies to the CPU by N.",
+    )
     add_switch(
         optim,
         "ema_warmup",
@@ -143,7 +166,9 @@ def check_training_arguments(args: argparse.Namespace):
         raise ValueError("`--streaming` datasets have no length: pass `--max_train_steps`.")
     if args.resume_from_checkpoint is not None and args.overwrite_output_dir:
         raise ValueError("Pass at most one of `--resume_from_checkpoint` and `--overwrite_output_dir`.")
+    check_optimizer_available(args.optimizer)
     positive = ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "num_train_epochs")
+    positive += ("ema_update_interval",)
     for name in positive + ("max_train_steps", "validation_steps", "checkpoints_total_limit", "resolution"):
         value = getattr(args, name)
         if value is not None and value < 1:

@@ -421,30 +421,6 @@ def read_class_names(spec: str | None, default: list[str] | None) -> list[str] |
     return [name.strip() for name in spec.split(",")]
 
 
-def add_prompt_embeddings(dataset, encode: Callable[[list[str]], torch.Tensor], cache_file: str, batch_size: int = 32):
-    """Encodes every caption once into a `prompt_embeds` column (float16: exact for a bfloat16 encoder's finite values)
-    stored in `cache_file` (memory-mapped, reused by later runs and other processes); drops the captions."""
-
-    def encode_batch(rows):
-        embeds = encode(rows["caption"]).float()
-        if not torch.isfinite(embeds).all() or embeds.abs().max() > torch.finfo(torch.float16).max:
-            raise ValueError(
-                "Prompt embeddings beyond the float16 range: train without `--precompute_text_embeddings`."
-            )
-        return {"prompt_embeds": embeds.half().cpu().numpy()}
-
-    os.makedirs(os.path.dirname(cache_file), exist_ok=True)
-    dataset = dataset.map(
-        encode_batch,
-        batched=True,
-        batch_size=batch_size,
-        remove_columns=["caption"],
-        cache_file_name=cache_file,
-        desc="Encoding prompts",
-    )
-    return dataset.with_format("numpy", columns=["prompt_embeds"], output_all_columns=True)
-
-
 # -------------------------------------------------------------------------------------------------- the data loader
 
 

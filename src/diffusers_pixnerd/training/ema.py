@@ -16,8 +16,18 @@ EMA_FILE = "ema.safetensors"
 LEGACY_EMA_FILE = "ema.pt"  # what earlier versions wrote: still read (weights-only), never written
 
 
-def create_ema(parameters: Iterable[torch.nn.Parameter], decay: float = 0.9999, warmup: bool = False) -> EMAModel:
+def create_ema(
+    parameters: Iterable[torch.nn.Parameter],
+    decay: float = 0.9999,
+    warmup: bool = False,
+    update_interval: int = 1,
+    device: torch.device | str | None = None,
+) -> EMAModel:
     """diffusers' `EMAModel` in float32, with the official constant decay (`simple_ema.py`) or diffusers' warm-up.
+
+    `decay` is per optimizer step: updated every `update_interval` steps, the EMA uses `decay ** update_interval`,
+    which averages over the same number of steps. `device` keeps the EMA there (e.g. "cpu", off the accelerator);
+    default: where the parameters are. Update it with `update_ema`.
 
     By default `min_decay = decay` and `update_after_step = -1` turn off diffusers' `(1 + n) / (10 + n)` warm-up, so
     that every update is `ema = decay ema + (1 - decay) param` from the first step on, as in the official runs (which
@@ -25,12 +35,31 @@ def create_ema(parameters: Iterable[torch.nn.Parameter], decay: float = 0.9999, 
     `min(decay, (1 + n) / (10 + n))`, and the random initial weights do not linger in the average (with the constant
     decay they still weigh `decay ** steps` at the end: 9% after 2,400 steps at 0.999).
     """
+    decay = decay**update_interval
+    parameters = list(parameters)
+    if device is not None:
+        parameters = [_staged(p, device) for p in parameters]
     if warmup:
-        ema = EMAModel(list(parameters), decay=decay, min_decay=0.0, update_after_step=0, foreach=False)
+        ema = EMAModel(parameters, decay=decay, min_decay=0.0, update_after_step=0, foreach=False)
     else:
-        ema = EMAModel(list(parameters), decay=decay, min_decay=decay, update_after_step=-1, foreach=False)
+        ema = EMAModel(parameters, decay=decay, min_decay=decay, update_after_step=-1, foreach=False)
     ema.to(dtype=torch.float32)
     return ema
+
+
+def _staged(parameter: torch.Tensor, device: torch.device | str) -> torch.nn.Parameter:
+    """A float32 copy of a trained parameter on `device`, marked trainable: `EMAModel.step` averages only parameters
+    that require grad (it copies the others)."""
+    return torch.nn.Parameter(parameter.detach().to(device, torch.float32), requires_grad=parameter.requires_grad)
+
+
+def update_ema(ema: EMAModel, parameters: list[torch.nn.Parameter]):
+    """One EMA update from the trained `parameters`, also when the EMA lives on another device (the CPU): the weights
+    are then copied there first (a float32 copy in host memory, not on the accelerator)."""
+    device = ema.shadow_params[0].device if ema.shadow_params else None
+    if device is not None and parameters and parameters[0].device != device:
+        parameters = [_staged(p, device) for p in parameters]
+    ema.step(parameters)
 
 
 EMA_MAX_INITIAL_SHARE = 0.01  # the largest share of the starting weights in the exported EMA that is not warned about

@@ -37,6 +37,7 @@ from .ema import (
     ema_weights,
     load_ema_state,
     save_ema,
+    update_ema,
 )
 from .hub import model_card_training_section
 from .objectives import (
@@ -46,7 +47,7 @@ from .objectives import (
     repa_target_features,
     sample_sigmas,
 )
-from .run_setup import create_optimizer
+from .optimizers import create_optimizer_and_schedule
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class TrainingRun:
         self.accelerator, self.args, self.dataloader = accelerator, args, dataloader
         self.max_train_steps, self.steps_per_epoch = training_steps(args, dataloader)
         parameters = [p for p in model.parameters() if p.requires_grad]
-        optimizer, lr_scheduler = create_optimizer(accelerator, args, parameters, self.max_train_steps)
+        optimizer, lr_scheduler = create_optimizer_and_schedule(accelerator, args, parameters, self.max_train_steps)
         self.model, self.optimizer, self.lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
         self.trained: PixNerdTrainingModule = accelerator.unwrap_model(self.model)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -100,7 +101,7 @@ class TrainingRun:
                 self.max_train_steps,
                 round(1 / max(1 - args.ema_decay, 1e-12)),
             )
-        self.ema = create_ema(self.ema_parameters, args.ema_decay, args.ema_warmup) if args.use_ema else None
+        self.ema = self._new_ema() if args.use_ema else None
         initial_share = 0.0 if args.ema_warmup else (args.ema_decay or 0.0) ** self.max_train_steps
         if self.ema is not None and checkpoint is None and initial_share > EMA_MAX_INITIAL_SHARE:
             logger.warning(
@@ -151,6 +152,15 @@ class TrainingRun:
             disable=not accelerator.is_local_main_process,
         )
         self._last_time = time.perf_counter()
+
+    @property
+    def ema_device(self) -> torch.device:
+        return torch.device("cpu") if self.args.ema_device == "cpu" else self.accelerator.device
+
+    def _new_ema(self):
+        """The float32 EMA of the trained transformer weights, on `--ema_device`, every `--ema_update_interval` steps."""
+        args = self.args
+        return create_ema(self.ema_parameters, args.ema_decay, args.ema_warmup, args.ema_update_interval, self.ema_device)
 
     # ---- data
     def batches(self) -> Iterator[dict]:
@@ -245,9 +255,9 @@ class TrainingRun:
         self.skipped_images += batch.get("num_skipped", 0)
         if not self.accelerator.sync_gradients:
             return False
-        if self.ema is not None:
-            self.ema.step(self.ema_parameters)
         self.global_step += 1
+        if self.ema is not None and self.global_step % self.args.ema_update_interval == 0:
+            update_ema(self.ema, self.ema_parameters)
         if self.global_step == 1:
             self.check_replicas()
         self.log()
@@ -374,10 +384,10 @@ class TrainingRun:
         found = ema_file_in(checkpoint, ema_file) if ema_file is not None else None
         if found is not None:
             self.ema.load_state_dict(load_ema_state(found))
-            self.ema.to(self.accelerator.device, dtype=torch.float32)
+            self.ema.to(self.ema_device, dtype=torch.float32)
         elif ema_file is not None:
             logger.warning("%s has no EMA (trained without it): the EMA starts from its weights.", checkpoint)
-            self.ema = create_ema(self.ema_parameters, self.args.ema_decay, self.args.ema_warmup)
+            self.ema = self._new_ema()
         self.global_step = state["global_step"]
         same = (state["num_processes"], state["train_batch_size"], state["gradient_accumulation_steps"]) == (
             self.accelerator.num_processes,

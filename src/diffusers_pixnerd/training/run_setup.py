@@ -1,8 +1,9 @@
 # Copyright 2026 The diffusers-pixnerd authors. MIT License.
 """What a training run is built from: the `Accelerator` (processes, seed, logging), the output folder (lock, resume
-or overwrite, Hub access), AdamW with its lr schedule, the REPA encoder and projector, the weight dtype."""
+or overwrite, Hub access), the REPA encoder and projector, the weight dtype."""
 
 import argparse
+import importlib.util
 import logging
 import os
 
@@ -122,31 +123,6 @@ def prepare_output_dir(accelerator, args: argparse.Namespace) -> str | None:
     return checkpoint
 
 
-def create_optimizer(accelerator, args: argparse.Namespace, parameters: list, max_train_steps: int):
-    """AdamW and the lr schedule (diffusers' `get_scheduler`, counted in the per-process steps Accelerate makes)."""
-    from diffusers.optimization import get_scheduler
-
-    learning_rate = args.learning_rate
-    if args.scale_lr:
-        learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-    optimizer = torch.optim.AdamW(
-        parameters,
-        lr=learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
-    )
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=max_train_steps * accelerator.num_processes,
-        num_cycles=args.lr_num_cycles,
-        power=args.lr_power,
-    )
-    return optimizer, lr_scheduler
-
-
 def create_repa_encoder(accelerator, args: argparse.Namespace) -> nn.Module | None:
     """The frozen DINOv2 of REPA (on the device, in the mixed-precision dtype), or `None` without REPA. Loaded first
     thing in a run, so that a missing encoder stops it before the data and the model load."""
@@ -174,3 +150,44 @@ def create_repa_projector(args: argparse.Namespace, transformer, encoder: nn.Mod
 def weight_dtype(accelerator) -> torch.dtype:
     """The dtype of frozen modules under Accelerate's mixed precision."""
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def add_lora_adapters(
+    transformer,
+    rank: int,
+    alpha: int | None = None,
+    dropout: float = 0.0,
+    target_modules: list[str] | None = None,
+    base_dtype: torch.dtype = torch.float32,
+):
+    """Freezes `transformer` in `base_dtype` and adds trainable LoRA adapters (PEFT, Gaussian init, so the output is
+    unchanged at step 0); the adapters are float32 whatever the base (diffusers' `cast_training_params`)."""
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig
+
+    transformer.requires_grad_(False)
+    transformer.to(dtype=base_dtype)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha or rank,
+        lora_dropout=dropout,
+        init_lora_weights="gaussian",
+        target_modules=target_modules,
+    )
+    transformer.add_adapter(config)
+    cast_training_params(transformer, dtype=torch.float32)
+    return transformer
+
+
+def quantize_text_encoder(text_encoder: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """An int8 weight-only copy (torchao) of a frozen text encoder, computing in `dtype`; the original is left as it
+    is (on the CPU), to be exported unchanged."""
+    import copy
+
+    if importlib.util.find_spec("torchao") is None:
+        raise ImportError('`--quantize_text_encoder` needs torchao: `pip install "diffusers-pixnerd[optimizers]"`.')
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    quantized = copy.deepcopy(text_encoder).to(dtype=dtype)
+    quantize_(quantized, Int8WeightOnlyConfig())
+    return quantized.requires_grad_(False).eval()
