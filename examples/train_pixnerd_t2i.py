@@ -54,6 +54,7 @@ from diffusers_pixnerd.training import (
     model_config_from_args,
     prepare_output_dir,
     push_folder,
+    save_lora_adapters,
     sub_state_dict,
     weight_dtype,
 )
@@ -316,7 +317,7 @@ def main(args):
     )
 
     # 5. AdamW, lr schedule, Accelerate, EMA, resume; then train.
-    run = TrainingRun(accelerator, args, model, train_dataloader, checkpoint)
+    run = TrainingRun(accelerator, args, model, train_dataloader, checkpoint, lora=args.use_lora)
     model, trained = run.model, run.trained
 
     def validate(final=False):
@@ -346,16 +347,8 @@ def main(args):
     card = run.model_card("train_pixnerd_t2i.py", samples)
     state = {} if args.use_lora else run.export_state()
     if accelerator.is_main_process and args.use_lora:
-        from peft.utils import get_peft_model_state_dict
-
         with ema_weights(run.ema, run.ema_parameters):
-            lora_layers = get_peft_model_state_dict(trained.transformer)
-            lora_layers = {k: v.detach().cpu().clone() for k, v in lora_layers.items()}
-        PixNerdT2IPipeline.save_lora_weights(
-            args.output_dir,
-            transformer_lora_layers=lora_layers,
-            transformer_lora_adapter_metadata=trained.transformer.peft_config["default"].to_dict(),
-        )
+            save_lora_adapters(trained.transformer, args.output_dir)
         write_model_card(args.output_dir, lora_model_card(args, card))
     elif accelerator.is_main_process:
         if train_text_encoder:

@@ -4,8 +4,8 @@
 - `objectives`: timestep (sigma) sampling, the rectified-flow loss, condition dropout, flips, REPA (projector,
   DINOv2 targets, cosine loss), prompt encoding, and `PixNerdTrainingModule` (the losses of a step).
 - `ema`: the EMA of the trained weights (`create_ema`, `ema_decay_for_run`, `ema_weights`).
-- `checkpoints`: checkpoints that survive a kill (write, commit, list, resolve, clean up), the `--output_dir` lock,
-  and loading a checkpoint's transformer weights (`load_checkpoint_weights`).
+- `checkpoints`: checkpoints that survive a kill (write, commit, list, resolve, check, clean up), the `--output_dir`
+  lock, LoRA checkpoints (the adapters, not the base), and loading a checkpoint's weights (`load_checkpoint_weights`).
 - `data`: image folders and `datasets` datasets, crops, lazy decoding, the data loader of a run.
 - `cli`: the flags both scripts share and their checks, the model config from the flags.
 - `hub`: the model card's training section and the upload to the Hub.
@@ -22,6 +22,7 @@ from .checkpoints import (
     load_checkpoint_weights,
     remove_temporary_checkpoints,
     resolve_checkpoint,
+    save_lora_adapters,
     sub_state_dict,
 )
 from .cli import add_training_arguments, check_resolution, check_training_arguments, model_config_from_args
@@ -111,6 +112,7 @@ __all__ = [
     "resize_center_crop",
     "resolve_checkpoint",
     "sample_sigmas",
+    "save_lora_adapters",
     "scan_caption_folder",
     "scan_class_folder",
     "shift_sigmas",
