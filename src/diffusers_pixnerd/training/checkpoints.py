@@ -26,7 +26,7 @@ TMP_SUFFIX = ".tmp"
 OLD_SUFFIX = ".old"
 TRAINING_STATE_FILE = "training_state.json"
 MODEL_FILE = "model.safetensors"  # Accelerate's file of the whole training module (full fine-tuning)
-LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"  # diffusers' LoRA file name: `load_lora_weights(folder)` finds it
+LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name: `load_lora_weights(folder)` finds it
 PROJECTOR_FILE = "projector.safetensors"  # the REPA projector of a LoRA run
 EXPORT_MARKERS = ("model_index.json", LORA_WEIGHTS_FILE)  # the files of a finished run's export
 
@@ -160,13 +160,26 @@ def check_checkpoint_files(checkpoint: str, lora: bool):
             ) from None
     has_model = os.path.isfile(os.path.join(checkpoint, MODEL_FILE))
     has_lora = os.path.isfile(os.path.join(checkpoint, LORA_WEIGHTS_FILE))
-    if lora and not has_lora:
+    if lora and not has_lora and not holds_whole_lora_module(checkpoint):
         raise ValueError(
             f"{checkpoint} holds no {LORA_WEIGHTS_FILE}: it was not written by a LoRA run. Resume it without "
             "`--use_lora`, or train LoRA adapters from its exported pipeline in a new `--output_dir`."
         )
     if not lora and has_lora and not has_model:
         raise ValueError(f"{checkpoint} holds the adapters of a LoRA run: resume it with `--use_lora`.")
+
+
+def holds_whole_lora_module(checkpoint: str) -> bool:
+    """Whether `checkpoint` is a LoRA run's in the layout written before the adapter-only checkpoints (Accelerate's
+    `model.safetensors` of the whole training module, adapters and frozen base): it still resumes, through
+    Accelerate's own loading."""
+    from safetensors import safe_open
+
+    model_file = os.path.join(checkpoint, MODEL_FILE)
+    if not os.path.isfile(model_file):
+        return False
+    with safe_open(model_file, framework="pt") as f:
+        return any(".lora_A." in key for key in f.keys())
 
 
 def earlier_checkpoints_hint(checkpoint: str) -> str:
@@ -199,7 +212,8 @@ def save_lora_adapters(transformer: nn.Module, folder: str):
 
     from ..pipelines.pipeline_utils import PixNerdLoraLoaderMixin
 
-    adapters = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in get_peft_model_state_dict(transformer).items()}
+    adapters = get_peft_model_state_dict(transformer)
+    adapters = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in adapters.items()}
     PixNerdLoraLoaderMixin.save_lora_weights(
         folder,
         transformer_lora_layers=adapters,
@@ -264,7 +278,7 @@ def register_adapter_checkpoint_hooks(accelerator, module: nn.Module):
 
     def load_hook(models, input_dir):
         i = position(models)
-        if i is not None:
+        if i is not None and os.path.isfile(os.path.join(input_dir, LORA_WEIGHTS_FILE)):  # else the earlier layout
             models.pop(i)
             load_adapter_state(module, input_dir)
 
@@ -314,6 +328,11 @@ def load_checkpoint_weights(transformer: nn.Module, checkpoint: str, use_ema: bo
     model_file = os.path.join(checkpoint, "model.safetensors")
     if not os.path.isfile(model_file):
         raise ValueError(f"{checkpoint!r} is not a training checkpoint folder (no model.safetensors).")
+    if holds_whole_lora_module(checkpoint):
+        raise ValueError(
+            f"{checkpoint!r} is a LoRA run's checkpoint of the earlier layout (the whole module, no "
+            f"{LORA_WEIGHTS_FILE}): resume the run from it (`--resume_from_checkpoint`); its new checkpoints load here."
+        )
     weights = sub_state_dict(load_file(model_file), "transformer")
     fused = has_fused_attention_keys(weights)  # written before the attention took diffusers' layout
     transformer.load_state_dict(unfuse_attention_keys(weights) if fused else weights)
