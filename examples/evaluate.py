@@ -17,7 +17,7 @@ evaluator for ImageNet FID/sFID/IS/precision/recall) and `metrics.json`. Metrics
 Text-to-image with labelled prompts (a .jsonl whose rows have `prompt` and a class id `label`, e.g. the held-out
 prompts of `examples/fashion_mnist.py prompts`): one sample a prompt, seeded by its index, and the same metrics as
 above, plus the redness of the samples (the LoRA example's concept); `--lora` loads LoRA weights first, at
-`--lora_scale`:
+`--lora_scale` (`--checkpoint` takes a training checkpoint, also a LoRA run's, whose adapters go on `--model`):
 
     python examples/evaluate.py --model models/pixnerd-t2i-fashion-mnist --prompt_file data/heldout_prompts.jsonl \
         --num_samples 1000 --reference fashion-mnist-test --classifier models/fashion-mnist-classifier.safetensors
@@ -84,7 +84,7 @@ def read_prompts(path: str) -> list[dict]:
     return [{"prompt": line} for line in lines]
 
 
-def sample_prompts(pipe: PixNerdT2IPipeline, prompts: list[dict], args):
+def sample_prompts(pipe: PixNerdT2IPipeline, prompts: list[dict], args, **call_kwargs):
     for index, meta in enumerate(tqdm(prompts, desc="prompts")):
         folder = os.path.join(args.output_dir, "images", meta.get("name", f"{index:05d}"))
         os.makedirs(os.path.join(folder, "samples"), exist_ok=True)
@@ -100,6 +100,7 @@ def sample_prompts(pipe: PixNerdT2IPipeline, prompts: list[dict], args):
             guidance_scale=args.guidance_scale,
             guidance_interval=args.guidance_interval,
             generator=generators,
+            **call_kwargs,
         ).images
         for k, image in enumerate(images):
             image.save(os.path.join(folder, "samples", f"{k:04d}.png"))
@@ -202,9 +203,12 @@ def parse_args(input_args=None):
     parser.add_argument("--images_per_prompt", type=int, default=4)
     parser.add_argument("--resolution", type=int, default=None)
     parser.add_argument(
-        "--checkpoint", default=None, help="A training checkpoint folder whose (EMA) weights replace the model's."
+        "--checkpoint",
+        default=None,
+        help="A training checkpoint folder: its (EMA) weights replace the model's; a LoRA run's adds its (EMA) "
+        "adapters to `--model`, the base it was trained on.",
     )
-    parser.add_argument("--lora", default=None, help="Text-to-image: LoRA weights (folder or file) loaded first.")
+    parser.add_argument("--lora", default=None, help="LoRA weights (folder or file) loaded first.")
     parser.add_argument("--lora_scale", type=float, default=1.0, help='The LoRA scale (`attention_kwargs["scale"]`).')
     parser.add_argument(
         "--cache", default=None, help="A diffusers cache on the transformer, NAME[:key=value,...] as in generate.py."
@@ -214,6 +218,23 @@ def parse_args(input_args=None):
     return parser.parse_args(input_args)
 
 
+def load_weights(pipe, args) -> dict:
+    """`--checkpoint`'s weights into the pipeline (a full-training checkpoint replaces the transformer weights, a LoRA
+    run's adds its adapters to the `--model` base), or the `--lora` weights; returns the call kwargs of the LoRA
+    scale."""
+    from diffusers_pixnerd.training.checkpoints import is_lora_checkpoint, load_checkpoint_weights
+
+    lora_checkpoint = bool(args.checkpoint) and is_lora_checkpoint(args.checkpoint)
+    if lora_checkpoint and args.lora:
+        raise ValueError(f"`--checkpoint` {args.checkpoint!r} holds LoRA adapters: pass it or `--lora`, not both.")
+    if args.checkpoint:
+        loaded = load_checkpoint_weights(pipe.transformer, args.checkpoint)
+        print(f"Weights of {args.checkpoint}: {loaded}{f' LoRA adapters on {args.model}' if lora_checkpoint else ''}")
+    if args.lora:
+        pipe.load_lora_weights(args.lora)
+    return {"attention_kwargs": {"scale": args.lora_scale}} if args.lora or lora_checkpoint else {}
+
+
 def main(args):
     import sys
 
@@ -221,28 +242,21 @@ def main(args):
     from generate import cache_config, compile_transformer, load_pipeline
 
     pipe = load_pipeline(args.model, torch.float32)
-    if args.checkpoint:
-        from diffusers_pixnerd.training import load_checkpoint_weights
-
-        print(f"Weights of {args.checkpoint}: {load_checkpoint_weights(pipe.transformer, args.checkpoint)}")
+    call_kwargs = load_weights(pipe, args)
     pipe = pipe.to(args.device)
     pipe.set_progress_bar_config(disable=True)
     if args.cache:
         pipe.transformer.enable_cache(cache_config(args.cache, pipe))
     compile_transformer(pipe, args.compile)
     os.makedirs(args.output_dir, exist_ok=True)
-    call_kwargs = {}
     if isinstance(pipe, PixNerdT2IPipeline):
         if not args.prompt_file:
             raise ValueError("A text-to-image model needs `--prompt_file`.")
         prompts = read_prompts(args.prompt_file)
         if not all("label" in row for row in prompts):
-            sample_prompts(pipe, prompts, args)
+            sample_prompts(pipe, prompts, args, **call_kwargs)
             print(f"Wrote images to {os.path.join(args.output_dir, 'images')}")
             return {}
-        if args.lora:
-            pipe.load_lora_weights(args.lora)
-            call_kwargs["attention_kwargs"] = {"scale": args.lora_scale}
         prompts = prompts[: args.num_samples]
         labels = [int(row["label"]) for row in prompts]
         conditions = [row["prompt"] for row in prompts]
@@ -267,7 +281,8 @@ def main(args):
     if isinstance(pipe, PixNerdT2IPipeline):
         from fashion_mnist import redness
 
-        metrics.update(prompt_file=args.prompt_file, lora=args.lora, lora_scale=args.lora_scale if args.lora else None)
+        lora = args.lora or (args.checkpoint if call_kwargs else None)  # call_kwargs: the scale of loaded adapters
+        metrics.update(prompt_file=args.prompt_file, lora=lora, lora_scale=args.lora_scale if lora else None)
         metrics["redness"] = redness(images)
     if args.classifier:
         metrics.update(class_accuracy(args.classifier, images, labels, pipe.config.get("id2label")))

@@ -55,6 +55,7 @@ from diffusers_pixnerd.training import (
     prompt_cache_folder,
     push_folder,
     quantize_text_encoder,
+    save_lora_adapters,
     stream_captions,
     sub_state_dict,
     trained_weights_dtype,
@@ -319,7 +320,7 @@ def main(args):
     )
 
     # 5. The optimizer (`--optimizer`), lr schedule, Accelerate, EMA, resume; then train.
-    run = TrainingRun(accelerator, args, model, train_dataloader, checkpoint)
+    run = TrainingRun(accelerator, args, model, train_dataloader, checkpoint, lora=args.use_lora)
     model, trained = run.model, run.trained
 
     def validate(final=False):
@@ -349,16 +350,8 @@ def main(args):
     card = run.model_card("train_pixnerd_t2i.py", samples)
     state = {} if args.use_lora else run.export_state()
     if accelerator.is_main_process and args.use_lora:
-        from peft.utils import get_peft_model_state_dict
-
         with ema_weights(run.ema, run.ema_parameters):
-            lora_layers = get_peft_model_state_dict(trained.transformer)
-            lora_layers = {k: v.detach().cpu().clone() for k, v in lora_layers.items()}
-        PixNerdT2IPipeline.save_lora_weights(
-            args.output_dir,
-            transformer_lora_layers=lora_layers,
-            transformer_lora_adapter_metadata=trained.transformer.peft_config["default"].to_dict(),
-        )
+            save_lora_adapters(trained.transformer, args.output_dir)
         write_model_card(args.output_dir, lora_model_card(args, card))
     elif accelerator.is_main_process:
         if train_text_encoder:

@@ -7,8 +7,8 @@
   accelerator or the CPU.
 - `optimizers`: `--optimizer` (AdamW, 8-bit and 4-bit AdamW, AdamW on bfloat16 weights, Adafactor, Prodigy) and the
   lr schedule.
-- `checkpoints`: checkpoints that survive a kill (write, commit, list, resolve, clean up), the `--output_dir` lock,
-  and loading a checkpoint's transformer weights (`load_checkpoint_weights`).
+- `checkpoints`: checkpoints that survive a kill (write, commit, list, resolve, check, clean up), the `--output_dir`
+  lock, LoRA checkpoints (the adapters, not the base), and loading a checkpoint's weights (`load_checkpoint_weights`).
 - `data`: image folders and `datasets` datasets, crops, lazy decoding, the data loader of a run.
 - `prompt_cache`: `--precompute_text_embeddings`: distinct captions encoded once, sharded across processes, looked up
   in the step.
@@ -27,6 +27,7 @@ from .checkpoints import (
     load_checkpoint_weights,
     remove_temporary_checkpoints,
     resolve_checkpoint,
+    save_lora_adapters,
     sub_state_dict,
 )
 from .cli import add_training_arguments, check_resolution, check_training_arguments, model_config_from_args
@@ -128,6 +129,7 @@ __all__ = [
     "resize_center_crop",
     "resolve_checkpoint",
     "sample_sigmas",
+    "save_lora_adapters",
     "scan_caption_folder",
     "scan_class_folder",
     "shift_sigmas",

@@ -1,7 +1,8 @@
 # Copyright 2026 The diffusers-pixnerd authors. MIT License.
 """Checkpoints that survive a kill: `checkpoint-N` folders written as `checkpoint-N.tmp` and committed by a rename,
-listed, resolved for `--resume_from_checkpoint`, cleaned up after an interrupted save; the lock on `--output_dir`, and
-loading the transformer weights (EMA or trained) of a checkpoint."""
+listed, resolved for `--resume_from_checkpoint`, checked, cleaned up after an interrupted save; the lock on
+`--output_dir`; what a LoRA run's checkpoints hold (the adapters, not the frozen base); and loading the transformer
+weights (EMA or trained) of a checkpoint."""
 
 import json
 import logging
@@ -24,7 +25,10 @@ CHECKPOINT_PREFIX = "checkpoint-"
 TMP_SUFFIX = ".tmp"
 OLD_SUFFIX = ".old"
 TRAINING_STATE_FILE = "training_state.json"
-EXPORT_MARKERS = ("model_index.json", "pytorch_lora_weights.safetensors")  # the files of a finished run's export
+MODEL_FILE = "model.safetensors"  # Accelerate's file of the whole training module (full fine-tuning)
+LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name: `load_lora_weights(folder)` finds it
+PROJECTOR_FILE = "projector.safetensors"  # the REPA projector of a LoRA run
+EXPORT_MARKERS = ("model_index.json", LORA_WEIGHTS_FILE)  # the files of a finished run's export
 
 
 def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
@@ -137,14 +141,198 @@ def sub_state_dict(state: dict[str, torch.Tensor], prefix: str) -> dict[str, tor
     return {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
 
 
-def load_checkpoint_weights(transformer: nn.Module, checkpoint: str, use_ema: bool = True) -> str:
-    """Puts the transformer weights of a full-training checkpoint folder into `transformer` (same config): its EMA
-    when the run kept one and `use_ema`, else the trained weights. Returns which ("ema" or "trained")."""
+def check_checkpoint_files(checkpoint: str, lora: bool):
+    """Before a resume: every safetensors file of `checkpoint` has a readable header that covers the whole file (a
+    truncated copy or an interrupted write fails here, named), and the checkpoint is of this run's kind (full weights
+    or LoRA adapters)."""
+    from safetensors import safe_open
+
+    for name in sorted(os.listdir(checkpoint)):
+        if not name.endswith(".safetensors"):
+            continue
+        try:
+            with safe_open(os.path.join(checkpoint, name), framework="pt"):
+                pass
+        except Exception as error:  # noqa: BLE001 - SafetensorError names neither the file nor what to do
+            raise ValueError(
+                f"{os.path.join(checkpoint, name)} is damaged ({error}): this checkpoint cannot be resumed. "
+                f"{earlier_checkpoints_hint(checkpoint)}"
+            ) from None
+    has_model = os.path.isfile(os.path.join(checkpoint, MODEL_FILE))
+    has_lora = os.path.isfile(os.path.join(checkpoint, LORA_WEIGHTS_FILE))
+    if lora and not has_lora and not holds_whole_lora_module(checkpoint):
+        raise ValueError(
+            f"{checkpoint} holds no {LORA_WEIGHTS_FILE}: it was not written by a LoRA run. Resume it without "
+            "`--use_lora`, or train LoRA adapters from its exported pipeline in a new `--output_dir`."
+        )
+    if not lora and has_lora and not has_model:
+        raise ValueError(f"{checkpoint} holds the adapters of a LoRA run: resume it with `--use_lora`.")
+
+
+def holds_whole_lora_module(checkpoint: str) -> bool:
+    """Whether `checkpoint` is a LoRA run's in the layout written before the adapter-only checkpoints (Accelerate's
+    `model.safetensors` of the whole training module, adapters and frozen base): it still resumes, through
+    Accelerate's own loading."""
+    from safetensors import safe_open
+
+    model_file = os.path.join(checkpoint, MODEL_FILE)
+    if not os.path.isfile(model_file):
+        return False
+    with safe_open(model_file, framework="pt") as f:
+        return any(".lora_A." in key for key in f.keys())
+
+
+def earlier_checkpoints_hint(checkpoint: str) -> str:
+    """What to do instead of resuming a damaged `checkpoint`: the complete checkpoints before it, by name."""
+    output_dir, name = os.path.split(os.path.abspath(checkpoint))
+    step = name[len(CHECKPOINT_PREFIX) :]
+    earlier = [
+        os.path.basename(path)
+        for number, path in list_checkpoints(output_dir)
+        if not step.isdigit() or number < int(step)
+    ]
+    if not earlier:
+        return (
+            f"There is no earlier checkpoint in {output_dir}: put back an intact copy of the file, or start over with "
+            "`--overwrite_output_dir`."
+        )
+    return (
+        f"Resume from an earlier checkpoint by name, e.g. `--resume_from_checkpoint {earlier[-1]}` (complete ones in "
+        f"{output_dir}: {', '.join(earlier)}); `latest` would pick this one again."
+    )
+
+
+# ---- LoRA runs: the checkpoints hold the adapters (and the REPA projector), not the frozen base transformer
+
+
+def save_lora_adapters(transformer: nn.Module, folder: str):
+    """The adapters of `transformer` (PEFT adapter "default", as they are now) as `pytorch_lora_weights.safetensors`
+    in diffusers' LoRA format with the adapter config as metadata: what `pipe.load_lora_weights(folder)` loads."""
+    from peft.utils import get_peft_model_state_dict
+
+    from ..pipelines.pipeline_utils import PixNerdLoraLoaderMixin
+
+    adapters = get_peft_model_state_dict(transformer)
+    adapters = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in adapters.items()}
+    PixNerdLoraLoaderMixin.save_lora_weights(
+        folder,
+        transformer_lora_layers=adapters,
+        transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict(),
+    )
+
+
+def save_adapter_state(module: nn.Module, folder: str):
+    """What a LoRA run trains, from its training module into a checkpoint folder: the adapters (`save_lora_adapters`)
+    and the REPA projector when there is one (`projector.safetensors`)."""
+    from safetensors.torch import save_file
+
+    save_lora_adapters(module.transformer, folder)
+    if module.projector is not None:
+        projector = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in module.projector.state_dict().items()}
+        save_file(projector, os.path.join(folder, PROJECTOR_FILE))
+
+
+def load_adapter_state(module: nn.Module, folder: str):
+    """Puts the adapters and the projector of a LoRA checkpoint back into the training module, exactly (no dtype
+    change); a checkpoint of other adapters (rank, target modules) or REPA setting is an error naming the flag."""
+    from peft import set_peft_model_state_dict
+    from peft.utils import get_peft_model_state_dict
     from safetensors.torch import load_file
 
+    path = os.path.join(folder, LORA_WEIGHTS_FILE)
+    adapters = sub_state_dict(load_file(path), "transformer")
+    expected = get_peft_model_state_dict(module.transformer)
+    shapes = {k: tuple(v.shape) for k, v in adapters.items()}
+    if shapes != {k: tuple(v.shape) for k, v in expected.items()}:
+        different = sorted(set(shapes) ^ set(expected)) or [k for k in shapes if shapes[k] != expected[k].shape]
+        raise ValueError(
+            f"{path} holds other adapters than this run trains (e.g. {different[0]}): resume with the `--lora_rank` "
+            "and `--lora_target_modules` of the run that wrote it."
+        )
+    set_peft_model_state_dict(module.transformer, adapters, adapter_name="default")
+    projector_file = os.path.join(folder, PROJECTOR_FILE)
+    if (module.projector is not None) != os.path.isfile(projector_file):
+        raise ValueError(
+            f"{folder} was written {'without' if module.projector is not None else 'with'} REPA: resume with the "
+            "`--use_repa` / `--no_use_repa` of the run that wrote it."
+        )
+    if module.projector is not None:
+        module.projector.load_state_dict(load_file(projector_file))
+
+
+def register_adapter_checkpoint_hooks(accelerator, module: nn.Module):
+    """Accelerate's save/load hooks for a LoRA run: `save_state` writes the adapters and the projector of the training
+    module (`save_adapter_state`, main process) instead of the module's full weights, and `load_state` reads them
+    back; the optimizer, lr schedule, grad scaler and RNG files stay Accelerate's. Under DeepSpeed the engine still
+    writes and reads its own model files (the hooks then only add the LoRA file)."""
+
+    def position(models) -> int | None:
+        return next((i for i, m in enumerate(models) if accelerator.unwrap_model(m) is module), None)
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            save_adapter_state(module, output_dir)
+        i = position(models)
+        if i is not None and len(weights) == len(models):  # DeepSpeed and FSDP save their models themselves
+            weights.pop(i)  # Accelerate would otherwise write the whole module, frozen base included
+
+    def load_hook(models, input_dir):
+        i = position(models)
+        if i is not None and os.path.isfile(os.path.join(input_dir, LORA_WEIGHTS_FILE)):  # else the earlier layout
+            models.pop(i)
+            load_adapter_state(module, input_dir)
+
+    return accelerator.register_save_state_pre_hook(save_hook), accelerator.register_load_state_pre_hook(load_hook)
+
+
+def is_lora_checkpoint(checkpoint: str) -> bool:
+    """Whether `checkpoint` is a LoRA run's (adapters, no full weights)."""
+    return os.path.isfile(os.path.join(checkpoint, LORA_WEIGHTS_FILE)) and not os.path.isfile(
+        os.path.join(checkpoint, MODEL_FILE)
+    )
+
+
+def load_lora_checkpoint_weights(transformer: nn.Module, checkpoint: str, use_ema: bool = True) -> str:
+    """Loads the adapters of a LoRA checkpoint onto the base `transformer` as a new PEFT adapter (as
+    `pipe.load_lora_weights(checkpoint)` does), then, when the run kept an EMA and `use_ema`, puts the EMA of the
+    adapters in their place. Returns which ("ema" or "trained")."""
+    from ..pipelines.pipeline_utils import PixNerdLoraLoaderMixin
+
+    before = set(getattr(transformer, "peft_config", {}))
+    state_dict, metadata = PixNerdLoraLoaderMixin.lora_state_dict(checkpoint, return_lora_metadata=True)
+    PixNerdLoraLoaderMixin.load_lora_into_transformer(state_dict, transformer=transformer, metadata=metadata)
+    ema_file = ema_file_in(checkpoint)
+    if not (use_ema and ema_file):
+        return "trained"
+    (adapter,) = set(transformer.peft_config) - before
+    # The EMA follows the trained parameters in their order: the adapters' lora_A / lora_B weights.
+    names = [n for n, _ in transformer.named_parameters() if f".{adapter}." in n and ".lora_" in n]
+    shadow = load_ema_state(ema_file)["shadow_params"]
+    parameters = dict(transformer.named_parameters())
+    if len(shadow) != len(names) or any(s.shape != parameters[n].shape for s, n in zip(shadow, names)):
+        raise ValueError(f"{ema_file} holds {len(shadow)} tensors that do not match the {len(names)} adapter weights.")
+    with torch.no_grad():
+        for name, value in zip(names, shadow):
+            parameters[name].copy_(value)
+    return "ema"
+
+
+def load_checkpoint_weights(transformer: nn.Module, checkpoint: str, use_ema: bool = True) -> str:
+    """Puts the transformer weights of a full-training checkpoint folder into `transformer` (same config): its EMA
+    when the run kept one and `use_ema`, else the trained weights. Returns which ("ema" or "trained"). A LoRA run's
+    checkpoint adds its adapters to `transformer`, the base model (`load_lora_checkpoint_weights`)."""
+    from safetensors.torch import load_file
+
+    if is_lora_checkpoint(checkpoint):
+        return load_lora_checkpoint_weights(transformer, checkpoint, use_ema)
     model_file = os.path.join(checkpoint, "model.safetensors")
     if not os.path.isfile(model_file):
         raise ValueError(f"{checkpoint!r} is not a training checkpoint folder (no model.safetensors).")
+    if holds_whole_lora_module(checkpoint):
+        raise ValueError(
+            f"{checkpoint!r} is a LoRA run's checkpoint of the earlier layout (the whole module, no "
+            f"{LORA_WEIGHTS_FILE}): resume the run from it (`--resume_from_checkpoint`); its new checkpoints load here."
+        )
     weights = sub_state_dict(load_file(model_file), "transformer")
     fused = has_fused_attention_keys(weights)  # written before the attention took diffusers' layout
     transformer.load_state_dict(unfuse_attention_keys(weights) if fused else weights)

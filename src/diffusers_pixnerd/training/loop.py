@@ -19,9 +19,11 @@ from .checkpoints import (
     TMP_SUFFIX,
     TRAINING_STATE_FILE,
     check_attention_layout,
+    check_checkpoint_files,
     commit_checkpoint,
     list_checkpoints,
     read_training_state,
+    register_adapter_checkpoint_hooks,
     resume_command,
     sub_state_dict,
     unlock_output_dir,
@@ -67,7 +69,9 @@ class TrainingRun:
     Everything around the training step that the scripts share. Given the training module (not yet prepared) and the
     prepared data loader, it makes AdamW and the lr schedule, prepares them with Accelerate, creates the float32 EMA
     of the trained transformer weights, resumes from `checkpoint` (model, optimizer, lr schedule, grad scaler and RNG
-    through `accelerator.load_state`; then EMA, step and data position), and starts the trackers. Then:
+    through `accelerator.load_state`; then EMA, step and data position), and starts the trackers. With `lora=True`
+    (a LoRA run) its checkpoints hold the adapters in diffusers' LoRA format and the REPA projector instead of the
+    whole module (`register_adapter_checkpoint_hooks`). Then:
 
     ```py
     run = TrainingRun(accelerator, args, model, train_dataloader, checkpoint)
@@ -81,15 +85,25 @@ class TrainingRun:
     ```
     """
 
-    def __init__(self, accelerator, args, model: PixNerdTrainingModule, dataloader, checkpoint: str | None = None):
+    def __init__(
+        self,
+        accelerator,
+        args,
+        model: PixNerdTrainingModule,
+        dataloader,
+        checkpoint: str | None = None,
+        lora: bool = False,
+    ):
         from tqdm.auto import tqdm
 
-        self.accelerator, self.args, self.dataloader = accelerator, args, dataloader
+        self.accelerator, self.args, self.dataloader, self.lora = accelerator, args, dataloader, lora
         self.max_train_steps, self.steps_per_epoch = training_steps(args, dataloader)
         parameters = [p for p in model.parameters() if p.requires_grad]
         optimizer, lr_scheduler = create_optimizer_and_schedule(accelerator, args, parameters, self.max_train_steps)
         self.model, self.optimizer, self.lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
         self.trained: PixNerdTrainingModule = accelerator.unwrap_model(self.model)
+        if lora:  # checkpoints hold the adapters and the projector, not a copy of the frozen base
+            register_adapter_checkpoint_hooks(accelerator, self.trained)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         # The EMA follows the trained transformer weights (not the projector, nor text encoder layers).
         self.ema_parameters = [p for p in self.trained.transformer.parameters() if p.requires_grad]
@@ -367,6 +381,7 @@ class TrainingRun:
         """Model, optimizer, lr scheduler, grad scaler, RNG (Accelerate), then EMA, step and data position."""
         state = read_training_state(checkpoint)
         logger.info("Resuming from %s (step %d)", checkpoint, state["global_step"])
+        check_checkpoint_files(checkpoint, self.lora)
         random_states = os.path.join(checkpoint, f"random_states_{self.accelerator.process_index}.pkl")
         if os.path.exists(random_states):  # Accelerate skips an unreadable one with an info log: the run would differ
             from accelerate.utils import load
