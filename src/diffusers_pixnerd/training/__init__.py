@@ -24,7 +24,13 @@ from .checkpoints import (
     resolve_checkpoint,
     sub_state_dict,
 )
-from .cli import add_training_arguments, check_resolution, check_training_arguments, model_config_from_args
+from .cli import (
+    TrainingHelpFormatter,
+    add_training_arguments,
+    check_resolution,
+    check_training_arguments,
+    model_config_from_args,
+)
 from .data import (
     ImageSampleDataset,
     StreamingImageSampleDataset,
@@ -44,7 +50,7 @@ from .data import (
     scan_class_folder,
 )
 from .ema import create_ema, ema_decay_for_run, ema_weights
-from .hub import hub_model_id, lora_model_card, push_folder
+from .hub import HubAccessError, hub_model_id, lora_model_card, push_folder, upload_output_dir
 from .loop import TrainingRun
 from .objectives import (
     PixNerdTrainingModule,
@@ -67,10 +73,12 @@ from .run_setup import (
 )
 
 __all__ = [
+    "HubAccessError",
     "ImageSampleDataset",
     "PixNerdTrainingModule",
     "REPAProjector",
     "StreamingImageSampleDataset",
+    "TrainingHelpFormatter",
     "TrainingRun",
     "add_prompt_embeddings",
     "add_training_arguments",
@@ -104,6 +112,7 @@ __all__ = [
     "pad_to_size",
     "prepare_output_dir",
     "push_folder",
+    "upload_output_dir",
     "random_flip",
     "read_class_names",
     "remove_temporary_checkpoints",
