@@ -16,7 +16,9 @@ import os
 
 from diffusers_pixnerd import PIXNERD_PRESETS, PixNerdFlowMatchScheduler, PixNerdPipeline, PixNerdTransformer2DModel
 from diffusers_pixnerd.training import (
+    HubAccessError,
     PixNerdTrainingModule,
+    TrainingHelpFormatter,
     TrainingRun,
     add_training_arguments,
     check_resolution,
@@ -39,7 +41,9 @@ logger = logging.getLogger(__name__)
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description="Train a class-conditional PixNerd model with Accelerate.")
+    parser = argparse.ArgumentParser(
+        description="Train a class-conditional PixNerd model with Accelerate.", formatter_class=TrainingHelpFormatter
+    )
     model = parser.add_argument_group("model")
     model.add_argument(
         "--model_config",
@@ -53,7 +57,7 @@ def parse_args(input_args=None):
     model.add_argument(
         "--pretrained_model_name_or_path", type=str, default=None, help="Train on from a PixNerdPipeline (folder/Hub)."
     )
-    model.add_argument("--revision", type=str, default=None)
+    model.add_argument("--revision", type=str, default=None, help="Hub revision of the pipeline: branch, tag, commit.")
     model.add_argument("--num_classes", type=int, default=None, help="Default: the number of classes of the data.")
     model.add_argument(
         "--scheduler_preset", type=str, default="c2i-euler100", help="Sampler saved with a new pipeline (scheduler)."
@@ -197,4 +201,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    try:
+        main(parse_args())
+    except HubAccessError as error:  # a set-up problem that the message explains: no traceback
+        raise SystemExit(f"error: {error}") from None

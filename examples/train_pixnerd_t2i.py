@@ -34,8 +34,10 @@ from diffusers_pixnerd import (
 from diffusers_pixnerd.loaders import unfuse_target_modules
 from diffusers_pixnerd.pipelines.pipeline_utils import write_model_card
 from diffusers_pixnerd.training import (
+    HubAccessError,
     PixNerdTrainingModule,
     PromptEmbeddingCache,
+    TrainingHelpFormatter,
     TrainingRun,
     add_lora_adapters,
     add_training_arguments,
@@ -79,7 +81,10 @@ def lora_target_modules(names: str) -> list[str]:
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description="Fine-tune a text-to-image PixNerd pipeline with Accelerate.")
+    parser = argparse.ArgumentParser(
+        description="Fine-tune a text-to-image PixNerd pipeline with Accelerate.",
+        formatter_class=TrainingHelpFormatter,
+    )
     model = parser.add_argument_group("model")
     model.add_argument(
         "--pretrained_model_name_or_path",
@@ -87,7 +92,7 @@ def parse_args(input_args=None):
         default=None,
         help="A PixNerdT2IPipeline folder or Hub repo to fine-tune (ours, or an official one, converted on load).",
     )
-    model.add_argument("--revision", type=str, default=None)
+    model.add_argument("--revision", type=str, default=None, help="Hub revision of the pipeline: branch, tag, commit.")
     model.add_argument(
         "--model_config",
         type=str,
@@ -129,9 +134,9 @@ def parse_args(input_args=None):
     )
     lora = parser.add_argument_group("LoRA")
     lora.add_argument("--use_lora", action="store_true", help="Train LoRA adapters instead of the full transformer.")
-    lora.add_argument("--lora_rank", type=int, default=32)
+    lora.add_argument("--lora_rank", type=int, default=32, help="Rank of the LoRA matrices.")
     lora.add_argument("--lora_alpha", type=int, default=None, help="Default: the rank.")
-    lora.add_argument("--lora_dropout", type=float, default=0.0)
+    lora.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout on the LoRA input.")
     lora.add_argument(
         "--lora_target_modules",
         type=str,
@@ -146,6 +151,7 @@ def parse_args(input_args=None):
         type=str,
         nargs="+",
         default=["a red fox in the snow, golden hour", "a bowl of ramen on a wooden table"],
+        help="Prompts sampled for the validation images and the model card.",
     )
     add_training_arguments(
         parser,
@@ -373,4 +379,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    try:
+        main(parse_args())
+    except HubAccessError as error:  # a set-up problem that the message explains: no traceback
+        raise SystemExit(f"error: {error}") from None

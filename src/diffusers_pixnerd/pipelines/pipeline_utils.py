@@ -50,6 +50,14 @@ def write_model_card(folder: str, card: str) -> bool:
     return True
 
 
+def shown_path(name_or_path: str) -> str:
+    """A Hub id or a path as a model card shows it: as given, except an absolute local path, which becomes its last
+    component. A card is meant to be shared: where a folder was on the training machine works nowhere else (and may
+    name a user), while a relative path or a folder name still tells the reader what to pass."""
+    name_or_path = os.fspath(name_or_path)
+    return os.path.basename(os.path.normpath(name_or_path)) if os.path.isabs(name_or_path) else name_or_path
+
+
 def check_sigmas(sigmas) -> list[float]:
     """Custom `sigmas` of a pipeline call as a list of floats: a non-empty, strictly decreasing 1-D sequence of finite
     values in (0, 1], the unshifted sigmas of the N steps without the final 0 (the scheduler shifts them and appends
@@ -522,9 +530,12 @@ class PixNerdBasePipeline(DiffusionPipeline, PixNerdLoraLoaderMixin):
             changed = True
         return changed
 
-    def model_card(self, repo_id: str | None = None, extra: str = "", base_model: str | None = None) -> str:
+    def model_card(
+        self, repo_id: str | None = None, extra: str = "", base_model: str | None = None, folder: str | None = None
+    ) -> str:
         """The README.md written beside the pipeline: library, tags, usage, sampling defaults, the paper; `base_model`
-        (a Hub repo id) for a fine-tuned model."""
+        (a Hub repo id) for a fine-tuned model. The usage loads `repo_id`, else the local `folder` it is saved in (as
+        `shown_path` writes it)."""
         text = self.transformer.is_text_conditional
         config = self.scheduler.config
         sampling = ", ".join(
@@ -541,7 +552,7 @@ class PixNerdBasePipeline(DiffusionPipeline, PixNerdLoraLoaderMixin):
             class_name=type(self).__name__,
             loader=f"{LOADER_NAME}.py",
             loader_name=LOADER_NAME,
-            repo_id=repo_id or "path/to/this/folder",
+            repo_id=repo_id or (shown_path(folder) if folder else "path/to/this/folder"),
             example_input='"a red fox in the snow"' if text else "class_labels=[0]",
             sampling=sampling or "see scheduler/scheduler_config.json",
             size=self.transformer.config.sample_size,
@@ -575,7 +586,7 @@ class PixNerdBasePipeline(DiffusionPipeline, PixNerdLoraLoaderMixin):
                 if os.path.abspath(image) != os.path.abspath(target):
                     os.makedirs(os.path.dirname(target), exist_ok=True)
                     shutil.copyfile(image, target)
-        write_model_card(save_directory, self.model_card(repo_id, model_card_extra, base_model))
+        write_model_card(save_directory, self.model_card(repo_id, model_card_extra, base_model, save_directory))
         if type(self).__module__.split(".")[0] == "diffusers_pixnerd":  # a subclass elsewhere has its own code
             write_loader_file(save_directory, type(self).__name__)
         if push_to_hub:

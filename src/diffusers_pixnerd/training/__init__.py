@@ -30,7 +30,13 @@ from .checkpoints import (
     save_lora_adapters,
     sub_state_dict,
 )
-from .cli import add_training_arguments, check_resolution, check_training_arguments, model_config_from_args
+from .cli import (
+    TrainingHelpFormatter,
+    add_training_arguments,
+    check_resolution,
+    check_training_arguments,
+    model_config_from_args,
+)
 from .data import (
     ImageSampleDataset,
     StreamingImageSampleDataset,
@@ -49,7 +55,7 @@ from .data import (
     scan_class_folder,
 )
 from .ema import create_ema, ema_decay_for_run, ema_weights, update_ema
-from .hub import hub_model_id, lora_model_card, push_folder
+from .hub import HubAccessError, hub_model_id, lora_model_card, push_folder, upload_output_dir
 from .loop import TrainingRun
 from .objectives import (
     PixNerdTrainingModule,
@@ -76,6 +82,7 @@ from .run_setup import (
 )
 
 __all__ = [
+    "HubAccessError",
     "PromptEmbeddingCache",
     "prompt_cache_folder",
     "stream_captions",
@@ -89,6 +96,7 @@ __all__ = [
     "PixNerdTrainingModule",
     "REPAProjector",
     "StreamingImageSampleDataset",
+    "TrainingHelpFormatter",
     "TrainingRun",
     "add_training_arguments",
     "adm_center_crop",
@@ -122,6 +130,7 @@ __all__ = [
     "prepare_output_dir",
     "quantize_text_encoder",
     "push_folder",
+    "upload_output_dir",
     "random_flip",
     "read_class_names",
     "remove_temporary_checkpoints",

@@ -426,22 +426,61 @@ def check_output_dir(output_dir: str, resume_from_checkpoint: str | None, overwr
         )
 
 
+# Set by `accelerate launch` (any number of processes) and torchrun in the processes they start.
+LAUNCHER_ENVIRONMENT = ("ACCELERATE_DYNAMO_BACKEND", "LOCAL_RANK")
+NEGATIVE_NUMBER = re.compile(r"^-\.?\d")
+NOT_REPEATED_ON_RESUME = ("--resume_from_checkpoint", "--overwrite_output_dir")
+
+
+def launcher_command(script: str) -> tuple[list[str], dict]:
+    """The command line before `script` that started this process, and the environment it was typed in: for a process
+    that `accelerate launch` (or torchrun) started, the launcher's own (e.g. `python -m accelerate.commands.launch
+    --multi_gpu --num_processes 2`, its flags included); else the running interpreter and this process's."""
+    import psutil
+
+    if any(name in os.environ for name in LAUNCHER_ENVIRONMENT):
+        try:
+            parent = psutil.Process(os.getppid())
+            command = parent.cmdline()
+            if script in command:
+                return command[: command.index(script)], parent.environ()
+        except psutil.Error:  # the launcher is gone or not readable: say which launcher, without its flags
+            pass
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            return ["accelerate", "launch"], os.environ
+    return [sys.executable], os.environ
+
+
+def group_options(args: list[str]) -> list[list[str]]:
+    """Command-line arguments grouped per option: `--flag`, `--flag value ...` or `--flag=value` (a token such as
+    `-0.5` is a value, as argparse reads it)."""
+    groups = []
+    for arg in args:
+        if not groups or (arg.startswith("-") and not NEGATIVE_NUMBER.match(arg)):
+            groups.append([arg])
+        else:
+            groups[-1].append(arg)
+    return groups
+
+
 def resume_command(argv: list[str] | None = None) -> str:
-    """The command line of this run with `--resume_from_checkpoint latest` (and without `--overwrite_output_dir`)."""
+    """The command that resumes this run: the same launcher (`launcher_command`: the running interpreter, or the
+    `accelerate launch` command with its flags) with `OMP_NUM_THREADS` when it was set there, this script's flags
+    given once each, then `--resume_from_checkpoint latest` (and no `--overwrite_output_dir`). A flag given twice keeps
+    its last value at its last place, as argparse read it: a run continued by appending a higher `--max_train_steps`
+    to the first command prints it once."""
     argv = list(sys.argv if argv is None else argv)
-    kept, skip = [], False
-    for arg in argv[1:]:
-        if skip:
-            skip = False
-            continue
-        name = arg.split("=", 1)[0]
-        if name == "--resume_from_checkpoint":
-            skip = "=" not in arg
-            continue
-        if name != "--overwrite_output_dir":
-            kept.append(arg)
-    launcher = "accelerate launch" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "python"
-    return f"{launcher} {shlex.join([argv[0], *kept, '--resume_from_checkpoint', 'latest'])}"
+    launcher, environment = launcher_command(argv[0])
+    groups = group_options(argv[1:])
+    last = {group[0].split("=", 1)[0]: i for i, group in enumerate(groups)}
+    kept = []
+    for i, group in enumerate(groups):
+        name = group[0].split("=", 1)[0]
+        if last[name] == i and name not in NOT_REPEATED_ON_RESUME:
+            kept += group
+    threads = environment.get("OMP_NUM_THREADS")
+    prefix = f"OMP_NUM_THREADS={shlex.quote(threads)} " if threads else ""
+    return prefix + shlex.join([*launcher, argv[0], *kept, "--resume_from_checkpoint", "latest"])
 
 
 _held_locks: dict[str, int] = {}

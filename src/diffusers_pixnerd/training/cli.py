@@ -18,6 +18,18 @@ MODEL_CONFIG_KEYS = (set(_MODEL_PARAMETERS) - {"self"}) | _SAVED_CONFIG_KEYS
 MODEL_DEFAULTS = {name: p.default for name, p in _MODEL_PARAMETERS.items() if p.default is not inspect.Parameter.empty}
 
 
+class TrainingHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` with each flag's default, "(default: x)", except where the help already speaks of its default or there
+    is nothing to say: no default (`None`, the help says what happens then), an off switch (`False`) and the `--no_*`
+    half of a switch."""
+
+    def _get_help_string(self, action):
+        unsaid = action.default is None or action.default is False or isinstance(action, argparse._StoreFalseAction)
+        if unsaid or "default" in (action.help or "").lower():
+            return action.help
+        return super()._get_help_string(action)
+
+
 def add_switch(group, name: str, default: bool | None, help: str):
     """`--name` / `--no_name` (snake case, as the other flags; argparse's BooleanOptionalAction writes `--no-name`)."""
     group.add_argument(f"--{name}", dest=name, action="store_true", default=default, help=help)
@@ -29,9 +41,11 @@ def add_training_arguments(parser: argparse.ArgumentParser, **defaults) -> argpa
     data = parser.add_argument_group("data")
     data.add_argument("--train_data_dir", type=str, default=None, help="A local image folder (see docs/training.md).")
     data.add_argument("--dataset_name", type=str, default=None, help="A `datasets` dataset: Hub name or local path.")
-    data.add_argument("--dataset_config_name", type=str, default=None)
-    data.add_argument("--dataset_split", type=str, default="train")
-    data.add_argument("--image_column", type=str, default="image")
+    data.add_argument(
+        "--dataset_config_name", type=str, default=None, help="The configuration of `--dataset_name`."
+    )
+    data.add_argument("--dataset_split", type=str, default="train", help="The split of `--dataset_name` to train on.")
+    data.add_argument("--image_column", type=str, default="image", help="The images column of `--dataset_name`.")
     data.add_argument("--cache_dir", type=str, default=None, help="Where datasets and models downloaded are stored.")
     data.add_argument("--streaming", action="store_true", help="Stream the dataset (needs `--max_train_steps`).")
     data.add_argument("--shuffle_buffer_size", type=int, default=10_000, help="Shuffle buffer of a streamed dataset.")
@@ -40,23 +54,30 @@ def add_training_arguments(parser: argparse.ArgumentParser, **defaults) -> argpa
         "--image_preprocessing",
         choices=("adm_center_crop", "resize_center_crop", "pad"),
         default=defaults["image_preprocessing"],
-        help="adm_center_crop: the official C2I crop; resize_center_crop: the official T2I one; pad: pad to size.",
+        help="adm_center_crop: the official C2I crop; resize_center_crop: the official T2I one; pad: no crop, black "
+        "padding to the size (a larger image is first scaled down, aspect kept, to fit; the run logs how many were).",
     )
     data.add_argument("--random_flip", action="store_true", help="Random horizontal flips.")
-    data.add_argument("--dataloader_num_workers", type=int, default=4)
+    data.add_argument(
+        "--dataloader_num_workers", type=int, default=4, help="Processes decoding images (capped by the CPUs)."
+    )
     data.add_argument(
         "--fail_on_corrupt_images", action="store_true", help="Stop at an unreadable image instead of skipping it."
     )
 
     model = parser.add_argument_group("diffusion")
-    model.add_argument("--timestep_sampling", choices=TIMESTEP_SAMPLING, default="logit_normal")
-    model.add_argument("--logit_mean", type=float, default=0.0)
-    model.add_argument("--logit_std", type=float, default=1.0)
-    model.add_argument("--mode_scale", type=float, default=1.29)
+    model.add_argument(
+        "--timestep_sampling", choices=TIMESTEP_SAMPLING, default="logit_normal", help="How training sigmas are drawn."
+    )
+    model.add_argument("--logit_mean", type=float, default=0.0, help="Mean of `logit_normal` timestep sampling.")
+    model.add_argument("--logit_std", type=float, default=1.0, help="Std of `logit_normal` timestep sampling.")
+    model.add_argument("--mode_scale", type=float, default=1.29, help="Scale of `mode` timestep sampling (SD3).")
     model.add_argument("--shift", type=float, default=defaults["shift"], help="Time shift of the sampled sigmas.")
     model.add_argument("--weighting_scheme", choices=LOSS_WEIGHTING, default="none", help="Per-sample loss weight.")
     model.add_argument("--condition_dropout", type=float, default=0.1, help="Probability of the null condition (CFG).")
-    model.add_argument("--gradient_checkpointing", action="store_true")
+    model.add_argument(
+        "--gradient_checkpointing", action="store_true", help="Recompute activations in backward: less memory, slower."
+    )
 
     repa = parser.add_argument_group("REPA")
     add_switch(
@@ -67,14 +88,14 @@ def add_training_arguments(parser: argparse.ArgumentParser, **defaults) -> argpa
     )
     repa.add_argument("--repa_encoder", type=str, default="facebook/dinov2-base", help="DINOv2 name or folder.")
     repa.add_argument("--repa_align_layer", type=int, default=defaults["repa_align_layer"], help="1-based block.")
-    repa.add_argument("--repa_loss_weight", type=float, default=0.5)
+    repa.add_argument("--repa_loss_weight", type=float, default=0.5, help="Weight of the REPA loss in the total loss.")
     repa.add_argument("--repa_projector_dim", type=int, default=None, help="Projector width (default: hidden size).")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--train_batch_size", type=int, default=defaults["train_batch_size"], help="Per device.")
-    optim.add_argument("--num_train_epochs", type=int, default=100)
+    optim.add_argument("--num_train_epochs", type=int, default=100, help="Run length, without `--max_train_steps`.")
     optim.add_argument("--max_train_steps", type=int, default=None, help="Overrides `--num_train_epochs`.")
-    optim.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    optim.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer step.")
     optim.add_argument(
         "--optimizer",
         choices=OPTIMIZERS,
@@ -83,7 +104,9 @@ def add_training_arguments(parser: argparse.ArgumentParser, **defaults) -> argpa
         "stochastic rounding), adafactor (transformers), prodigy (prodigyopt; use --learning_rate 1.0). See "
         "docs/training.md#memory.",
     )
-    optim.add_argument("--learning_rate", type=float, default=defaults.get("learning_rate"))
+    optim.add_argument(
+        "--learning_rate", type=float, default=defaults.get("learning_rate"), help="Peak learning rate (after warm-up)."
+    )
     optim.add_argument("--scale_lr", action="store_true", help="Multiply the lr by batch size, accumulation, GPUs.")
     optim.add_argument(
         "--lr_scheduler",
@@ -91,18 +114,18 @@ def add_training_arguments(parser: argparse.ArgumentParser, **defaults) -> argpa
         default="constant",
         help='"constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial".',
     )
-    optim.add_argument("--lr_warmup_steps", type=int, default=0)
-    optim.add_argument("--lr_num_cycles", type=int, default=1)
-    optim.add_argument("--lr_power", type=float, default=1.0)
-    optim.add_argument("--adam_beta1", type=float, default=0.9)
-    optim.add_argument("--adam_beta2", type=float, default=defaults.get("adam_beta2", 0.999))
-    optim.add_argument("--adam_weight_decay", type=float, default=0.0)
-    optim.add_argument("--adam_epsilon", type=float, default=1e-8)
+    optim.add_argument("--lr_warmup_steps", type=int, default=0, help="Linear warm-up steps of the lr schedule.")
+    optim.add_argument("--lr_num_cycles", type=int, default=1, help="Restarts of `cosine_with_restarts`.")
+    optim.add_argument("--lr_power", type=float, default=1.0, help="Power of the `polynomial` lr schedule.")
+    optim.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
+    optim.add_argument("--adam_beta2", type=float, default=defaults.get("adam_beta2", 0.999), help="AdamW beta2.")
+    optim.add_argument("--adam_weight_decay", type=float, default=0.0, help="AdamW (decoupled) weight decay.")
+    optim.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon.")
     optim.add_argument("--max_grad_norm", type=float, default=defaults["max_grad_norm"], help="0 turns clipping off.")
     optim.add_argument(
         "--mixed_precision", choices=("no", "fp16", "bf16"), default=None, help="Default: accelerate's."
     )
-    optim.add_argument("--allow_tf32", action="store_true")
+    optim.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs (faster, less exact).")
     optim.add_argument("--cpu", action="store_true", help="Train on the CPU even if an accelerator is present.")
     optim.add_argument("--seed", type=int, default=None, help="Default: drawn once and stored in the checkpoints.")
     add_switch(
@@ -141,9 +164,13 @@ def add_training_arguments(parser: argparse.ArgumentParser, **defaults) -> argpa
     )
 
     run = parser.add_argument_group("run")
-    run.add_argument("--output_dir", type=str, default=defaults["output_dir"])
+    run.add_argument(
+        "--output_dir", type=str, default=defaults["output_dir"], help="Checkpoints, logs, samples and the export."
+    )
     run.add_argument("--overwrite_output_dir", action="store_true", help="Start over in a folder with an earlier run.")
-    run.add_argument("--checkpointing_steps", type=int, default=5000)
+    run.add_argument(
+        "--checkpointing_steps", type=int, default=5000, help="Save a checkpoint every N steps (and at the last one)."
+    )
     run.add_argument(
         "--checkpoints_total_limit",
         type=int,
@@ -157,10 +184,26 @@ def add_training_arguments(parser: argparse.ArgumentParser, **defaults) -> argpa
     run.add_argument("--validation_guidance_scale", type=float, default=None, help="Default: the scheduler's.")
     run.add_argument("--logging_dir", type=str, default="logs", help="Tracker logs, inside `--output_dir`.")
     run.add_argument("--report_to", type=str, default="tensorboard", help='"tensorboard", "wandb", "all" or "none".')
-    run.add_argument("--tracker_project_name", type=str, default=defaults["tracker_project_name"])
-    run.add_argument("--push_to_hub", action="store_true")
-    run.add_argument("--hub_model_id", type=str, default=None)
-    run.add_argument("--hub_token", type=str, default=None)
+    run.add_argument(
+        "--tracker_project_name",
+        type=str,
+        default=defaults["tracker_project_name"],
+        help="The project name in TensorBoard / W&B.",
+    )
+    run.add_argument(
+        "--push_to_hub",
+        action="store_true",
+        help="Upload the export (no checkpoints) to the Hub at the end; the access is checked before training.",
+    )
+    run.add_argument(
+        "--hub_model_id",
+        type=str,
+        default=None,
+        help='The repo, "name" or "org/name" (default: the name of `--output_dir`).',
+    )
+    run.add_argument(
+        "--hub_token", type=str, default=None, help="Default: the `HF_TOKEN` variable or `hf auth login`'s token."
+    )
     return parser
 
 

@@ -62,7 +62,7 @@ def resize_center_crop(image: PIL.Image.Image, size: int) -> PIL.Image.Image:
 
 def pad_to_size(image: PIL.Image.Image, size: int) -> PIL.Image.Image:
     """Pads (black, centred) to `size` x `size` without cropping, e.g. 28x28 Fashion-MNIST to 32x32; a larger image is
-    first shrunk (BICUBIC) to fit."""
+    first scaled down (BICUBIC, aspect ratio kept) to fit. The training loop logs how many were (`num_downscaled`)."""
     if max(image.size) > size:
         scale = size / max(image.size)
         image = image.resize(tuple(max(1, round(x * scale)) for x in image.size), resample=PIL.Image.BICUBIC)
@@ -346,7 +346,9 @@ class ImageSampleDataset(torch.utils.data.Dataset):
     def load(self, row: dict) -> dict | None:
         """The training sample of a row, or `None` if its image cannot be read."""
         try:
-            image = self.preprocess(open_image(row["image"]), self.resolution)
+            image = open_image(row["image"])
+            larger = max(image.size) > self.resolution
+            image = self.preprocess(image, self.resolution)
         except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as error:
             if self.fail_on_corrupt_images:
                 raise RuntimeError(
@@ -357,6 +359,8 @@ class ImageSampleDataset(torch.utils.data.Dataset):
             return None
         sample = {k: v for k, v in row.items() if k != "image"}
         sample["pixel_values"] = image_to_tensor(image)
+        if self.preprocess is pad_to_size:  # counted in the workers, where the size is known for free
+            sample["num_downscaled"] = int(larger)
         return sample
 
     def __getitem__(self, index: int) -> dict:
@@ -392,9 +396,12 @@ class StreamingImageSampleDataset(torch.utils.data.IterableDataset):
             yield sample
 
 
+SUMMED_COUNTS = ("num_skipped", "num_downscaled")  # per-sample counts that a batch carries as their sum
+
+
 def collate_samples(samples: list[dict]) -> dict:
-    """Stacks tensors, keeps strings as lists, turns numbers into tensors and sums `num_skipped`."""
-    batch = {"num_skipped": sum(s.pop("num_skipped") for s in samples)}
+    """Stacks tensors, keeps strings as lists, turns numbers into tensors and sums `SUMMED_COUNTS`."""
+    batch = {k: sum(s.pop(k) for s in samples) for k in SUMMED_COUNTS if k in samples[0]}
     for key in samples[0]:
         values = [s[key] for s in samples]
         if isinstance(values[0], str):

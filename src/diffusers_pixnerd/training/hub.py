@@ -2,10 +2,14 @@
 """The model card of a trained model (the settings used, which weights were exported) and the upload to the Hub."""
 
 import argparse
+import json
+import logging
 import os
 
-from ..pipelines.pipeline_utils import CARD_MARKER
+from ..pipelines.pipeline_utils import CARD_MARKER, shown_path
 from .checkpoints import CHECKPOINT_PREFIX
+
+logger = logging.getLogger(__name__)
 
 # The settings a model card lists, each with the condition under which it was used.
 MODEL_CARD_SETTINGS = {
@@ -89,7 +93,11 @@ def exported_weights_note(args: argparse.Namespace, global_step: int) -> str:
 
 def model_card_training_section(args: argparse.Namespace, script: str, global_step: int, sample_paths: list) -> str:
     """Markdown for the model card: how it was trained (the settings used), what was exported, the final samples."""
-    rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in used_settings(args).items())
+    settings = used_settings(args)
+    shortened = [k for k, v in settings.items() if isinstance(v, str) and os.path.isabs(v)]
+    rows = "\n".join(f"| `{k}` | `{shown_path(v) if k in shortened else v}` |" for k, v in settings.items())
+    if shortened:
+        rows += "\n\nLocal folders and files given as absolute paths are shown by their name."
     images = "\n".join(
         f"![{os.path.splitext(os.path.basename(p))[0]}]({os.path.relpath(p, args.output_dir)})" for p in sample_paths
     )
@@ -100,9 +108,82 @@ def model_card_training_section(args: argparse.Namespace, script: str, global_st
     )
 
 
+class HubAccessError(ValueError):
+    """`--push_to_hub` cannot work (an invalid repo id, no token, offline mode, a rejected token, a repo the token
+    cannot write to). Raised before training; the scripts print it without a traceback."""
+
+
+def token_source(args: argparse.Namespace) -> str:
+    """Where the token of this run comes from, as the messages name it (`huggingface_hub.get_token`'s order)."""
+    if args.hub_token:
+        return "`--hub_token`"
+    if os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN"):
+        return "the `HF_TOKEN` environment variable"
+    return "`hf auth login`"
+
+
+def hub_access_problem(error: Exception, args: argparse.Namespace) -> str:
+    """What a failed `whoami` means for `--push_to_hub`: no token, offline mode, a rejected token, or no answer."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalTokenNotFoundError, OfflineModeIsEnabled
+
+    later = f"or train without `--push_to_hub` and upload the folder afterwards ({UPLOAD_DOCS})"
+    if isinstance(error, OfflineModeIsEnabled):
+        return f"offline mode is on (`HF_HUB_OFFLINE=1`): the Hub cannot be reached. Unset it for this run, {later}."
+    if isinstance(error, LocalTokenNotFoundError):
+        offline = " Offline mode is on too (`HF_HUB_OFFLINE=1`): unset it for this run."
+        return (
+            "no Hugging Face token found. Log in once with `hf auth login` (a token with write access, from "
+            "https://huggingface.co/settings/tokens), set `HF_TOKEN`, or pass `--hub_token`."
+            + (offline if constants.HF_HUB_OFFLINE else "")
+        )
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    if status == 401:
+        return (
+            f"the Hub rejected the token from {token_source(args)} as invalid (mistyped, expired or revoked). Create "
+            "one with write access at https://huggingface.co/settings/tokens and log in with `hf auth login --force`."
+        )
+    if status is not None:
+        return f"the Hub answered the token check with HTTP {status}: {error}"
+    return f"the Hub did not accept the token or could not be reached ({type(error).__name__}: {error}); {later}."
+
+
+def hub_write_problem(info: dict, repo_id: str, source: str) -> str | None:
+    """Why the token `whoami` described in `info` cannot write to `repo_id` ("namespace/name"); `None` when it can, or
+    when `info` does not say (the upload then reports it)."""
+    namespace, user = repo_id.split("/")[0], info.get("name")
+    org_roles = {org.get("name"): org.get("roleInOrg") for org in info.get("orgs") or []}
+    token = (info.get("auth") or {}).get("accessToken") or {}
+    if token.get("role") == "read":
+        return (
+            f"the token from {source} is read-only: create one with write access at "
+            "https://huggingface.co/settings/tokens and log in with `hf auth login --force`."
+        )
+    if namespace != user and namespace not in org_roles:
+        orgs = ", ".join(sorted(org_roles)) or "none"
+        return (
+            f"the repo {repo_id!r} is not writable with the token from {source}: it belongs to {user!r}, who is not "
+            f"{namespace!r} nor a member of it (your organisations: {orgs}). Pass a `--hub_model_id` under your user "
+            f"name or one of your organisations, e.g. `--hub_model_id {user}/{repo_id.split('/')[1]}`."
+        )
+    if org_roles.get(namespace) == "read":
+        return f"the repo {repo_id!r} is not writable: {user!r} only has read access in the organisation {namespace!r}."
+    if token.get("role") == "fineGrained":
+        scoped = (token.get("fineGrained") or {}).get("scoped") or []
+        writable = [(e.get("entity") or {}).get("name") for e in scoped if "repo.write" in e.get("permissions", [])]
+        if namespace not in writable and repo_id not in writable:
+            return (
+                f"the repo {repo_id!r} is not writable with the fine-grained token from {source}: it has no "
+                f"`repo.write` permission on {namespace!r} (nor on the repo). Add it at "
+                "https://huggingface.co/settings/tokens."
+            )
+    return None
+
+
 def check_hub_access(args: argparse.Namespace) -> str:
-    """Before training with `--push_to_hub`: a valid repo id and a token that the Hub accepts. Returns the full repo
-    id ("user/name"), which the model card names."""
+    """Before training with `--push_to_hub`: a valid repo id, a token the Hub accepts (`whoami`) and that can write to
+    the repo. Returns the full repo id ("user/name"), which the model card names; else raises `HubAccessError` saying
+    which of these failed."""
     from huggingface_hub import whoami
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -110,37 +191,55 @@ def check_hub_access(args: argparse.Namespace) -> str:
     try:
         validate_repo_id(name)
     except HFValidationError as error:
-        raise ValueError(f"`--hub_model_id` {name!r} is not a valid Hub repo id: {error}") from None
+        raise HubAccessError(f"`--hub_model_id` {name!r} is not a valid Hub repo id: {error}") from None
     try:
-        user = whoami(token=args.hub_token)["name"]
-    except Exception as error:  # no token, a rejected token, or no network: all stop the run before it trains
-        raise ValueError(
-            f"`--push_to_hub`: the Hub did not accept the token (`--hub_token`, or `hf auth login`): {error}"
-        ) from None
-    return name if "/" in name else f"{user}/{name}"
+        info = whoami(token=args.hub_token)
+    except Exception as error:  # noqa: BLE001 - each failure is explained in words; none needs a traceback
+        raise HubAccessError(f"`--push_to_hub`: {hub_access_problem(error, args)}") from None
+    repo_id = name if "/" in name else f"{info['name']}/{name}"
+    problem = hub_write_problem(info, repo_id, token_source(args))
+    if problem is not None:
+        raise HubAccessError(f"`--push_to_hub`: {problem}")
+    return repo_id
+
+
+UPLOAD_DOCS = "docs/training.md#sharing-a-trained-model"
+
+
+def upload_ignore_patterns(logging_dir: str = "logs") -> list[str]:
+    """What an upload of a training folder leaves out: checkpoints, tracker logs, intermediate validation images and
+    cached prompt embeddings (the export, its model card and the final samples it shows stay)."""
+    return [f"{CHECKPOINT_PREFIX}*", f"{logging_dir}/*", "validation/step-*", "cache/*"]
+
+
+def upload_output_dir(
+    output_dir: str,
+    repo_id: str,
+    token: str | None = None,
+    logging_dir: str = "logs",
+    commit_message: str = "Upload the trained model",
+) -> str:
+    """Uploads a training `--output_dir` to the Hub repo `repo_id` (created if needed) without what
+    `upload_ignore_patterns` lists, e.g. after a run trained without `--push_to_hub`. Returns the repo id."""
+    from huggingface_hub import create_repo, upload_folder
+
+    repo_id = create_repo(repo_id, exist_ok=True, token=token).repo_id
+    upload_folder(
+        repo_id=repo_id,
+        folder_path=output_dir,
+        commit_message=commit_message,
+        token=token,
+        ignore_patterns=upload_ignore_patterns(logging_dir),
+    )
+    return repo_id
 
 
 def push_folder(args: argparse.Namespace, commit_message: str = "End of training"):
-    """Uploads `--output_dir` without checkpoints, logs and intermediate validation images."""
-    from huggingface_hub import create_repo, upload_folder
-
+    """Uploads `--output_dir` at the end of a `--push_to_hub` run (`upload_output_dir`)."""
     name = (
         getattr(args, "hub_repo_id", None) or args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
     )
-    repo_id = create_repo(name, exist_ok=True, token=args.hub_token).repo_id
-    upload_folder(
-        repo_id=repo_id,
-        folder_path=args.output_dir,
-        commit_message=commit_message,
-        token=args.hub_token,
-        ignore_patterns=[
-            f"{CHECKPOINT_PREFIX}*",
-            f"{args.logging_dir}/*",
-            "validation/step-*",
-            "cache/*",
-        ],
-    )
-    return repo_id
+    return upload_output_dir(args.output_dir, name, args.hub_token, args.logging_dir, commit_message)
 
 
 LORA_MODEL_CARD = """---
@@ -162,26 +261,72 @@ format.
 ```py
 from diffusers_pixnerd import PixNerdT2IPipeline
 
-pipe = PixNerdT2IPipeline.from_pretrained("{base_id}")
-pipe.load_lora_weights("{repo}")
-image = pipe("{prompt}").images[0]  # attention_kwargs={{"scale": 0.5}} for half the effect
+pipe = PixNerdT2IPipeline.from_pretrained({base_id}){base_note}
+pipe.load_lora_weights({repo}){repo_note}
+image = pipe({prompt}).images[0]  # attention_kwargs={{"scale": 0.5}} for half the effect
 ```
 
 {extra}"""
 
 
+def local_folder_note(name_or_path: str, what: str) -> str:
+    """The comment after a local folder in a card's usage snippet (`shown_path` keeps only the name of an absolute
+    path, so the reader is told to give its own)."""
+    return f"  # {what}: a local folder" + (" (its name; give its path)" if os.path.isabs(name_or_path) else "")
+
+
 def lora_model_card(args, extra: str) -> str:
-    """The LoRA card: `base_model` only when the base is a Hub repo, the real repo id when pushed, the targets."""
-    base_id = hub_model_id(args.pretrained_model_name_or_path)
+    """The LoRA card: `base_model` only when the base is a Hub repo; the usage loads the base as the run named it (a
+    Hub id, or the path given, see `shown_path`) and the LoRA from its repo when pushed, else from this folder."""
+    base = args.pretrained_model_name_or_path
+    base_id = hub_model_id(base)
+    repo = getattr(args, "hub_repo_id", None)
     return LORA_MODEL_CARD.format(
         marker=CARD_MARKER,
         base_model_line=f"base_model: {base_id}\n" if base_id else "",
         title=getattr(args, "hub_repo_id", None) or os.path.basename(os.path.normpath(args.output_dir)),
         rank=args.lora_rank,
         targets=", ".join(f"`{name.strip()}`" for name in args.lora_target_modules.split(",")),
-        base=f"[{base_id}](https://huggingface.co/{base_id})" if base_id else "(a local pipeline folder)",
-        base_id=base_id or "path/to/the/base/pipeline",
-        repo=getattr(args, "hub_repo_id", None) or args.output_dir,
-        prompt=args.validation_prompts[0],
+        base=f"[{base_id}](https://huggingface.co/{base_id})" if base_id else f"`{shown_path(base)}` (a local folder)",
+        base_id=json.dumps(base_id or shown_path(base)),
+        base_note="" if base_id else local_folder_note(base, "the base pipeline"),
+        repo=json.dumps(repo or shown_path(args.output_dir)),
+        repo_note="" if repo else local_folder_note(args.output_dir, "this folder"),
+        prompt=json.dumps(args.validation_prompts[0], ensure_ascii=False),
         extra=extra,
     )
+
+
+STALE_EXPORT_MARKER = "<!-- stale-export -->"
+
+
+def mark_export_stale(output_dir: str, checkpoint: str) -> bool:
+    """A run that continued training in `output_dir` (`--resume_from_checkpoint`, or `--overwrite_output_dir`) has
+    committed `checkpoint`, newer than the model exported there before it started. The export stays (it may be the
+    only finished model), but until this run exports again a notice at the top of its model card says that it is older
+    than the newest checkpoint, so that it is not shared or used as the result of the continuation. A README.md that
+    is not ours is left alone. Returns whether the card was marked (once per card)."""
+    name = os.path.basename(checkpoint)
+    logger.warning(
+        "The model exported in %s is older than %s: its model card says so until this run ends and exports again.",
+        output_dir,
+        name,
+    )
+    path = os.path.join(output_dir, "README.md")
+    if not os.path.isfile(path):
+        return False
+    with open(path, encoding="utf-8") as f:
+        card = f.read()
+    if CARD_MARKER not in card or STALE_EXPORT_MARKER in card:
+        return False
+    notice = (
+        f"{STALE_EXPORT_MARKER}\n> **Outdated export.** These weights were exported before a later run in this folder "
+        f"(a continuation with `--resume_from_checkpoint`, or a restart with `--overwrite_output_dir`) saved `{name}`; "
+        "that run has not finished. Resume it (`--resume_from_checkpoint latest`) to export the newest weights, which "
+        "replace these and this card.\n"
+    )
+    temporary = path + ".tmp"
+    with open(temporary, "w", encoding="utf-8") as f:
+        f.write(card.replace(CARD_MARKER, f"{CARD_MARKER}\n{notice}", 1))
+    os.replace(temporary, path)  # a kill leaves the old card or the marked one, never half of it
+    return True

@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from .checkpoints import (
     CHECKPOINT_PREFIX,
+    EXPORT_MARKERS,
     TMP_SUFFIX,
     TRAINING_STATE_FILE,
     check_attention_layout,
@@ -41,7 +42,7 @@ from .ema import (
     save_ema,
     update_ema,
 )
-from .hub import model_card_training_section
+from .hub import mark_export_stale, model_card_training_section
 from .objectives import (
     PixNerdTrainingModule,
     condition_drop_mask,
@@ -130,8 +131,11 @@ class TrainingRun:
         self.global_step, self.first_epoch, self.resume_batches = 0, 0, 0
         self.saved_step, self.stop_signal, self.stopped_by = None, None, None
         self.skipped_images = torch.zeros((), device=accelerator.device)
+        self.downscaled_images, self.images_read, self.downscaled_reported = 0, 0, False  # `--image_preprocessing pad`
         self.logs: dict[str, float] = {}
         self._sums: dict[str, float] = {}
+        # An export already in the folder comes from before this run: stale once this run saves a checkpoint.
+        self.earlier_export = any(os.path.exists(os.path.join(args.output_dir, m)) for m in EXPORT_MARKERS)
         if checkpoint is not None:
             self.load(checkpoint)
             self.saved_step = self.global_step
@@ -205,6 +209,8 @@ class TrainingRun:
                     f"Process {self.accelerator.process_index} got no batch in epoch {epoch}: too "
                     "little data (or too few dataset shards) for the processes and the batch size."
                 )
+            if not self.args.streaming:  # the processes end a map-style epoch at the same step; streams do not
+                self.report_downscaled_images(f"by the end of epoch {epoch + 1}")
             epoch += 1
 
     def generator(self) -> torch.Generator:
@@ -267,6 +273,8 @@ class TrainingRun:
         """After each micro-batch: on an optimizer step, EMA, logs and checkpoints. Returns whether a step ended."""
         self.micro_step += 1
         self.skipped_images += batch.get("num_skipped", 0)
+        self.downscaled_images += int(batch.get("num_downscaled", 0))
+        self.images_read += len(batch["pixel_values"])
         if not self.accelerator.sync_gradients:
             return False
         self.global_step += 1
@@ -282,6 +290,25 @@ class TrainingRun:
                 self.save()
             self.stopped_by = self.stop_signal or signal.SIGTERM
         return True
+
+    def report_downscaled_images(self, when: str):
+        """With `--image_preprocessing pad`, logs once how many of the images read so far (all processes) were larger
+        than the training size, so scaled down before the padding. Every process calls it at the same step."""
+        if self.args.image_preprocessing != "pad" or self.downscaled_reported:
+            return
+        self.downscaled_reported = True
+        counts = torch.tensor([self.downscaled_images, self.images_read], device=self.accelerator.device)
+        downscaled, read = self.accelerator.reduce(counts, reduction="sum").tolist()
+        if self.accelerator.is_main_process:
+            logger.info(
+                "--image_preprocessing pad: %d of the %d images read %s were larger than %dx%d and were scaled down "
+                "(BICUBIC, aspect ratio kept) to fit before the padding.",
+                downscaled,
+                read,
+                when,
+                self.args.resolution,
+                self.args.resolution,
+            )
 
     @property
     def validation_due(self) -> bool:
@@ -361,6 +388,9 @@ class TrainingRun:
                 commit_checkpoint(temporary, args.checkpoints_total_limit, getattr(args, "stale_checkpoints", ()))
                 args.stale_checkpoints = []
                 logger.info("Saved %s", final)
+                if self.earlier_export:
+                    mark_export_stale(args.output_dir, final)
+                    self.earlier_export = False
         except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
             if not (getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error)):
                 raise
@@ -424,6 +454,7 @@ class TrainingRun:
         """After the loop: closes the progress bar; after a SIGINT/SIGTERM, says how to resume and exits (no export)."""
         self.progress.close()
         self.accelerator.wait_for_everyone()
+        self.report_downscaled_images("during this run")  # if no epoch ended
         self._restore_signal_handlers()
         if self.stopped_by is not None:
             name = signal.Signals(self.stopped_by).name
