@@ -277,7 +277,7 @@ def main(args):
         negative = null_embeds.expand(len(args.validation_prompts), -1, -1)
         validation = {"prompt_embeds": encode(args.validation_prompts), "negative_prompt_embeds": negative}
         text_encoder.to("cpu")  # only needed again to be saved with a fully fine-tuned pipeline
-    train_dataloader = create_dataloader(accelerator, args, dataset)
+    train_dataloader = create_dataloader(accelerator, args, dataset, transformer.resolution_multiple)
 
     # 3. Full fine-tuning, or LoRA on attention, MLP and the neural-field weight generator (base frozen).
     transformer.train()

@@ -42,6 +42,12 @@ def add_training_arguments(parser: argparse.ArgumentParser, **defaults) -> argpa
         help="adm_center_crop: the official C2I crop; resize_center_crop: the official T2I one; pad: pad to size.",
     )
     data.add_argument("--random_flip", action="store_true", help="Random horizontal flips.")
+    data.add_argument(
+        "--aspect_ratio_buckets",
+        action="store_true",
+        help="Keep the images' aspect ratios: batches of one size each, about `--resolution`**2 pixels, from 1:2 to "
+        "2:1 (see docs/training.md).",
+    )
     data.add_argument("--dataloader_num_workers", type=int, default=4)
     data.add_argument(
         "--fail_on_corrupt_images", action="store_true", help="Stop at an unreadable image instead of skipping it."
@@ -141,6 +147,11 @@ def check_training_arguments(args: argparse.Namespace):
         raise ValueError("Pass exactly one of `--train_data_dir` (a local folder) and `--dataset_name`.")
     if args.streaming and args.max_train_steps is None:
         raise ValueError("`--streaming` datasets have no length: pass `--max_train_steps`.")
+    if getattr(args, "aspect_ratio_buckets", False) and args.image_preprocessing == "pad":
+        raise ValueError(
+            "`--aspect_ratio_buckets` resizes and crops each image to its bucket: use it with `--image_preprocessing` "
+            "adm_center_crop or resize_center_crop, not pad."
+        )
     if args.resume_from_checkpoint is not None and args.overwrite_output_dir:
         raise ValueError("Pass at most one of `--resume_from_checkpoint` and `--overwrite_output_dir`.")
     positive = ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "num_train_epochs")
