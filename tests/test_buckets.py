@@ -19,7 +19,7 @@ from test_train_scripts import C2I_SCRIPT, ROOT, T2I_SCRIPT, c2i_args, launch, s
 from test_training_utils import tiny_dinov2
 
 from diffusers_pixnerd import PixNerdTransformer2DModel
-from diffusers_pixnerd.training import check_training_arguments, create_dataloader, load_training_dataset
+from diffusers_pixnerd.training import create_dataloader, load_training_dataset
 from diffusers_pixnerd.training.buckets import (
     AspectRatioBucketSampler,
     BucketBatchStream,
@@ -259,12 +259,15 @@ def test_too_few_images_for_a_batch_of_any_bucket_is_an_error(bucket_data, tmp_p
 
 
 def test_pad_preprocessing_is_refused_with_buckets():
-    args = argparse.Namespace(
-        train_data_dir="x", dataset_name=None, streaming=False, max_train_steps=1, resume_from_checkpoint=None,
-        overwrite_output_dir=False, aspect_ratio_buckets=True, image_preprocessing="pad",
-    )  # fmt: skip
-    with pytest.raises(ValueError, match="`--aspect_ratio_buckets` .* not pad"):
-        check_training_arguments(args)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_pixnerd_c2i", C2I_SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    flags = ["--train_data_dir", "data", "--aspect_ratio_buckets"]
+    assert script.parse_args(flags).aspect_ratio_buckets
+    with pytest.raises(ValueError, match="`--aspect_ratio_buckets` .*`--image_preprocessing` .* not pad"):
+        script.parse_args([*flags, "--image_preprocessing", "pad"])
 
 
 def test_a_stream_is_batched_per_bucket(bucket_data, tmp_path, accelerator):

@@ -6,6 +6,7 @@
 - `ema`: the EMA of the trained weights (`create_ema`, `ema_decay_for_run`, `ema_weights`).
 - `checkpoints`: checkpoints that survive a kill (write, commit, list, resolve, clean up), the `--output_dir` lock,
   and loading a checkpoint's transformer weights (`load_checkpoint_weights`).
+- `buckets`: aspect-ratio buckets (sizes, assignment, image sizes from the headers, the per-bucket batch order).
 - `data`: image folders and `datasets` datasets, crops, lazy decoding, the data loader of a run.
 - `cli`: the flags both scripts share and their checks, the model config from the flags.
 - `hub`: the model card's training section and the upload to the Hub.

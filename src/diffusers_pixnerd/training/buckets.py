@@ -191,9 +191,9 @@ class AspectRatioBucketSampler(torch.utils.data.Sampler):
     Batches of indices of one bucket each, in an order that is a pure function of (`seed`, epoch, the buckets of the
     rows, the batch layout): the same on every process, and the same when a run resumes.
 
-    Each epoch, every bucket's rows are shuffled and cut into groups of `batch_size * num_processes` (the incomplete
-    rest of a bucket waits for another epoch, when the shuffle puts other rows there), the groups are shuffled, and
-    each group is yielded as `num_processes` consecutive batches of `batch_size`. Accelerate's `BatchSamplerShard`
+    Each epoch, every bucket's rows are shuffled and cut into groups of `batch_size * num_processes` (a bucket's
+    incomplete rest is left out of the epoch; the next epoch's shuffle leaves out other rows), the groups are shuffled,
+    and each group is yielded as `num_processes` consecutive batches of `batch_size`. Accelerate's `BatchSamplerShard`
     gives batch `i` to process `i % num_processes`, so at every step all processes train on the same bucket, each on
     its own rows; `skip_first_batches` skips whole steps. Accelerate's `set_epoch` does not reach this sampler through
     those wrappers (`BatchSamplerShard`, `SkipBatchSampler`), so the caller sets it (`TrainingRun.batches`).
@@ -221,7 +221,8 @@ class AspectRatioBucketSampler(torch.utils.data.Sampler):
         self.epoch = epoch
 
     def groups(self, epoch: int) -> list[np.ndarray]:
-        """The epoch's steps: `batch_size * num_processes` row indices of one bucket each, in order."""
+        """The epoch's groups in order: `batch_size * num_processes` row indices of one bucket each (one batch of every
+        process)."""
         rng = np.random.default_rng([self.seed % 2**64, epoch])
         groups = []
         for rows in self.members:
