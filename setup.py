@@ -1,8 +1,14 @@
+import re
+
 from setuptools import find_packages, setup
+
+# The one version string lives in the package.
+with open("src/diffusers_pixnerd/__init__.py", encoding="utf-8") as f:
+    VERSION = re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
 
 setup(
     name="diffusers-pixnerd",
-    version="0.2.0.dev0",
+    version=VERSION,
     description="PixNerd (Pixel Neural Field Diffusion) for HuggingFace Diffusers",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",

@@ -80,8 +80,9 @@ def parse_args(argv=None):
 
 
 def build(args, device: str):
-    """The training module, its optimizer and EMA (or None), and a function making a random batch, on `device`, set
-    up as the training scripts do. Also used by scripts/gpu_checks.py."""
+    """The training module, its optimizer and EMA (or None), a function making a random batch and the frozen modules
+    that also sit on `device` (the REPA encoder), set up as the training scripts do. Also used by
+    scripts/gpu_checks.py."""
     from transformers import Dinov2Config, Dinov2Model
 
     torch.manual_seed(0)
@@ -137,7 +138,7 @@ def build(args, device: str):
                 batch["repa_features"] = repa_target_features(encoder, batch["pixels"], grid)
         return batch
 
-    return module, optimizer, ema, make_batch
+    return module, optimizer, ema, make_batch, [encoder] if encoder is not None else []
 
 
 def train_steps(args, module, optimizer, ema, make_batch, device: str, tracker=None) -> list[float]:
@@ -235,7 +236,7 @@ def eager_torch_compile():
 
 def measure(args) -> dict:
     device = args.device
-    module, optimizer, ema, make_batch = build(args, device)
+    module, optimizer, ema, make_batch, frozen = build(args, device)
     ema_bytes = sum(p.numel() * p.element_size() for p in ema.shadow_params) if ema is not None else 0
     ema_on_accelerator = ema is not None and args.ema_device == "accelerator"
     if device.startswith("cuda"):
@@ -247,6 +248,8 @@ def measure(args) -> dict:
         tracker = PeakMemoryTracker()
         tracker.label(module.parameters(), "weights")
         tracker.label(module.buffers(), "weights")
+        for encoder in frozen:
+            tracker.label([*encoder.parameters(), *encoder.buffers()], "frozen_encoders")
         if ema_on_accelerator:
             tracker.label(ema.shadow_params, "ema")
         elif ema is not None:

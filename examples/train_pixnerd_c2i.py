@@ -120,7 +120,6 @@ def main(args):
             f"({', '.join(folder_names[:5])}{', ...' if len(folder_names) > 5 else ''})."
         )
     data_classes = count_classes(dataset, class_names)
-    train_dataloader = create_dataloader(accelerator, args, dataset)
 
     # 2. The model: a preset/config from scratch, or a saved pipeline trained on.
     if args.pretrained_model_name_or_path is not None:
@@ -150,6 +149,7 @@ def main(args):
         args.validation_class_labels = PixNerdPipeline(transformer, scheduler, id2label=id2label)._class_ids(labels)
     except ValueError as error:
         raise ValueError(f"`--validation_class_labels`: {error}") from None
+    train_dataloader = create_dataloader(accelerator, args, dataset, transformer.resolution_multiple)
     transformer.train()
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()

@@ -298,7 +298,7 @@ def main(args):
         text_encoder.to("cpu")  # only needed again to be saved with a fully fine-tuned pipeline
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    train_dataloader = create_dataloader(accelerator, args, dataset)
+    train_dataloader = create_dataloader(accelerator, args, dataset, transformer.resolution_multiple)
 
     # 3. Full fine-tuning, or LoRA on attention, MLP and the neural-field weight generator (base frozen).
     transformer.train()

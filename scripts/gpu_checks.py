@@ -1,4 +1,4 @@
-"""Every GPU number of issue 13 in one prepared run: dtype parity, attention backends, offloading, compile, speed.
+"""Every GPU number in one prepared run: dtype parity, training memory, attention backends, offloading, compile, speed.
 
     PYTHONUNBUFFERED=1 python scripts/gpu_checks.py --official_repo /path/to/MCG-NJU/PixNerd --output_dir $OUT
     python scripts/gpu_checks.py --smoke --official_repo /path/to/MCG-NJU/PixNerd --output_dir /tmp/gpu_checks_smoke
@@ -24,6 +24,10 @@ Models have random weights (the zero-initialised `neural_field.proj_out` gets N(
 "rel err" is max|x - reference| / max|reference|. Sizes, steps and repeats are flags (GPU defaults in brackets).
 1. parity: bf16 and fp16 forwards of PixNerd-XL/16 (C2I, 256 px, batch 4) and PixNerd-XXL/16-T2I (512 px, batch 1,
    random `encoder_hidden_states`) against their fp32 forward (TF32 off): max and mean rel err, finiteness, time.
+1b. training: `benchmarks/benchmark_training_memory.py` on PixNerd-XXL/16-T2I (random weights, random 2048-wide prompt
+   embeddings): LoRA r32 at 512 px batch 1 and 4; full fine-tuning at 512 px batch 1 (8-bit AdamW, EMA on the CPU),
+   with bf16 weights (`adamw_bf16`) at batch 1 and 4, at 256 px, and with plain AdamW and the EMA on the GPU;
+   gradient checkpointing on; `torch.cuda.max_memory_allocated` and s/step (the best of 3 steps).
 2. attention: `set_attention_backend(name)` for every diffusers backend that needs no Hub download (native, the
    `_native_*` SDPA kernels, flash, _flash_3, sage, xformers, flex, ...) on XL/16 in `--dtype` [bf16], batch 4: rel
    err against "native", first-call and steady time; a backend that is not installed or fails records its error.
@@ -75,6 +79,7 @@ except ImportError:  # not installed (the device machine): the source tree
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # not a package
 import benchmark_official_sampling as official_sampling  # noqa: E402
 import benchmark_sampling as sampling  # noqa: E402
+import benchmark_training_memory as training_memory  # noqa: E402
 import benchmark_transformer as transformer_bench  # noqa: E402
 import diffusers  # noqa: E402
 from diffusers.models.attention_dispatch import AttentionBackendName  # noqa: E402
@@ -86,9 +91,10 @@ from diffusers_pixnerd import (  # noqa: E402
     PixNerdTransformer2DModel,
 )
 
-CHECKS = ["parity", "attention", "offload", "forward_speed", "official_sampling", "cache_sampling", "compile"]
+CHECKS = ["parity", "training", "attention", "offload", "forward_speed", "official_sampling", "cache_sampling", "compile"]
 TITLES = {
     "parity": "bf16 / fp16 forward vs fp32 (rel err = max|x - fp32| / max|fp32|)",
+    "training": "training steps (benchmark_training_memory.py): peak memory (max_memory_allocated) and s/step",
     "attention": "attention backends (`set_attention_backend`), rel err vs native",
     "offload": "offloading on a pipeline: images vs all on the GPU, time, peak memory",
     "forward_speed": "forward time, ours vs official (benchmark_transformer.py); ratios > 1: ours is faster",
@@ -98,7 +104,7 @@ TITLES = {
 }
 # Seconds per check on an H200 (estimates with a margin); all together capped by --time_budget.
 TIMEOUTS = dict(
-    parity=90, attention=120, offload=120, forward_speed=120, official_sampling=150, cache_sampling=120, compile=300
+    parity=90, training=150, attention=120, offload=120, forward_speed=120, official_sampling=150, cache_sampling=120, compile=300
 )
 # Tried in this order (the native kernels first, flex last: it may compile); then any other backend diffusers knows,
 # except those that download a Hub kernel (the device machine has no network) and the NPU / XLA ones.
@@ -550,8 +556,37 @@ def check_compile(args, rec: Recorder):
             free_memory(device)
 
 
+# The training runs of docs/training.md#memory: (method, resolution, batch, extra benchmark flags).
+TRAINING_RUNS = [
+    ("lora", 512, 1, []),
+    ("lora", 512, 4, []),
+    ("full", 512, 1, []),
+    ("full", 512, 1, ["--optimizer", "adamw_bf16"]),
+    ("full", 512, 4, ["--optimizer", "adamw_bf16"]),
+    ("full", 256, 1, []),
+    ("full", 512, 1, ["--optimizer", "adamw", "--ema_device", "accelerator"]),
+]
+
+
+def check_training(args, rec: Recorder):
+    """XXL/16-T2I LoRA and full fine-tuning steps, built as the training scripts do (`benchmark_training_memory`)."""
+    for method, resolution, batch_size, extra in TRAINING_RUNS:
+        resolution = PIXNERD_PRESETS[args.t2i_model]["sample_size"] if args.smoke else resolution
+        flags = ["--preset", args.t2i_model, "--method", method, "--resolution", str(resolution), "--batch_size",
+                 str(batch_size), "--steps", "3", "--device", args.device, *extra]
+        with rec.row(" ".join([method, f"{resolution}px", f"b{batch_size}", *extra[1::2]])) as row, torch.enable_grad():
+            result = training_memory.measure(training_memory.parse_args(flags))
+            row["peak_gib"] = result["accelerator_peak_gib"]
+            row["s_per_step"] = result["seconds_per_step"]
+            row["host_ema_gib"] = result["host_gib"]["ema"]
+            row["trained_M"] = result["settings"]["trained_parameters"] / 1e6
+            row["optimizer"] = result["settings"]["optimizer"]
+        free_memory(args.device)
+
+
 CHECK_FUNCTIONS = dict(
     parity=check_parity,
+    training=check_training,
     attention=check_attention,
     offload=check_offload,
     forward_speed=check_forward_speed,

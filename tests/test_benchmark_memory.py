@@ -54,7 +54,7 @@ def test_8bit_adamw_and_bfloat16_weights_shrink_their_parts(full_adamw):
     bf16 = measure("--method", "full", "--optimizer", "adamw_bf16", "--ema_device", "accelerator")
     assert bytes_of(bf16, "weights") < 0.55 * bytes_of(full_adamw, "weights")
     assert 4 * n <= bytes_of(bf16, "optimizer") <= 4 * n + 4 * 1000  # two bfloat16 moments
-    assert bf16["accelerator_peak_gib"] < 0.8 * full_adamw["accelerator_peak_gib"]
+    assert bf16["accelerator_peak_gib"] < full_adamw["accelerator_peak_gib"]
 
 
 def test_gradient_checkpointing_lowers_the_activations():

@@ -240,3 +240,26 @@ def test_precomputed_embeddings_work_with_a_streamed_dataset(assets, tmp_path, r
     folders = [f for f in os.listdir(out / "cache") if f.startswith("prompt_embeds_")]
     assert len(folders) == 1 and os.listdir(out / "cache" / folders[0]) == ["shard-0-of-1.arrow"]
     assert json.loads((out / "checkpoint-2" / "training_state.json").read_text())["global_step"] == 2
+
+
+def test_a_missing_training_package_names_the_extra(monkeypatch):
+    import importlib.util
+
+    from diffusers_pixnerd.training.cli import require_training_extra
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "peft" else find_spec(name))
+    with pytest.raises(ImportError, match=r'Training needs peft: `pip install "diffusers-pixnerd\[training\]"`'):
+        require_training_extra("datasets", "peft")
+    require_training_extra("datasets")  # present: no error
+
+
+def test_one_version_string():
+    import re
+
+    import diffusers_pixnerd
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    setup = open(os.path.join(root, "setup.py"), encoding="utf-8").read()
+    assert "version=VERSION" in setup and not re.search(r'version="\d', setup)
+    assert diffusers_pixnerd.__version__ == "0.2.0.dev0"

@@ -12,7 +12,7 @@ from .pipelines import (
 )
 from .schedulers import OFFICIAL_SCHEDULER_PRESETS, PixNerdFlowMatchScheduler, PixNerdFlowMatchSchedulerOutput
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 
 # `DiffusionPipeline.from_pretrained` looks pipeline classes up by name in the `diffusers` namespace: registering

@@ -9,6 +9,7 @@
   lr schedule.
 - `checkpoints`: checkpoints that survive a kill (write, commit, list, resolve, check, clean up), the `--output_dir`
   lock, LoRA checkpoints (the adapters, not the base), and loading a checkpoint's weights (`load_checkpoint_weights`).
+- `buckets`: aspect-ratio buckets (sizes, assignment, image sizes from the headers, the per-bucket batch order).
 - `data`: image folders and `datasets` datasets, crops, lazy decoding, the data loader of a run.
 - `prompt_cache`: `--precompute_text_embeddings`: distinct captions encoded once, sharded across processes, looked up
   in the step.

@@ -59,6 +59,12 @@ def add_training_arguments(parser: argparse.ArgumentParser, **defaults) -> argpa
     )
     data.add_argument("--random_flip", action="store_true", help="Random horizontal flips.")
     data.add_argument(
+        "--aspect_ratio_buckets",
+        action="store_true",
+        help="Keep the images' aspect ratios: batches of one size each, about `--resolution`**2 pixels, from 1:2 to "
+        "2:1 (see docs/training.md).",
+    )
+    data.add_argument(
         "--dataloader_num_workers", type=int, default=4, help="Processes decoding images (capped by the CPUs)."
     )
     data.add_argument(
@@ -207,12 +213,31 @@ def add_training_arguments(parser: argparse.ArgumentParser, **defaults) -> argpa
     return parser
 
 
+def require_training_extra(*modules: str):
+    """Names the `[training]` extra when a package the training scripts need is missing (not a bare
+    ModuleNotFoundError deep in a run)."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(
+            f"Training needs {', '.join(missing)}: `pip install \"diffusers-pixnerd[training]\"` (datasets, peft, "
+            "tensorboard)."
+        )
+
+
 def check_training_arguments(args: argparse.Namespace):
     """Flag combinations that cannot work, reported before anything loads."""
+    require_training_extra("datasets", *(["peft"] if getattr(args, "use_lora", False) else []))
     if (args.train_data_dir is None) == (args.dataset_name is None):
         raise ValueError("Pass exactly one of `--train_data_dir` (a local folder) and `--dataset_name`.")
     if args.streaming and args.max_train_steps is None:
         raise ValueError("`--streaming` datasets have no length: pass `--max_train_steps`.")
+    if getattr(args, "aspect_ratio_buckets", False) and args.image_preprocessing == "pad":
+        raise ValueError(
+            "`--aspect_ratio_buckets` resizes and crops each image to its bucket: use it with `--image_preprocessing` "
+            "adm_center_crop or resize_center_crop, not pad."
+        )
     if args.resume_from_checkpoint is not None and args.overwrite_output_dir:
         raise ValueError("Pass at most one of `--resume_from_checkpoint` and `--overwrite_output_dir`.")
     check_optimizer_available(args.optimizer)

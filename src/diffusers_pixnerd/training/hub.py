@@ -19,6 +19,7 @@ MODEL_CARD_SETTINGS = {
     "dataset_name": None,
     "train_data_dir": None,
     "resolution": None,
+    "aspect_ratio_buckets": lambda a: getattr(a, "aspect_ratio_buckets", False),
     "train_batch_size": None,
     "gradient_accumulation_steps": None,
     "optimizer": None,

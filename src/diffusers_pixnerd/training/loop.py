@@ -148,7 +148,11 @@ class TrainingRun:
                     self.max_train_steps,
                 )
         self._install_signal_handlers()
+        # Micro-batches before this step (they seed `generator()`): an epoch's last step may have fewer than
+        # `gradient_accumulation_steps` of them when its batch count is not a multiple.
         self.micro_step = self.global_step * args.gradient_accumulation_steps
+        if self.steps_per_epoch is not None:
+            self.micro_step = self.first_epoch * len(dataloader) + self.resume_batches
         if accelerator.is_main_process and args.report_to != "none":
             accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args))
         self.images_per_step = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
@@ -196,6 +200,10 @@ class TrainingRun:
                 if epoch == self.first_epoch and self.resume_batches:
                     loader = self.accelerator.skip_first_batches(loader, self.resume_batches)
                 loader.set_epoch(epoch)
+                if getattr(self.dataloader, "bucket_sampler", None) is not None:
+                    # Accelerate's set_epoch reaches a batch sampler only when the loader holds it unwrapped (one
+                    # process, no skip): not under BatchSamplerShard (processes) or SkipBatchSampler (resume).
+                    self.dataloader.bucket_sampler.set_epoch(epoch)
             empty = True
             for batch in loader:
                 empty = False
@@ -242,7 +250,8 @@ class TrainingRun:
         drop_mask = condition_drop_mask(batch_size, args.condition_dropout, generator).to(device)
         inputs = {"pixels": pixels, "noise": noise, "sigmas": sigmas, "drop_mask": drop_mask}
         if repa_encoder is not None:
-            token_grid = self.trained.transformer.token_grid(*pixels.shape[-2:])[:2]  # the text model's is fixed
+            # The C2I grid follows the image; the T2I grid is fixed (non-square images: non-square patches).
+            token_grid = self.trained.transformer.token_grid(*pixels.shape[-2:])[:2]
             with self.accelerator.autocast():
                 inputs["repa_features"] = repa_target_features(repa_encoder, pixels, token_grid)
         return inputs

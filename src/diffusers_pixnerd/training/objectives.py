@@ -7,6 +7,7 @@ diffusers' convention: `x_t = (1 - sigma) x0 + sigma noise`; the model predicts 
 sigma`.
 """
 
+import math
 from contextlib import contextmanager, nullcontext
 from typing import Iterator
 
@@ -102,20 +103,38 @@ def load_repa_encoder(name_or_path: str, **kwargs) -> nn.Module:
     return encoder.eval().requires_grad_(False)
 
 
+def repa_encoder_grid(image_size: tuple[int, int], token_grid: tuple[int, int]) -> tuple[int, int]:
+    """DINOv2's patch grid for an image of `image_size` (height, width): the token grid when it has the image's aspect
+    ratio (the C2I model, square T2I images), else about as many patches in the image's aspect ratio (the T2I model
+    keeps its square grid on non-square images; resizing the image to it would show DINOv2 a distorted image)."""
+    (height, width), (grid_h, grid_w) = image_size, token_grid
+    if height * grid_w == width * grid_h:
+        return grid_h, grid_w
+    tokens = grid_h * grid_w
+    return max(1, round(math.sqrt(tokens * height / width))), max(1, round(math.sqrt(tokens * width / height)))
+
+
 @torch.no_grad()
 def repa_target_features(encoder: nn.Module, pixels: torch.Tensor, token_grid: tuple[int, int]) -> torch.Tensor:
-    """DINOv2 patch features (B, N, C) of clean images in [-1, 1], ImageNet-normalised and resized (bicubic) to
-    `encoder patch size x token_grid`, so that DINOv2's patch grid is the PixNerd token grid (the official `encoder.py`
-    resizes to 14 H / 16)."""
+    """DINOv2 patch features (B, N, C) of clean images in [-1, 1] on the PixNerd token grid: ImageNet-normalised and
+    resized (bicubic) to `encoder patch size x repa_encoder_grid(...)`, so that DINOv2's patch grid is the token grid
+    (the official `encoder.py` resizes to 14 H / 16); on a grid of another aspect ratio (the T2I model's fixed grid, a
+    non-square image) the features of the undistorted image are resampled to it (bilinear, antialiased)."""
     encoder_patch = encoder.config.patch_size
+    grid = repa_encoder_grid(tuple(pixels.shape[-2:]), tuple(token_grid))
     x = (pixels.float() + 1) / 2
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).reshape(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device).reshape(1, 3, 1, 1)
     x = (x - mean) / std
-    x = F.interpolate(x, (encoder_patch * token_grid[0], encoder_patch * token_grid[1]), mode="bicubic")
+    x = F.interpolate(x, (encoder_patch * grid[0], encoder_patch * grid[1]), mode="bicubic")
     hidden = encoder(pixel_values=x.to(encoder.dtype)).last_hidden_state
     num_prefix = 1 + getattr(encoder.config, "num_register_tokens", 0)  # CLS (+ registers)
-    return hidden[:, num_prefix:]
+    features = hidden[:, num_prefix:]  # (B, grid_h * grid_w, C)
+    if grid != tuple(token_grid):
+        maps = features.transpose(1, 2).unflatten(2, grid).float()  # (B, C, grid_h, grid_w)
+        maps = F.interpolate(maps, tuple(token_grid), mode="bilinear", antialias=True)
+        features = maps.flatten(2).transpose(1, 2).to(features.dtype)
+    return features
 
 
 @contextmanager
