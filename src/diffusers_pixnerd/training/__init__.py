@@ -45,7 +45,7 @@ from .data import (
 )
 from .ema import create_ema, ema_decay_for_run, ema_weights
 from .hub import hub_model_id, lora_model_card, push_folder
-from .loop import TrainingRun
+from .loop import TrainingRun, exported_module
 from .objectives import (
     PixNerdTrainingModule,
     REPAProjector,
@@ -72,6 +72,7 @@ __all__ = [
     "REPAProjector",
     "StreamingImageSampleDataset",
     "TrainingRun",
+    "exported_module",
     "add_prompt_embeddings",
     "add_training_arguments",
     "adm_center_crop",

@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import time
+from contextlib import contextmanager
 from typing import Iterable, Iterator
 
 import torch
@@ -37,6 +38,7 @@ from .ema import (
     ema_weights,
     load_ema_state,
     save_ema,
+    shard_like,
 )
 from .hub import model_card_training_section
 from .objectives import (
@@ -371,10 +373,16 @@ class TrainingRun:
         check_attention_layout(checkpoint)
         self.accelerator.load_state(checkpoint)
         ema_file = self._ema_file() or (EMA_FILE if self.ema is not None else None)
+        if ema_file is not None and ema_file != EMA_FILE and state["num_processes"] != self.accelerator.num_processes:
+            raise ValueError(
+                f"{checkpoint} was written by {state['num_processes']} FSDP processes, one EMA shard each "
+                f"(ema-rank<i>.safetensors): resume it with {state['num_processes']} processes, not "
+                f"{self.accelerator.num_processes}."
+            )
         found = ema_file_in(checkpoint, ema_file) if ema_file is not None else None
         if found is not None:
             self.ema.load_state_dict(load_ema_state(found))
-            self.ema.to(self.accelerator.device, dtype=torch.float32)
+            shard_like(self.ema, self.ema_parameters, found)  # FSDP: this process's shards become DTensors again
         elif ema_file is not None:
             logger.warning("%s has no EMA (trained without it): the EMA starts from its weights.", checkpoint)
             self.ema = create_ema(self.ema_parameters, self.args.ema_decay, self.args.ema_warmup)
@@ -470,7 +478,8 @@ class TrainingRun:
             call_kwargs["guidance_scale"] = args.validation_guidance_scale
         generator = torch.Generator().manual_seed(args.seed)
         with ema_weights(self.ema, self.ema_parameters), self.accelerator.autocast(), torch.no_grad():
-            images = pipeline(generator=generator, **call_kwargs).images
+            with unsharded_root(self.model):  # after the EMA swap: gathers the EMA values
+                images = pipeline(generator=generator, **call_kwargs).images
         transformer.train()
         folder = os.path.join(args.output_dir, "validation", "final" if final else f"step-{self.global_step}")
         return log_validation(self.accelerator, images, captions, self.global_step, folder)
@@ -483,6 +492,22 @@ class TrainingRun:
             if not self.accelerator.is_main_process:
                 return {}
             return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+    def export_trained_parameters(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """The trained parameters of `module`, a part of the training module (the transformer with its LoRA adapters),
+        by name, with the EMA weights in place, whole and copied to the CPU of the main process (empty on the others).
+        Only what trains is gathered, not a frozen base. Every process must call it: FSDP gathers each parameter from
+        its shards."""
+        from torch.distributed.tensor import DTensor
+
+        state = {}
+        with ema_weights(self.ema, self.ema_parameters):
+            for name, param in module.named_parameters():
+                if param.requires_grad:
+                    whole = param.full_tensor() if isinstance(param, DTensor) else param
+                    if self.accelerator.is_main_process:
+                        state[name] = whole.detach().to("cpu", copy=True)
+        return state
 
     def exported_transformer(self, state: dict[str, torch.Tensor]):
         """A fresh transformer (same config) holding the exported weights: no projector, no PEFT wrappers."""
@@ -497,6 +522,35 @@ class TrainingRun:
 
 
 # ------------------------------------------------------------------------------------------ validation and export
+
+
+def exported_module(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A new module of the class and config of `module` (a Transformers or Diffusers model) holding `state`, all its
+    weights. `module` itself cannot take them when its parameters are FSDP shards; the copy's are allocated empty,
+    then assigned the state's tensors (its buffers are built as usual)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        copy = type(module)(module.config)
+    copy.load_state_dict(state, assign=True)
+    return copy
+
+
+@contextmanager
+def unsharded_root(model: nn.Module):
+    """FSDP2: gathers the parameters of the root shard unit (the training module's own: embeddings, final layer, ...)
+    for the block, for calls that bypass its forward, such as a pipeline calling the transformer. The wrapped blocks
+    and the neural field gather theirs in their own forward. Any other model: nothing to do."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
 
 
 def log_validation(accelerator, images: list, captions: list[str], step: int, folder: str) -> list[str]:
