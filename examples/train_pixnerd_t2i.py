@@ -22,7 +22,6 @@ import logging
 import os
 
 import torch
-from accelerate.utils import DistributedType
 
 from diffusers_pixnerd import (
     OFFICIAL_SCHEDULER_PRESETS,
@@ -47,8 +46,8 @@ from diffusers_pixnerd.training import (
     create_dataloader,
     create_repa_encoder,
     create_repa_projector,
-    ema_weights,
     encode_prompts,
+    exported_module,
     hub_model_id,
     load_training_dataset,
     lora_model_card,
@@ -239,8 +238,6 @@ def main(args):
     checkpoint = prepare_output_dir(accelerator, args)
     repa_encoder = create_repa_encoder(accelerator, args)  # first: a missing encoder stops before anything loads
     device, dtype = accelerator.device, weight_dtype(accelerator)
-    if accelerator.distributed_type == DistributedType.FSDP and (args.use_lora or args.train_text_encoder_layers):
-        raise ValueError("With FSDP only full fine-tuning of the transformer is supported; use DDP or DeepSpeed.")
 
     # 1. The data (captioned images, checked before anything loads), and the pipeline to fine-tune.
     dataset, _ = load_training_dataset(
@@ -354,14 +351,14 @@ def main(args):
     # 6. Export: LoRA weights in diffusers' format, or the whole pipeline (EMA weights, no projector).
     samples = validate(final=True)
     card = run.model_card("train_pixnerd_t2i.py", samples)
-    state = {} if args.use_lora else run.export_state()
+    # Every process gathers (FSDP holds shards); the main one writes.
+    state = run.export_trained_parameters(trained.transformer) if args.use_lora else run.export_state()
     if accelerator.is_main_process and args.use_lora:
-        with ema_weights(run.ema, run.ema_parameters):
-            save_lora_adapters(trained.transformer, args.output_dir)
+        save_lora_adapters(trained.transformer, args.output_dir, state_dict=state)
         write_model_card(args.output_dir, lora_model_card(args, card))
     elif accelerator.is_main_process:
         if train_text_encoder:
-            text_encoder.load_state_dict(sub_state_dict(state, "text_encoder"))
+            text_encoder = exported_module(text_encoder, sub_state_dict(state, "text_encoder"))  # FSDP: shards
         else:
             text_encoder = exported_text_encoder.to("cpu", dtype=text_encoder_dtype)
         pipeline = PixNerdT2IPipeline(run.exported_transformer(state), scheduler, text_encoder, tokenizer)

@@ -71,6 +71,7 @@ def rope_angles(dim: int, height: int, width: int, x_extent: float, y_extent: fl
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotates consecutive channel pairs of x (B, N, H, D) by the angles behind cos/sin (N, 1, D/2), in float32."""
     x_ = x.float().unflatten(-1, (-1, 2))
+    cos, sin = cos.float(), sin.float()  # FSDP's bf16 policy casts them with every input of a block
     if not torch.compiler.is_compiling():
         # As one complex product, like the official code: 10-20x faster in eager mode than the real form below.
         rotated = torch.view_as_real(torch.view_as_complex(x_) * torch.complex(cos, sin))

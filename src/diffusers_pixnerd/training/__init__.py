@@ -57,7 +57,7 @@ from .data import (
 )
 from .ema import create_ema, ema_decay_for_run, ema_weights, update_ema
 from .hub import HubAccessError, hub_model_id, lora_model_card, push_folder, upload_output_dir
-from .loop import TrainingRun
+from .loop import TrainingRun, exported_module
 from .objectives import (
     PixNerdTrainingModule,
     REPAProjector,
@@ -99,6 +99,7 @@ __all__ = [
     "StreamingImageSampleDataset",
     "TrainingHelpFormatter",
     "TrainingRun",
+    "exported_module",
     "add_training_arguments",
     "adm_center_crop",
     "capture_block_output",

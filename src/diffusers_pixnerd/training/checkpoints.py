@@ -205,14 +205,15 @@ def earlier_checkpoints_hint(checkpoint: str) -> str:
 # ---- LoRA runs: the checkpoints hold the adapters (and the REPA projector), not the frozen base transformer
 
 
-def save_lora_adapters(transformer: nn.Module, folder: str):
-    """The adapters of `transformer` (PEFT adapter "default", as they are now) as `pytorch_lora_weights.safetensors`
-    in diffusers' LoRA format with the adapter config as metadata: what `pipe.load_lora_weights(folder)` loads."""
+def save_lora_adapters(transformer: nn.Module, folder: str, state_dict: dict | None = None):
+    """The adapters of `transformer` (PEFT adapter "default", as they are now, or taken from `state_dict`, e.g. the
+    gathered EMA weights of an FSDP run) as `pytorch_lora_weights.safetensors` in diffusers' LoRA format with the
+    adapter config as metadata: what `pipe.load_lora_weights(folder)` loads."""
     from peft.utils import get_peft_model_state_dict
 
     from ..pipelines.pipeline_utils import PixNerdLoraLoaderMixin
 
-    adapters = get_peft_model_state_dict(transformer)
+    adapters = get_peft_model_state_dict(transformer, state_dict=state_dict)
     adapters = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in adapters.items()}
     PixNerdLoraLoaderMixin.save_lora_weights(
         folder,

@@ -78,8 +78,41 @@ def save_ema(ema: EMAModel, path: str):
     ...) as JSON metadata. No pickle, so a checkpoint folder from elsewhere cannot run code when resumed."""
     state = ema.state_dict()
     shadow = state.pop("shadow_params")
-    tensors = {f"shadow_params.{i}": p.detach().to("cpu").contiguous() for i, p in enumerate(shadow)}
+    tensors = {f"shadow_params.{i}": local_tensor(p).detach().to("cpu").contiguous() for i, p in enumerate(shadow)}
     save_file(tensors, path, metadata={"ema_state": json.dumps(state)})
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's part of a tensor: the local shard of an FSDP2 `DTensor`, else the tensor itself."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def shard_like(ema: EMAModel, parameters: list[torch.nn.Parameter], path: str):
+    """After `ema.load_state_dict` from this process's EMA file `path`: each shadow tensor (a local shard, as
+    `save_ema` wrote it) becomes a `DTensor` sharded like its FSDP2 parameter, on its device; plain parameters only
+    move to their device. A shard of another shape (the checkpoint was written by another number of processes) is
+    an error naming the file."""
+    from torch.distributed.tensor import DTensor
+
+    if len(ema.shadow_params) != len(parameters):
+        raise ValueError(f"{path} holds {len(ema.shadow_params)} EMA tensors, the trained model {len(parameters)}.")
+    shadow = []
+    for i, (tensor, param) in enumerate(zip(ema.shadow_params, parameters)):
+        local = local_tensor(param)
+        if tensor.shape != local.shape:
+            raise ValueError(
+                f"{path}: EMA tensor {i} has the shape {tuple(tensor.shape)}, this process's part of the parameter "
+                f"{tuple(local.shape)}: the checkpoint was written by another number of processes or another model."
+            )
+        tensor = tensor.to(local.device, dtype=torch.float32)
+        if isinstance(param, DTensor):
+            tensor = DTensor.from_local(
+                tensor, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
+            )
+        shadow.append(tensor)
+    ema.shadow_params = shadow
 
 
 def load_ema_state(path: str) -> dict:

@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import time
+from contextlib import contextmanager
 from typing import Iterable, Iterator
 
 import torch
@@ -40,6 +41,7 @@ from .ema import (
     ema_weights,
     load_ema_state,
     save_ema,
+    shard_like,
     update_ema,
 )
 from .hub import mark_export_stale, model_card_training_section
@@ -103,8 +105,14 @@ class TrainingRun:
         optimizer, lr_scheduler = create_optimizer_and_schedule(accelerator, args, parameters, self.max_train_steps)
         self.model, self.optimizer, self.lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
         self.trained: PixNerdTrainingModule = accelerator.unwrap_model(self.model)
-        if lora:  # checkpoints hold the adapters and the projector, not a copy of the frozen base
-            register_adapter_checkpoint_hooks(accelerator, self.trained)
+        from accelerate.utils import DistributedType
+
+        fsdp = accelerator.distributed_type == DistributedType.FSDP
+        if lora and not fsdp:  # checkpoints hold the adapters and the projector, not a copy of the frozen base
+            register_adapter_checkpoint_hooks(accelerator, self.trained)  # (FSDP's sharded files hold them already)
+        self.lora_checkpoints = lora and not fsdp
+        if fsdp and args.use_ema and args.ema_device == "cpu":
+            raise ValueError("`--ema_device cpu` is not supported with FSDP (the EMA is sharded like the weights).")
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         # The EMA follows the trained transformer weights (not the projector, nor text encoder layers).
         self.ema_parameters = [p for p in self.trained.transformer.parameters() if p.requires_grad]
@@ -418,9 +426,11 @@ class TrainingRun:
 
     def load(self, checkpoint: str):
         """Model, optimizer, lr scheduler, grad scaler, RNG (Accelerate), then EMA, step and data position."""
+        from accelerate.utils import DistributedType
+
         state = read_training_state(checkpoint)
         logger.info("Resuming from %s (step %d)", checkpoint, state["global_step"])
-        check_checkpoint_files(checkpoint, self.lora)
+        check_checkpoint_files(checkpoint, self.lora_checkpoints)
         random_states = os.path.join(checkpoint, f"random_states_{self.accelerator.process_index}.pkl")
         if os.path.exists(random_states):  # Accelerate skips an unreadable one with an info log: the run would differ
             from accelerate.utils import load
@@ -435,10 +445,19 @@ class TrainingRun:
         check_attention_layout(checkpoint)
         self.accelerator.load_state(checkpoint)
         ema_file = self._ema_file() or (EMA_FILE if self.ema is not None else None)
+        if ema_file is not None and ema_file != EMA_FILE and state["num_processes"] != self.accelerator.num_processes:
+            raise ValueError(
+                f"{checkpoint} was written by {state['num_processes']} FSDP processes, one EMA shard each "
+                f"(ema-rank<i>.safetensors): resume it with {state['num_processes']} processes, not "
+                f"{self.accelerator.num_processes}."
+            )
         found = ema_file_in(checkpoint, ema_file) if ema_file is not None else None
         if found is not None:
             self.ema.load_state_dict(load_ema_state(found))
-            self.ema.to(self.ema_device, dtype=torch.float32)
+            if self.accelerator.distributed_type == DistributedType.FSDP:
+                shard_like(self.ema, self.ema_parameters, found)  # this process's shards become DTensors again
+            else:
+                self.ema.to(self.ema_device, dtype=torch.float32)
         elif ema_file is not None:
             logger.warning("%s has no EMA (trained without it): the EMA starts from its weights.", checkpoint)
             self.ema = self._new_ema()
@@ -535,7 +554,8 @@ class TrainingRun:
             call_kwargs["guidance_scale"] = args.validation_guidance_scale
         generator = torch.Generator().manual_seed(args.seed)
         with ema_weights(self.ema, self.ema_parameters), self.accelerator.autocast(), torch.no_grad():
-            images = pipeline(generator=generator, **call_kwargs).images
+            with unsharded_root(self.model):  # after the EMA swap: gathers the EMA values
+                images = pipeline(generator=generator, **call_kwargs).images
         transformer.train()
         folder = os.path.join(args.output_dir, "validation", "final" if final else f"step-{self.global_step}")
         return log_validation(self.accelerator, images, captions, self.global_step, folder)
@@ -548,6 +568,22 @@ class TrainingRun:
             if not self.accelerator.is_main_process:
                 return {}
             return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+    def export_trained_parameters(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """The trained parameters of `module`, a part of the training module (the transformer with its LoRA adapters),
+        by name, with the EMA weights in place, whole and copied to the CPU of the main process (empty on the others).
+        Only what trains is gathered, not a frozen base. Every process must call it: FSDP gathers each parameter from
+        its shards."""
+        from torch.distributed.tensor import DTensor
+
+        state = {}
+        with ema_weights(self.ema, self.ema_parameters):
+            for name, param in module.named_parameters():
+                if param.requires_grad:
+                    whole = param.full_tensor() if isinstance(param, DTensor) else param
+                    if self.accelerator.is_main_process:
+                        state[name] = whole.detach().to("cpu", copy=True)
+        return state
 
     def exported_transformer(self, state: dict[str, torch.Tensor]):
         """A fresh transformer (same config) holding the exported weights: no projector, no PEFT wrappers."""
@@ -562,6 +598,35 @@ class TrainingRun:
 
 
 # ------------------------------------------------------------------------------------------ validation and export
+
+
+def exported_module(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A new module of the class and config of `module` (a Transformers or Diffusers model) holding `state`, all its
+    weights. `module` itself cannot take them when its parameters are FSDP shards; the copy's are allocated empty,
+    then assigned the state's tensors (its buffers are built as usual)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        copy = type(module)(module.config)
+    copy.load_state_dict(state, assign=True)
+    return copy
+
+
+@contextmanager
+def unsharded_root(model: nn.Module):
+    """FSDP2: gathers the parameters of the root shard unit (the training module's own: embeddings, final layer, ...)
+    for the block, for calls that bypass its forward, such as a pipeline calling the transformer. The wrapped blocks
+    and the neural field gather theirs in their own forward. Any other model: nothing to do."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
 
 
 def log_validation(accelerator, images: list, captions: list[str], step: int, folder: str) -> list[str]:
