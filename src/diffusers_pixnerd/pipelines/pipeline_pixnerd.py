@@ -162,8 +162,9 @@ class PixNerdPipeline(PixNerdBasePipeline):
                 lists like `[[3], [5]]` (as `DiTPipeline` takes them); the id `num_classes` asks for an unconditional
                 sample.
             height (`int`, *optional*):
-                Image height in pixels, a multiple of the patch size; defaults to the height of `latents` if given,
-                else to the model's `sample_size`.
+                Image height in pixels, a multiple of `transformer.resolution_multiple` (16 for the official model);
+                defaults to the height of `latents` if given, else to the model's `sample_size`. Other sizes than the
+                trained one are decoded by the neural field from the trained token grid.
             width (`int`, *optional*):
                 Image width in pixels; defaults to the width of `latents` if given, else to the model's `sample_size`.
             num_inference_steps (`int`, *optional*):
