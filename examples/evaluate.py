@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from diffusers_pixnerd import PixNerdT2IPipeline
 
 EXAMPLES = os.path.dirname(os.path.abspath(__file__))
+CLASSIFIER_SIZE = 32  # the input side of the Fashion-MNIST classifier (fashion_mnist.py `FashionClassifier`)
 
 
 # --- Sampling ---
@@ -54,7 +55,7 @@ def sample_conditions(pipe, conditions: list, args, **call_kwargs) -> np.ndarray
     the generator seeded with `seed + i`."""
     images = []
     text = isinstance(pipe, PixNerdT2IPipeline)
-    if text and args.resolution:
+    if args.resolution:
         call_kwargs.update(height=args.resolution, width=args.resolution)
     for start in tqdm(range(0, len(conditions), args.batch_size), desc="sampling"):
         batch = conditions[start : start + args.batch_size]
@@ -179,6 +180,8 @@ def class_accuracy(classifier_path: str, images: np.ndarray, labels: list[int], 
 
     names = names or {str(i): name for i, name in enumerate(CLASS_NAMES)}  # the classifier's classes
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    if x.shape[-2:] != (CLASSIFIER_SIZE, CLASSIFIER_SIZE):  # e.g. samples at twice the trained size: average pixels
+        x = torch.nn.functional.interpolate(x, size=(CLASSIFIER_SIZE, CLASSIFIER_SIZE), mode="area")
     labels = torch.tensor(labels)
     correct = predict(load_classifier(classifier_path), x) == labels
     per_class = {
@@ -201,7 +204,13 @@ def parse_args(input_args=None):
     parser.add_argument("--classifier", default=None, help="Classifier weights for class accuracy (Fashion-MNIST).")
     parser.add_argument("--prompt_file", default=None, help="Text-to-image prompts: .txt, GenEval .jsonl, DPG folder.")
     parser.add_argument("--images_per_prompt", type=int, default=4)
-    parser.add_argument("--resolution", type=int, default=None)
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="Sample height and width (default: the model's sample_size). Class accuracy averages the samples down to "
+        "the classifier's 32x32.",
+    )
     parser.add_argument(
         "--checkpoint",
         default=None,

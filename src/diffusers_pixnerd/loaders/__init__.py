@@ -14,10 +14,11 @@ from .official_checkpoint import (
     sample_size_from_name,
     select_denoiser,
 )
-from .official_repo import official_pipeline_folder
+from .official_repo import check_local_path, official_pipeline_folder
 
 __all__ = [
     "FromOfficialCheckpointMixin",
+    "check_local_path",
     "convert_state_dict",
     "has_fused_attention_keys",
     "infer_config",

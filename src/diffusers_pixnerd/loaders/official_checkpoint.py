@@ -98,19 +98,29 @@ def _count_blocks(state_dict: dict, prefix: str, suffix: str) -> int:
     )
 
 
+# Keys only the text-to-image official model has: any of them makes a checkpoint a text one.
+_TEXT_MARKERS = ("y_pos_embedding", "y_embedder.proj.weight", "blocks.0.mlp.w12.weight", "blocks.0.attn.kv_y.weight")
+
+
+def _shape(state_dict: dict, key: str, variant: str) -> torch.Size:
+    """The shape of `state_dict[key]`; a missing key is a `ValueError` naming it."""
+    if key not in state_dict:
+        raise ValueError(f"The checkpoint lacks `{key}`, which every official {variant} PixNerd denoiser has.")
+    return state_dict[key].shape
+
+
 def infer_config(state_dict: dict, sample_size: int | None = None) -> dict:
     """The `PixNerdTransformer2DModel` config of an official denoiser state dict, read from tensor shapes."""
-    try:
-        dim, patch_in = state_dict["s_embedder.proj.weight"].shape
-        in_channels, nf_dim = state_dict["final_layer.linear.weight"].shape
-        nf_in = state_dict["x_embedder.embedder.0.weight"].shape[1]
-        head_dim = state_dict["blocks.0.attn.q_norm.weight"].shape[0]
-    except KeyError as e:
-        raise ValueError(f"Not a PixNerd checkpoint: missing key {e}.") from None
-    is_text = "y_pos_embedding" in state_dict
+    is_text = any(k in state_dict for k in _TEXT_MARKERS)
+    variant = "text-to-image" if is_text else "class-conditional"
+    dim, patch_in = _shape(state_dict, "s_embedder.proj.weight", variant)
+    in_channels, nf_dim = _shape(state_dict, "final_layer.linear.weight", variant)
+    nf_in = _shape(state_dict, "x_embedder.embedder.0.weight", variant)[1]
+    head_dim = _shape(state_dict, "blocks.0.attn.q_norm.weight", variant)[0]
     num_layers = _count_blocks(state_dict, "blocks.", "adaLN_modulation")
     num_nf_layers = _count_blocks(state_dict, "blocks.", "param_generator1")
-    nf_out = state_dict[f"blocks.{num_layers}.param_generator1.0.weight"].shape[0]
+    # The neural-field blocks follow the DiT blocks in the official `blocks` list.
+    nf_out = _shape(state_dict, f"blocks.{num_layers}.param_generator1.0.weight", variant)[0]
     patch_size = round((patch_in / in_channels) ** 0.5)
     max_freqs = round((nf_in - in_channels) ** 0.5)
     config = dict(
@@ -125,20 +135,20 @@ def infer_config(state_dict: dict, sample_size: int | None = None) -> dict:
         neural_field_max_freqs=max_freqs,
     )
     if is_text:
-        _, text_len, _ = state_dict["y_pos_embedding"].shape
-        mlp_hidden = state_dict["blocks.0.mlp.w12.weight"].shape[0] // 2
+        _, text_len, _ = _shape(state_dict, "y_pos_embedding", variant)
+        mlp_hidden = _shape(state_dict, "blocks.0.mlp.w12.weight", variant)[0] // 2
         config.update(
             num_classes=None,
-            text_embed_dim=state_dict["y_embedder.proj.weight"].shape[1],
+            text_embed_dim=_shape(state_dict, "y_embedder.proj.weight", variant)[1],
             text_max_length=text_len,
             num_text_refiner_layers=_count_blocks(state_dict, "text_refine_blocks.", "adaLN_modulation"),
             mlp_ratio=mlp_hidden / dim,
             sample_size=sample_size or DEFAULT_SAMPLE_SIZE["text"],
         )
     else:
-        mlp_hidden = state_dict["blocks.0.mlp.w1.weight"].shape[0]
+        mlp_hidden = _shape(state_dict, "blocks.0.mlp.w1.weight", variant)[0]
         config.update(
-            num_classes=state_dict["y_embedder.embedding_table.weight"].shape[0] - 1,
+            num_classes=_shape(state_dict, "y_embedder.embedding_table.weight", variant)[0] - 1,
             mlp_ratio=4.0,
             sample_size=sample_size or DEFAULT_SAMPLE_SIZE["class"],
         )
@@ -267,7 +277,11 @@ def official_state_dict_for_model(
         sample_size = sample_size_from_name(checkpoint)
     if sample_size is not None and not (isinstance(sample_size, int) and sample_size > 0):
         raise ValueError(f"`sample_size` must be a positive integer, got {sample_size!r}.")
-    config = infer_config(state_dict, sample_size=sample_size)
+    try:
+        config = infer_config(state_dict, sample_size=sample_size)
+        converted = convert_state_dict(state_dict, config)
+    except ValueError as e:  # the functions above see tensors only: name the file
+        raise ValueError(f"`checkpoint` {checkpoint!r} ({'EMA' if ema else 'online'} weights): {e}") from e
     if sample_size is None:
         logger.info(
             "%s does not record its resolution: assuming sample_size %d (pass `sample_size` if it was trained at "
@@ -275,7 +289,7 @@ def official_state_dict_for_model(
             checkpoint,
             config["sample_size"],
         )
-    return config, convert_state_dict(state_dict, config)
+    return config, converted
 
 
 class FromOfficialCheckpointMixin:
@@ -309,7 +323,10 @@ class FromOfficialCheckpointMixin:
             model = cls(**config)
         missing = sorted(set(model.state_dict()) - set(converted))
         if missing:
-            raise ValueError(f"The official checkpoint lacks weights for: {missing[:10]}")
+            raise ValueError(
+                f"`checkpoint` {pretrained_model_link_or_path!r} lacks weights for {len(missing)} parameters of the "
+                f"model its shapes describe: {missing[:5]} (a truncated or edited official checkpoint?)"
+            )
         if dtype is not None:  # cast the tensors, not the model: `ModelMixin.to(dtype)` warns on every cast
             converted = {k: v.to(dtype) if v.is_floating_point() else v for k, v in converted.items()}
         model.load_state_dict(converted, strict=True, assign=True)

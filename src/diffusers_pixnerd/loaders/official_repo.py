@@ -44,7 +44,7 @@ def official_pipeline_folder(
             stat = os.stat(fetch(checkpoint_name or checkpoints[0]))
             tag += f"-{stat.st_size}-{int(stat.st_mtime)}"
     else:
-        if re.fullmatch(r"[\w.-]+/[\w.-]+", name_or_path) is None:
+        if re.fullmatch(r"[\w-][\w.-]*/[\w-][\w.-]*", name_or_path) is None:  # not a repo id (e.g. "./folder")
             return None
         if isinstance(
             huggingface_hub.try_to_load_from_cache(name_or_path, "model_index.json", cache_dir, revision), str
@@ -85,3 +85,30 @@ def official_pipeline_folder(
             shutil.rmtree(staging, ignore_errors=True)
         logger.info(f"Converted {name_or_path!r} ({checkpoints[0]}) to {target}")
     return target
+
+
+def check_local_path(
+    name_or_path: str | os.PathLike,
+    filename: str,
+    cache_dir: str | None = None,
+    revision: str | None = None,
+    local_files_only: bool = False,
+    argument: str = "pretrained_model_name_or_path",
+) -> None:
+    """Raises `FileNotFoundError` saying that a local path does not exist, where the Hub would otherwise answer with
+    a repo-id or cache error: for a name that cannot be a repo id (absolute, `./`, `../`, `~`, more than one `/`),
+    and, offline, for an `org/name` whose `org` is a folder here and that is not in the Hub cache (`filename`, e.g.
+    "model_index.json", is the file looked up there)."""
+    path = os.fspath(name_or_path)
+    if os.path.exists(os.path.expanduser(path)):
+        return
+    could_be_repo = re.fullmatch(r"[\w-][\w.-]*(/[\w-][\w.-]*)?", path) is not None
+    offline = local_files_only or huggingface_hub.constants.HF_HUB_OFFLINE
+    if could_be_repo and not (offline and "/" in path and os.path.isdir(path.split("/")[0])):
+        return
+    if could_be_repo and isinstance(huggingface_hub.try_to_load_from_cache(path, filename, cache_dir, revision), str):
+        return  # a cached Hub repo that shares its org name with a local folder
+    hub = ", and offline it is not a Hub repo in the cache either" if could_be_repo else ""
+    raise FileNotFoundError(
+        f"`{argument}` {path!r}: the local path {os.path.abspath(os.path.expanduser(path))!r} does not exist{hub}."
+    )

@@ -8,8 +8,11 @@ Reference implementation: github MCG-NJU/PixNerd (`src/models/transformer/pixner
 
 import math
 import numbers
+import os
+import re
 from typing import Any
 
+import diffusers
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -26,6 +29,7 @@ from diffusers.utils import apply_lora_scale
 
 from ..loaders.attention_layout import has_fused_attention_keys, unfuse_attention_keys
 from ..loaders.official_checkpoint import FromOfficialCheckpointMixin
+from ..loaders.official_repo import check_local_path
 from .cache import check_cache_config, separate_cache_contexts
 
 # Official sizes. `PixNerdTransformer2DModel.from_preset(name)` builds one (random weights) to train from scratch.
@@ -47,6 +51,13 @@ PIXNERD_PRESETS = {
         num_text_refiner_layers=4,
         sample_size=512,
     ),
+}
+
+# Config entries that count numbered blocks -> the modules they number (checked against the weights on loading).
+BLOCK_COUNTS = {
+    "num_layers": "transformer_blocks",
+    "num_neural_field_layers": "neural_field.blocks",
+    "num_text_refiner_layers": "text_refiner_blocks",
 }
 
 # Official time runs the other way (t = 0 is noise): t = 1 - timestep / NUM_TRAIN_TIMESTEPS.
@@ -289,6 +300,30 @@ class PixNerdNeuralField(nn.Module):
         return self.proj_out(self.norm_out(x))
 
 
+def count_blocks(keys, prefix: str) -> int:
+    """The number of distinct block indices `i` in keys `{prefix}.{i}.*`."""
+    return len({m.group(1) for k in keys if (m := re.match(rf"{re.escape(prefix)}\.(\d+)\.", k))})
+
+
+def check_weights_fit_config(model: nn.Module, missing: list[str], unexpected: list[str], source: str) -> None:
+    """Raises `ValueError` for weights that leave parameters of `model` unloaded, or whose block counts disagree with
+    its config, naming `source` (the folder), the config entries and the keys."""
+    if not missing and not any(count_blocks(unexpected, prefix) for prefix in BLOCK_COUNTS.values()):
+        return
+    built = model.state_dict().keys()
+    weights = set(built) - set(missing) | set(unexpected)
+    disagree = []
+    for name, prefix in BLOCK_COUNTS.items():
+        in_config, in_weights = count_blocks(built, prefix), count_blocks(weights, prefix)
+        if in_config != in_weights:
+            disagree.append(f"`{name}` is {in_config} in config.json but the weights hold {in_weights} blocks")
+    found = "; ".join(disagree) or f"the weights lack {len(missing)} parameters, e.g. {sorted(missing)[:3]}"
+    raise ValueError(
+        f"The weights in {source} do not fit its config.json: {found}. Load the folder with the config it was "
+        "saved with."
+    )
+
+
 class PixNerdTransformer2DModel(
     ModelMixin, ConfigMixin, AttentionMixin, CacheMixin, PeftAdapterMixin, FromOfficialCheckpointMixin
 ):
@@ -303,8 +338,9 @@ class PixNerdTransformer2DModel(
 
     Parameters:
         sample_size (`int`, defaults to `256`):
-            The trained resolution. The text variant decodes any other resolution with the backbone on the
-            `sample_size` token grid and a neural field that renders larger or smaller patches (official `app.py`).
+            The trained resolution. Other resolutions can be decoded with the backbone on the `sample_size` token
+            grid and a neural field that renders larger or smaller patches (official `app.py`): always in the text
+            variant, with `trained_grid=True` in the class-conditional one (the pipelines pass it).
         patch_size (`int`, defaults to `16`):
             The side of the square patches of the backbone.
         in_channels (`int`, defaults to `3`):
@@ -447,6 +483,40 @@ class PixNerdTransformer2DModel(
         self.gradient_checkpointing = False
         self.initialize_weights()
 
+    @classmethod
+    def load_config(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`ConfigMixin.load_config`, refusing the config of another diffusers model (e.g. a UNet's config.json)."""
+        loaded = super().load_config(pretrained_model_name_or_path, *args, **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded
+        class_name = config.get("_class_name")
+        other = getattr(diffusers, class_name, None) if isinstance(class_name, str) else None
+        if isinstance(other, type) and not issubclass(cls, other):  # a subclass of ours, unknown to diffusers, passes
+            folder = os.path.join(os.fspath(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
+            file = os.path.join(folder, cls.config_name)
+            raise ValueError(
+                f"{file} is the config of a {class_name}, not of a {cls.__name__} (its `_class_name`): this folder "
+                "does not hold a PixNerd transformer."
+            )
+        return loaded
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """`ModelMixin.from_pretrained`, with clear errors for a local path that does not exist and for weights that do
+        not fit the config beside them (e.g. a `num_layers` other than the saved blocks)."""
+        check_local_path(
+            pretrained_model_name_or_path,
+            os.path.join(kwargs.get("subfolder") or "", cls.config_name),
+            kwargs.get("cache_dir"),
+            kwargs.get("revision"),
+            bool(kwargs.get("local_files_only")),
+        )
+        return_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
+        if info:  # FlashPack loading gives none
+            folder = os.path.join(os.fspath(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
+            check_weights_fit_config(model, info["missing_keys"], info["unexpected_keys"], os.path.normpath(folder))
+        return (model, info) if return_info else model
+
     def _fix_state_dict_keys_on_load(self, state_dict: dict) -> None:
         """Folders saved in the fused attention layout (diffusers-pixnerd < 0.2) load into diffusers' layout."""
         super()._fix_state_dict_keys_on_load(state_dict)
@@ -489,20 +559,30 @@ class PixNerdTransformer2DModel(
 
     @property
     def resolution_multiple(self) -> int:
-        """Heights and widths must be multiples of this: the patch size, and for the text model also the token grid."""
+        """Heights and widths the pipelines take are multiples of this: the patch size and the trained token grid."""
         p = self.config.patch_size
-        return math.lcm(p, self.config.sample_size // p) if self.is_text_conditional else p
+        return math.lcm(p, self.config.sample_size // p)
 
-    def token_grid(self, height: int, width: int) -> tuple[int, int, int, int]:
-        """(grid_h, grid_w, patch_h, patch_w): the backbone's token grid and the neural-field patch for an input size."""
+    def uses_trained_grid(self, trained_grid: bool | None = None) -> bool:
+        """`trained_grid`, or by default whether the model always keeps its trained token grid (the text model)."""
+        if trained_grid is not None and not isinstance(trained_grid, bool):
+            raise ValueError(f"`trained_grid` must be True, False or None, got {trained_grid!r}.")
+        return self.is_text_conditional if trained_grid is None else trained_grid
+
+    def token_grid(self, height: int, width: int, trained_grid: bool | None = None) -> tuple[int, int, int, int]:
+        """(grid_h, grid_w, patch_h, patch_w): the backbone's token grid and the neural-field patch for an input size.
+
+        On the trained grid (`uses_trained_grid(trained_grid)`) the backbone keeps `sample_size / patch_size` tokens
+        per side at any size and each token's neural field decodes a larger or smaller patch (official app.py);
+        otherwise the grid follows the image in `patch_size` patches (the official class-conditional forward).
+        """
         p, size = self.config.patch_size, self.config.sample_size
-        if not self.is_text_conditional or (height, width) == (size, size):
+        if not self.uses_trained_grid(trained_grid) or (height, width) == (size, size):
             return height // p, width // p, p, p
-        # Any resolution (official app.py): the backbone keeps the trained token grid, patches grow or shrink.
-        scale_h, scale_w = height / size, width / size
-        return int(height / scale_h) // p, int(width / scale_w) // p, int(p * scale_h), int(p * scale_w)
+        grid = size // p
+        return grid, grid, height // grid, width // grid
 
-    def check_inputs(self, hidden_states, timestep, class_labels, encoder_hidden_states):
+    def check_inputs(self, hidden_states, timestep, class_labels, encoder_hidden_states, trained_grid=None):
         cfg = self.config
         if hidden_states.ndim != 4 or hidden_states.shape[1] != cfg.in_channels:
             raise ValueError(
@@ -512,13 +592,14 @@ class PixNerdTransformer2DModel(
         p = cfg.patch_size
         if height % p or width % p:
             raise ValueError(f"`hidden_states` height and width ({height}, {width}) must be multiples of {p}.")
-        if self.is_text_conditional:
-            grid_h, grid_w, patch_h, patch_w = self.token_grid(height, width)
+        if self.uses_trained_grid(trained_grid):
+            grid_h, grid_w, patch_h, patch_w = self.token_grid(height, width, trained_grid)
             if (grid_h * patch_h, grid_w * patch_w) != (height, width):
                 step = cfg.sample_size // p
+                model = "the text model" if trained_grid is None else "`trained_grid=True`"
                 raise ValueError(
-                    f"`hidden_states` height and width ({height}, {width}) must be multiples of {step} for the text "
-                    f"model: its backbone sees a {step}x{step} token grid at every resolution."
+                    f"`hidden_states` height and width ({height}, {width}) must be multiples of {step} with {model}: "
+                    f"the backbone sees a {step}x{step} token grid at every resolution."
                 )
         if timestep.ndim > 1 or timestep.numel() not in (1, batch):
             raise ValueError(f"`timestep` must be a scalar or have shape ({batch},), got {tuple(timestep.shape)}.")
@@ -559,6 +640,7 @@ class PixNerdTransformer2DModel(
         encoder_hidden_states: torch.Tensor | None = None,
         attention_kwargs: dict[str, Any] | None = None,
         return_dict: bool = True,
+        trained_grid: bool | None = None,
     ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
         """
         The [`PixNerdTransformer2DModel`] forward method.
@@ -576,17 +658,23 @@ class PixNerdTransformer2DModel(
                 `{"scale": float}` scales the LoRA layers loaded through PEFT.
             return_dict (`bool`, defaults to `True`):
                 Whether to return a [`~models.modeling_outputs.Transformer2DModelOutput`] or a plain tuple.
+            trained_grid (`bool`, *optional*):
+                At a size other than `sample_size`: `True` keeps the backbone on the trained token grid (the input
+                resized to `sample_size`, nearest) and lets the neural field decode larger or smaller patches; `False`
+                runs the backbone on `height / patch_size x width / patch_size` tokens. Defaults to `True` for the text
+                model (official app.py) and `False` for the class-conditional one (its official forward); the
+                pipelines pass `True`. Identical at `sample_size`.
 
         Returns:
             The flow velocity `noise - x0`, shaped like `hidden_states`.
         """
         timestep = torch.as_tensor(timestep, device=hidden_states.device)
         class_labels = torch.as_tensor(class_labels, device=hidden_states.device) if class_labels is not None else None
-        self.check_inputs(hidden_states, timestep, class_labels, encoder_hidden_states)
+        self.check_inputs(hidden_states, timestep, class_labels, encoder_hidden_states, trained_grid)
         batch, _, height, width = hidden_states.shape
         dtype = self.dtype  # the compute dtype: layerwise casting and quantized weights store another one
         p = self.config.patch_size
-        grid_h, grid_w, patch_h, patch_w = self.token_grid(height, width)
+        grid_h, grid_w, patch_h, patch_w = self.token_grid(height, width, trained_grid)
         checkpoint = (
             self._gradient_checkpointing_func if torch.is_grad_enabled() and self.gradient_checkpointing else None
         )

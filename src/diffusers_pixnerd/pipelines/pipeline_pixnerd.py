@@ -5,6 +5,8 @@ import difflib
 import json
 import numbers
 import os
+import reprlib
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import numpy as np
@@ -69,12 +71,18 @@ class PixNerdPipeline(PixNerdBasePipeline):
         id2label: dict[str, str] | None = None,
     ):
         super().__init__()
+        self.check_transformer(transformer)
         if transformer is not None and transformer.is_text_conditional:
             raise ValueError(
                 "`transformer` is a text-to-image PixNerd model; use `PixNerdT2IPipeline` (e.g. "
                 "`PixNerdT2IPipeline.from_pretrained(...)`) for it."
             )
         num_classes = transformer.config.num_classes if transformer is not None else None
+        if id2label is not None and not isinstance(id2label, Mapping):
+            raise ValueError(
+                "`id2label` must be a dict of class names by class id, e.g. {'0': 'T-shirt/top', '1': 'Trouser'} "
+                f"(`dict(enumerate(names))` from a list), got a {type(id2label).__name__}: {reprlib.repr(id2label)}."
+            )
         for key, value in (id2label or {}).items():
             if not str(key).isdigit() or (num_classes is not None and int(key) > num_classes):
                 raise ValueError(f"`id2label` keys must be class ids in [0, {num_classes}], got {key!r}.")
@@ -154,8 +162,9 @@ class PixNerdPipeline(PixNerdBasePipeline):
                 lists like `[[3], [5]]` (as `DiTPipeline` takes them); the id `num_classes` asks for an unconditional
                 sample.
             height (`int`, *optional*):
-                Image height in pixels, a multiple of the patch size; defaults to the height of `latents` if given,
-                else to the model's `sample_size`.
+                Image height in pixels, a multiple of `transformer.resolution_multiple` (16 for the official model);
+                defaults to the height of `latents` if given, else to the model's `sample_size`. Other sizes than the
+                trained one are decoded by the neural field from the trained token grid.
             width (`int`, *optional*):
                 Image width in pixels; defaults to the width of `latents` if given, else to the model's `sample_size`.
             num_inference_steps (`int`, *optional*):

@@ -54,6 +54,23 @@ def encode_qwen3_prompts(
     return hidden
 
 
+def load_text_encoder(name: str, dtype: torch.dtype, tokenizer=None):
+    """`(text_encoder, tokenizer)` of a Qwen3 name or path (the tokenizer only when none is given); an encoder that
+    cannot be had (offline and not cached, no access) is an `OSError` that says how to do without it."""
+    try:
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(name)
+        return AutoModel.from_pretrained(name, dtype=dtype), tokenizer
+    except OSError as e:
+        raise OSError(
+            f"The text encoder {name!r} of the PixNerd text-to-image model could not be loaded "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). The official model needs "
+            f"{DEFAULT_TEXT_ENCODER}: download it once while online, or pass `text_encoder=` and `tokenizer=` "
+            "(a Qwen3 model, e.g. `transformers.AutoModel.from_pretrained(folder)`, and its tokenizer), or pass "
+            "`text_encoder=None, tokenizer=None` and call the pipeline with `prompt_embeds` (and "
+            "`negative_prompt_embeds`)."
+        ) from e
+
+
 class PixNerdT2IPipeline(PixNerdBasePipeline):
     r"""
     Text-to-image generation with PixNerd ([paper](https://arxiv.org/abs/2507.23268)): pixel-space diffusion with a
@@ -86,16 +103,16 @@ class PixNerdT2IPipeline(PixNerdBasePipeline):
         Qwen3 name or path (loaded with its tokenizer, in `dtype`, default bfloat16), a model, or `None`."""
         scheduler = PixNerdFlowMatchScheduler.from_official_preset(scheduler_preset or "t2i")
         if isinstance(text_encoder, str):
-            tokenizer = tokenizer or AutoTokenizer.from_pretrained(text_encoder)
-            text_encoder = AutoModel.from_pretrained(text_encoder, dtype=dtype or torch.bfloat16)
+            text_encoder, tokenizer = load_text_encoder(text_encoder, dtype or torch.bfloat16, tokenizer)
         return cls(transformer=transformer, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer)
 
     @classmethod
     def _official_default_components(cls, kwargs: dict) -> dict:
         if "text_encoder" not in kwargs:  # the official model's encoder
             dtype = kwargs.get("dtype") or kwargs.get("torch_dtype") or torch.bfloat16
-            kwargs["text_encoder"] = AutoModel.from_pretrained(DEFAULT_TEXT_ENCODER, dtype=dtype)
-            kwargs.setdefault("tokenizer", AutoTokenizer.from_pretrained(DEFAULT_TEXT_ENCODER))
+            kwargs["text_encoder"], kwargs["tokenizer"] = load_text_encoder(
+                DEFAULT_TEXT_ENCODER, dtype, kwargs.get("tokenizer")
+            )
         return kwargs
 
     def __init__(
@@ -106,6 +123,7 @@ class PixNerdT2IPipeline(PixNerdBasePipeline):
         tokenizer: PreTrainedTokenizerBase | None = None,
     ):
         super().__init__()
+        self.check_transformer(transformer)
         if transformer is not None and not transformer.is_text_conditional:
             raise ValueError(
                 "`transformer` is a class-conditional PixNerd model; use `PixNerdPipeline` (e.g. "
@@ -213,6 +231,17 @@ class PixNerdT2IPipeline(PixNerdBasePipeline):
         if negative_prompt is not None and negative_prompt_embeds is not None:
             raise ValueError("Pass at most one of `negative_prompt` and `negative_prompt_embeds`.")
         config = self.transformer.config
+        for name, embeds in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
+            if embeds is not None and (not isinstance(embeds, torch.Tensor) or embeds.ndim != 3):
+                if isinstance(embeds, torch.Tensor):
+                    hint = " (one prompt: `[None]` adds the batch axis)" if embeds.ndim == 2 else ""
+                    got = f"shape {tuple(embeds.shape)}{hint}"
+                else:
+                    got = f"a {type(embeds).__name__} (`torch.tensor(...)` makes a tensor of nested lists)"
+                raise ValueError(
+                    f"`{name}` must be a torch.Tensor of shape (batch, text_max_length, text_embed_dim) = (batch, "
+                    f"{config.text_max_length}, {config.text_embed_dim}), got {got}."
+                )
         if max_sequence_length is not None and max_sequence_length != config.text_max_length:
             raise ValueError(
                 f"`max_sequence_length` must be {config.text_max_length}, the transformer's learned text length; "

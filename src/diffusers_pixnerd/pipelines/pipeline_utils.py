@@ -10,6 +10,7 @@ import shutil
 import tempfile
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.loaders.lora_pipeline import SanaLoraLoaderMixin
@@ -18,7 +19,7 @@ from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import create_repo
 
-from ..loaders import official_pipeline_folder, resolve_dtype
+from ..loaders import check_local_path, official_pipeline_folder, resolve_dtype
 from ..loaders.attention_layout import has_fused_attention_keys, unfuse_attention_keys, unfuse_target_modules
 from ..models.transformer_pixnerd import PixNerdTransformer2DModel
 from ..schedulers.scheduling_pixnerd import check_guidance_interval, is_integer, is_real
@@ -82,6 +83,41 @@ def check_sigmas(sigmas) -> list[float]:
             f"without the final 0), got {sigmas!r}."
         )
     return values.tolist()
+
+
+def check_guidance_interval_pair(guidance_interval) -> tuple[float, float]:
+    """`guidance_interval` as `(min, max)` floats: a pair of finite real numbers (a tuple, list, 1-D array or
+    tensor), within `0 <= min <= max <= 1` (`check_guidance_interval`)."""
+    values = guidance_interval
+    if isinstance(values, (torch.Tensor, np.ndarray)):
+        values = values.tolist()
+    if (
+        not isinstance(values, (list, tuple))
+        or len(values) != 2
+        or not all(is_real(v) and math.isfinite(v) for v in values)
+    ):
+        raise ValueError(
+            "`guidance_interval` must be a pair of numbers (min, max) in the paper's time t (0 = noise, 1 = data), "
+            f"e.g. (0.1, 1.0), got {guidance_interval!r}."
+        )
+    check_guidance_interval(*values)
+    return float(values[0]), float(values[1])
+
+
+def check_generator(generator, batch_size: int) -> None:
+    """`generator` is `None`, a `torch.Generator` or a list of one per image."""
+    generators = generator if isinstance(generator, list) else [generator]
+    if generator is not None and not all(isinstance(g, torch.Generator) for g in generators):
+        wrong = next(g for g in generators if not isinstance(g, torch.Generator))
+        where = "a list holding " if isinstance(generator, list) else ""
+        raise ValueError(
+            "`generator` must be a torch.Generator (a seed 0 is `torch.Generator().manual_seed(0)`) or a list of one "
+            f"per image, got {where}{type(wrong).__name__} {wrong!r}."
+        )
+    if isinstance(generator, list) and len(generator) != batch_size:
+        raise ValueError(
+            f"`generator` is a list of {len(generator)} generators; expected one per image ({batch_size})."
+        )
 
 
 MARKDOWN_IMAGE = re.compile(r"!\[[^\]]*\]\(([^)\s]+)\)")
@@ -217,6 +253,10 @@ class PixNerdBasePipeline(DiffusionPipeline, PixNerdLoraLoaderMixin):
         if converted is not None:
             pretrained_model_name_or_path = converted
             kwargs = cls._official_default_components(kwargs)
+        else:
+            offline = bool(kwargs.get("local_files_only"))
+            path = pretrained_model_name_or_path
+            check_local_path(path, "model_index.json", hub["cache_dir"], hub["revision"], offline)
         pipeline = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         if os.path.isdir(pretrained_model_name_or_path):  # keep the card's training section and samples
             pipeline._model_card_source = (os.fspath(pretrained_model_name_or_path),)
@@ -262,6 +302,17 @@ class PixNerdBasePipeline(DiffusionPipeline, PixNerdLoraLoaderMixin):
     def from_official_transformer(cls, transformer, scheduler_preset=None, dtype=None, **components):
         """The pipeline around a converted official transformer, with the paper's sampler settings."""
         raise NotImplementedError
+
+    @staticmethod
+    def check_transformer(transformer) -> None:
+        """`transformer` is a `PixNerdTransformer2DModel` (or `None`): another diffusers model, e.g. a UNet named in a
+        folder's `model_index.json`, is a clear error rather than an AttributeError later."""
+        model = getattr(transformer, "_orig_mod", transformer)  # under torch.compile's wrapper
+        if model is not None and not isinstance(model, PixNerdTransformer2DModel):
+            raise ValueError(
+                f"`transformer` must be a PixNerdTransformer2DModel, got a {type(model).__name__} (in a saved folder: "
+                "the class named for `transformer` in model_index.json and transformer/config.json)."
+            )
 
     def __init__(self):
         super().__init__()
@@ -342,7 +393,7 @@ class PixNerdBasePipeline(DiffusionPipeline, PixNerdLoraLoaderMixin):
             size if width is None else width,
             num_inference_steps if num_inference_steps is not None else config.get("num_inference_steps", 50),
             float(guidance_scale),
-            tuple(guidance_interval),
+            check_guidance_interval_pair(guidance_interval),
             sigmas,
         )
 
@@ -370,13 +421,8 @@ class PixNerdBasePipeline(DiffusionPipeline, PixNerdLoraLoaderMixin):
             )
         if not is_integer(num_inference_steps) or num_inference_steps < 1:
             raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}.")
-        if len(guidance_interval) != 2:
-            raise ValueError(f"`guidance_interval` must be a pair (min, max), got {guidance_interval!r}.")
-        check_guidance_interval(*guidance_interval)
-        if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(
-                f"`generator` is a list of {len(generator)} generators; expected one per image ({batch_size})."
-            )
+        check_guidance_interval_pair(guidance_interval)
+        check_generator(generator, batch_size)
         expected = (batch_size, self.transformer.config.in_channels, height, width)
         if latents is not None and tuple(latents.shape) != expected:
             raise ValueError(
@@ -424,6 +470,8 @@ class PixNerdBasePipeline(DiffusionPipeline, PixNerdLoraLoaderMixin):
     ) -> torch.Tensor:
         """The sampling loop: the batch is [uncond, cond] where guidance is active, cond alone elsewhere. While the
         transformer has a cache enabled (`enable_cache`), each branch is a separate call in its own cache context.
+        At any image size the transformer keeps its trained token grid (`trained_grid=True`): other sizes are decoded
+        by the neural field in larger or smaller patches, in both variants.
 
         `sigmas` (see `check_sigmas`) replace the scheduler's own grid of `num_inference_steps` steps.
         `callback_conditions` names the condition tensors that `callback_on_step_end` may read and replace, as
@@ -470,6 +518,7 @@ class PixNerdBasePipeline(DiffusionPipeline, PixNerdLoraLoaderMixin):
                             t.expand(model_input.shape[0]),
                             **(guided if active else condition),
                             attention_kwargs=attention_kwargs,
+                            trained_grid=True,
                         ).sample.float()
                         if active:
                             noise_uncond, noise_cond = noise_pred.chunk(2)
@@ -508,6 +557,7 @@ class PixNerdBasePipeline(DiffusionPipeline, PixNerdLoraLoaderMixin):
                 t.expand(latents.shape[0]),
                 **condition,
                 attention_kwargs=attention_kwargs,
+                trained_grid=True,
             ).sample.float()
 
     @staticmethod
