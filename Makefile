@@ -38,7 +38,12 @@ $(VENV)/.quantization: $(VENV)/.installed
 	$(PIP) install -q -e ".[quantization]"
 	touch $@
 
-test: install $(VENV)/.browser $(VENV)/.quantization
+# DeepSpeed for the ZeRO-2 test on two CPU processes (its first run builds a communication op, ~2 minutes, cached).
+$(VENV)/.deepspeed: $(VENV)/.installed
+	$(PIP) install -q "deepspeed>=0.16"
+	touch $@
+
+test: install $(VENV)/.browser $(VENV)/.quantization $(VENV)/.deepspeed
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
 
 benchmark: install

@@ -167,6 +167,7 @@ def main(args):
     # 4. The optimizer (`--optimizer`), lr schedule, Accelerate, EMA, resume; then train.
     run = TrainingRun(accelerator, args, model, train_dataloader, checkpoint)
     model, trained = run.model, run.trained
+    optimizer, lr_scheduler = run.optimizer, run.lr_scheduler
 
     def validate(final=False):
         pipeline = PixNerdPipeline(transformer=trained.transformer, scheduler=scheduler, id2label=id2label)
@@ -178,7 +179,15 @@ def main(args):
         with accelerator.accumulate(model):
             inputs = run.step_inputs(batch["pixel_values"], repa_encoder)
             losses = model(**inputs, class_labels=batch["label"])
-            run.backward(losses)
+            run.check_losses(losses)  # stops the run on a non-finite loss (any process)
+            accelerator.backward(losses["loss"])
+            if accelerator.sync_gradients and args.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(run.trainable, args.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        if accelerator.sync_gradients:
+            run.update_ema()  # every --ema_update_interval steps
         if run.end_step(batch) and run.validation_due:
             validate()
     run.finish()

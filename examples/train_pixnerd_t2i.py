@@ -325,6 +325,7 @@ def main(args):
     # 5. The optimizer (`--optimizer`), lr schedule, Accelerate, EMA, resume; then train.
     run = TrainingRun(accelerator, args, model, train_dataloader, checkpoint, lora=args.use_lora)
     model, trained = run.model, run.trained
+    optimizer, lr_scheduler = run.optimizer, run.lr_scheduler
 
     def validate(final=False):
         encoder = trained.text_encoder if train_text_encoder else text_encoder
@@ -343,7 +344,15 @@ def main(args):
             else:
                 condition = {"encoder_hidden_states": encode(batch["caption"])}
             losses = model(**inputs, **condition)
-            run.backward(losses)
+            run.check_losses(losses)  # stops the run on a non-finite loss (any process)
+            accelerator.backward(losses["loss"])
+            if accelerator.sync_gradients and args.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(run.trainable, args.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        if accelerator.sync_gradients:
+            run.update_ema()  # every --ema_update_interval steps
         if run.end_step(batch) and run.validation_due:
             validate()
     run.finish()

@@ -342,12 +342,12 @@ def run_script(args, kill_at_step=None):
     code = (
         "import os, runpy, signal, sys\n"
         "from diffusers_pixnerd.training import loop\n"
-        "backward = loop.TrainingRun.backward\n"
-        "def killing_backward(self, losses):\n"
+        "check_losses = loop.TrainingRun.check_losses\n"
+        "def killing_check_losses(self, losses):\n"
         f"    if self.global_step == {kill_at_step}:\n"
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
-        "    return backward(self, losses)\n"
-        "loop.TrainingRun.backward = killing_backward\n"
+        "    return check_losses(self, losses)\n"
+        "loop.TrainingRun.check_losses = killing_check_losses\n"
         f"sys.argv = [{C2I_SCRIPT!r}, *sys.argv[1:]]\n"
         f"runpy.run_path({C2I_SCRIPT!r}, run_name='__main__')\n"
     )

@@ -60,6 +60,11 @@ def adams_coefficients(nodes: List[float], start: float, end: float) -> List[flo
     return [c / total for c in integrals]
 
 
+def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    """The official time shift `t / (t + (1 - t) shift)` in sigma = 1 - t: `shift sigma / (1 + (shift - 1) sigma)`."""
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
 def is_integer(value) -> bool:
     """A Python or numpy integer (not a bool)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
@@ -253,7 +258,7 @@ class PixNerdFlowMatchScheduler(SchedulerMixin, ConfigMixin):
                 )
             if num_inference_steps is not None and num_inference_steps != n:
                 raise ValueError(f"`num_inference_steps` ({num_inference_steps}) must equal `len(sigmas)` ({n}).")
-            sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+            sigmas = shift_sigmas(sigmas, shift)
             sigmas = torch.cat([sigmas, torch.zeros(1)])
             times = 1.0 - sigmas
 

@@ -69,21 +69,31 @@ def parameters_fingerprint(parameters: Iterable[torch.Tensor]) -> str:
 
 class TrainingRun:
     r"""
-    Everything around the training step that the scripts share. Given the training module (not yet prepared) and the
-    prepared data loader, it makes AdamW and the lr schedule, prepares them with Accelerate, creates the float32 EMA
-    of the trained transformer weights, resumes from `checkpoint` (model, optimizer, lr schedule, grad scaler and RNG
-    through `accelerator.load_state`; then EMA, step and data position), and starts the trackers. With `lora=True`
-    (a LoRA run) its checkpoints hold the adapters in diffusers' LoRA format and the REPA projector instead of the
-    whole module (`register_adapter_checkpoint_hooks`). Then:
+    The bookkeeping around the training step, which the scripts write out themselves. Given the training module (not
+    yet prepared) and the prepared data loader, it makes the optimizer (`--optimizer`) and the lr schedule, prepares
+    them with Accelerate, creates the float32 EMA of the trained transformer weights, resumes from `checkpoint`
+    (model, optimizer, lr schedule, grad scaler and RNG through `accelerator.load_state`; then EMA, step and data
+    position), and starts the trackers. With `lora=True` (a LoRA run) its checkpoints hold the adapters in diffusers'
+    LoRA format and the REPA projector instead of the whole module (`register_adapter_checkpoint_hooks`). A script's
+    loop:
 
     ```py
     run = TrainingRun(accelerator, args, model, train_dataloader, checkpoint)
+    model, optimizer, lr_scheduler = run.model, run.optimizer, run.lr_scheduler
     for batch in run.batches():  # until --max_train_steps, epoch after epoch, resuming at the exact batch
-        with accelerator.accumulate(run.model):
-            inputs = run.step_inputs(batch["pixel_values"], repa_encoder)  # noise, sigmas, dropout, ...
-            losses = run.model(**inputs, class_labels=batch["label"])
-            run.backward(losses)  # stops on a non-finite loss; clipping, optimizer and lr steps
-        if run.end_step(batch) and run.validation_due:  # EMA, logs, atomic checkpoints
+        with accelerator.accumulate(model):
+            inputs = run.step_inputs(batch["pixel_values"], repa_encoder)  # noise, sigmas, dropout, REPA targets
+            losses = model(**inputs, class_labels=batch["label"])
+            run.check_losses(losses)  # stops on a non-finite loss
+            accelerator.backward(losses["loss"])
+            if accelerator.sync_gradients and args.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(run.trainable, args.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        if accelerator.sync_gradients:
+            run.update_ema()
+        if run.end_step(batch) and run.validation_due:  # step count, logs, atomic checkpoints, signals
             run.validation_images(pipeline, captions, class_labels=...)
     ```
     """
@@ -264,10 +274,10 @@ class TrainingRun:
                 inputs["repa_features"] = repa_target_features(repa_encoder, pixels, token_grid)
         return inputs
 
-    def backward(self, losses: dict):
-        """Stops on a non-finite loss (any process), then backward, clipping, optimizer and lr steps."""
-        accelerator = self.accelerator
-        values = accelerator.gather(torch.stack([v.detach().float() for v in losses.values()])[None])
+    def check_losses(self, losses: dict):
+        """Stops the run on a non-finite loss on any process (before the update, nothing saved); adds the losses to
+        the step's logs."""
+        values = self.accelerator.gather(torch.stack([v.detach().float() for v in losses.values()])[None])
         if not torch.isfinite(values).all():
             self._restore_signal_handlers()
             latest = list_checkpoints(self.args.output_dir)
@@ -279,15 +289,15 @@ class TrainingRun:
             )
         for name, value in zip(losses, values.mean(0).tolist()):
             self._sums[name] = self._sums.get(name, 0.0) + value / self.args.gradient_accumulation_steps
-        accelerator.backward(losses["loss"])
-        if accelerator.sync_gradients and self.args.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(self.trainable, self.args.max_grad_norm)
-        self.optimizer.step()
-        self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+
+    def update_ema(self):
+        """After an optimizer step: the EMA update, every `--ema_update_interval` steps."""
+        if self.ema is not None and (self.global_step + 1) % self.args.ema_update_interval == 0:
+            update_ema(self.ema, self.ema_parameters)
 
     def end_step(self, batch: dict) -> bool:
-        """After each micro-batch: on an optimizer step, EMA, logs and checkpoints. Returns whether a step ended."""
+        """After each micro-batch: on an optimizer step, counts it, logs, checkpoints, and stops on a signal. Returns
+        whether a step ended."""
         self.micro_step += 1
         self.skipped_images += batch.get("num_skipped", 0)
         self.downscaled_images += int(batch.get("num_downscaled", 0))
@@ -295,8 +305,6 @@ class TrainingRun:
         if not self.accelerator.sync_gradients:
             return False
         self.global_step += 1
-        if self.ema is not None and self.global_step % self.args.ema_update_interval == 0:
-            update_ema(self.ema, self.ema_parameters)
         if self.global_step == 1:
             self.check_replicas()
         self.log()

@@ -18,7 +18,7 @@ from diffusers.training_utils import compute_density_for_timestep_sampling, comp
 
 from ..models.transformer_pixnerd import NUM_TRAIN_TIMESTEPS
 from ..pipelines.pipeline_pixnerd_t2i import encode_qwen3_prompts
-from ..schedulers.scheduling_pixnerd import PixNerdFlowMatchScheduler
+from ..schedulers.scheduling_pixnerd import PixNerdFlowMatchScheduler, shift_sigmas
 
 TIMESTEP_SAMPLING = ("logit_normal", "uniform", "mode")
 LOSS_WEIGHTING = ("none", "sigma_sqrt", "cosmap")
@@ -28,11 +28,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # ------------------------------------------------------------------------------------------- timesteps and the loss
-
-
-def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
-    """The official time shift `t / (t + (1 - t) shift)` in sigma = 1 - t: `shift sigma / (1 + (shift - 1) sigma)`."""
-    return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 
 def sample_sigmas(
