@@ -5,6 +5,7 @@ text encoder and a reference classifier.
     python examples/fashion_mnist.py classifier --output models/fashion-mnist-classifier.safetensors
     python examples/fashion_mnist.py text-encoder --output_dir data/qwen3-standin  # a small random Qwen3 + tokenizer
     python examples/fashion_mnist.py prompts --output data/heldout_prompts.jsonl  # held-out phrasings, with labels
+    python examples/fashion_mnist.py prompts --set everyday --output data/everyday_prompts.jsonl  # a second set
     python examples/fashion_mnist.py red --output_dir data/fashion-mnist-red      # red-tinted items, "a red ..."
     python examples/fashion_mnist.py bundle --source outputs/t2i --output models/pixnerd-t2i-fashion-mnist
 
@@ -115,7 +116,76 @@ VARIED_ENDINGS = [
     ", small and blurry",
 ]
 VARIED_TEMPLATES = [f"{opening} {{}}{ending}".strip() for opening in VARIED_OPENINGS for ending in VARIED_ENDINGS]
-WORDINGS = {"basic": CAPTION_TEMPLATES, "varied": VARIED_TEMPLATES}
+WORDINGS = {"basic": CAPTION_TEMPLATES, "varied": VARIED_TEMPLATES, "rich": None}  # rich: `rich_caption`
+# The "rich" training captions (`prepare --wordings rich`) vary what the varied frames keep fixed: the noun's form
+# (article or none, "the", plurals, a count), the number of endings (0-2, so some captions are long), the case of the
+# first letter and a full stop. Users write all of these; a stand-in encoder with random weights only knows a form
+# (e.g. that "coats" is "coat") if training showed it. The frames are the varied ones plus those below, in the same
+# kinds (style, request, description) but never with a word or fragment of a held-out set.
+CLASS_NOUNS = [  # (singular, plural) of each phrase of CLASS_PHRASES, in the same order
+    [("t-shirt", "t-shirts"), ("tee", "tees"), ("short-sleeved top", "short-sleeved tops")],
+    [("pair of trousers", "trousers"), ("pair of pants", "pants"), ("pair of jeans", "jeans")],
+    [("pullover", "pullovers"), ("sweater", "sweaters"), ("jumper", "jumpers")],
+    [("dress", "dresses"), ("gown", "gowns"), ("summer dress", "summer dresses")],
+    [("coat", "coats"), ("jacket", "jackets"), ("winter coat", "winter coats")],
+    [("sandal", "sandals"), ("flip-flop", "flip-flops"), ("summer sandal", "summer sandals")],
+    [("shirt", "shirts"), ("button-up shirt", "button-up shirts"), ("blouse", "blouses")],
+    [("sneaker", "sneakers"), ("running shoe", "running shoes"), ("trainer", "trainers")],
+    [("bag", "bags"), ("handbag", "handbags"), ("purse", "purses")],
+    [("ankle boot", "ankle boots"), ("boot", "boots"), ("short boot", "short boots")],
+]
+RICH_OPENINGS = VARIED_OPENINGS + [
+    "an icon of",
+    "a render of",
+    "a digital picture of",
+    "a faded photo of",
+    "a crisp picture of",
+    "a simple drawing of",
+    "a fashion photo of",
+    "please make",
+    "give me",
+    "show me",
+    "I want",
+    "can you draw",
+    "create a picture of",
+    "make a photo of",
+    "a neat flat-lay photograph of",
+    "an archive picture of a single garment or accessory:",
+]
+RICH_ENDINGS = VARIED_ENDINGS + [
+    ", product picture",
+    ", e-commerce listing",
+    ", fashion photography",
+    ", minimalist",
+    " in soft light",
+    ", nothing else in the picture",
+    " with dark surroundings",
+    ", grayscale, low detail",
+    " on a plain dark square",
+    ", photo",
+    ", a drawing",
+    ", digital art",
+    ", one item only",
+    ", taken from above",
+]
+
+
+def noun_form(label: int, rng: np.random.Generator) -> str:
+    """One of the everyday forms of a class noun: "a coat", "coat", "the coat", "coats", "two coats"."""
+    singular, plural = CLASS_NOUNS[label][rng.integers(len(CLASS_NOUNS[label]))]
+    article = "an" if singular[0] in "aeiou" else "a"
+    return [f"{article} {singular}", singular, f"the {singular}", plural, f"two {plural}"][rng.integers(5)]
+
+
+def rich_caption(label: int, rng: np.random.Generator) -> str:
+    """A "rich" training caption: an opening (or none), a noun form, up to two endings, sometimes capitalised."""
+    endings = "".join(RICH_ENDINGS[i] for i in rng.choice(len(RICH_ENDINGS), rng.choice(3, p=[0.35, 0.45, 0.2])))
+    text = f"{RICH_OPENINGS[rng.integers(len(RICH_OPENINGS))]} {noun_form(label, rng)}{endings}".strip()
+    if rng.random() < 0.3:
+        text = text[0].upper() + text[1:]
+    return text + "." if rng.random() < 0.2 else text
+
+
 # Wordings that no training caption uses (the evaluation of prompt following on new phrasings).
 HELDOUT_TEMPLATES = [
     "an image showing {}",
@@ -126,6 +196,20 @@ HELDOUT_TEMPLATES = [
 ]
 # The words that make each held-out wording new; no training wording contains any of them.
 HELDOUT_WORDS = ["showing", "here", "centered", "seen", "front", "low-resolution", "shot", "clothing", "catalogue"]
+# A second held-out set (`prompts --set everyday`): wordings as a new user types them, in kinds the first set lacks:
+# bare nouns, style phrases, requests, long descriptions, with any noun form (plurals, no article, ...). Apart from the
+# bare "{}", no training caption (basic, varied or rich) contains any of their fragments.
+EVERYDAY_TEMPLATES = [
+    "{}",
+    "{}, stock photo",
+    "black and white image of {}",
+    "monochrome illustration of {}",
+    "vintage snapshot: {}",
+    "generate {}",
+    "{} from my wardrobe",
+    "a quick sketch depicting {} against a dark backdrop",
+    "an everyday item, namely {}, photographed alone in an otherwise empty frame",
+]
 # The stand-in text encoder: Qwen3's architecture at a small size, random weights (seed 0) rounded to float16, with
 # the real Qwen3 tokenizer (151,669 tokens). Qwen/Qwen3-1.7B itself cannot be downloaded on the machines this was made
 # on; the training command takes it the same way (`--text_encoder_name_or_path Qwen/Qwen3-1.7B`).
@@ -176,9 +260,10 @@ def write_split(
     folder: str,
     seed: int,
     prefix: str = "",
-    templates: list[str] = CAPTION_TEMPLATES,
+    templates: list[str] | None = CAPTION_TEMPLATES,
 ):
-    """PNGs in class folders plus `metadata.jsonl` (one caption an image, seeded), the layout both scripts read."""
+    """PNGs in class folders plus `metadata.jsonl` (one caption an image, seeded), the layout both scripts read;
+    `templates=None` draws the rich captions (`rich_caption`)."""
     import json
 
     from PIL import Image
@@ -190,7 +275,8 @@ def write_split(
         for i, (image, label) in enumerate(zip(images, labels)):
             name = os.path.join(folder_name(label), f"{i:05d}.png")
             Image.fromarray(image).save(os.path.join(folder, name))
-            row = {"file_name": name, "text": caption(int(label), rng, templates, prefix), "label": int(label)}
+            text = rich_caption(int(label), rng) if templates is None else caption(int(label), rng, templates, prefix)
+            row = {"file_name": name, "text": text, "label": int(label)}
             f.write(json.dumps(row) + "\n")
     print(f"{len(images)} images with captions in {folder}")
 
@@ -252,12 +338,29 @@ def heldout_prompts(num: int, seed: int = 0, prefix: str = "") -> list[dict]:
     ]
 
 
+def everyday_prompts(num: int, seed: int = 0) -> list[dict]:
+    """`num` prompts of the second held-out set (`EVERYDAY_TEMPLATES` with any noun form), class i % 10 for prompt i."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(num):
+        text = EVERYDAY_TEMPLATES[rng.integers(len(EVERYDAY_TEMPLATES))].format(noun_form(i % 10, rng))
+        text = text[0].upper() + text[1:] if rng.random() < 0.3 else text
+        rows.append({"prompt": text, "label": i % 10, "name": f"{i:05d}"})
+    return rows
+
+
 def write_prompts(args):
     import json
 
+    if args.set == "everyday" and args.prefix:
+        raise ValueError("`--prefix` applies to `--set heldout` only.")
+    if args.set == "everyday":
+        rows = everyday_prompts(args.num, args.seed)
+    else:
+        rows = heldout_prompts(args.num, args.seed, args.prefix)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w", encoding="utf-8") as f:
-        for row in heldout_prompts(args.num, args.seed, args.prefix):
+        for row in rows:
             f.write(json.dumps(row) + "\n")
     print(f"Wrote {args.num} prompts to {args.output}")
 
@@ -414,7 +517,8 @@ def parse_args(input_args=None):
         "--wordings",
         choices=sorted(WORDINGS),
         default="basic",
-        help="Caption sentence frames: `basic` (the 8 of CAPTION_TEMPLATES) or `varied` (400, VARIED_TEMPLATES).",
+        help="Caption sentence frames: `basic` (the 8 of CAPTION_TEMPLATES), `varied` (400, VARIED_TEMPLATES) or "
+        "`rich` (RICH_OPENINGS x noun forms x 0-2 RICH_ENDINGS, `rich_caption`).",
     )
     c = sub.add_parser("classifier", help="Train the reference classifier on the training set.")
     c.add_argument("--output", default="models/fashion-mnist-classifier.safetensors")
@@ -429,7 +533,14 @@ def parse_args(input_args=None):
     q.add_argument("--output", default="data/heldout_prompts.jsonl")
     q.add_argument("--num", type=int, default=1000)
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--prefix", default="", help='A word before each noun, e.g. "red".')
+    q.add_argument("--prefix", default="", help='A word before each noun, e.g. "red" (`--set heldout` only).')
+    q.add_argument(
+        "--set",
+        choices=["heldout", "everyday"],
+        default="heldout",
+        help="`heldout`: HELDOUT_TEMPLATES with the class phrases; `everyday`: the second held-out set "
+        "(EVERYDAY_TEMPLATES with plurals, bare nouns, ...).",
+    )
     r = sub.add_parser("red", help="Write red-tinted training images captioned with 'red' (the LoRA example).")
     r.add_argument("--output_dir", default="data/fashion-mnist-red")
     r.add_argument("--data_dir", default=DATA_DIR)

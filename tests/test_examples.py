@@ -342,3 +342,29 @@ def test_training_wordings_never_use_a_held_out_wording():
         assert not [word for word in fashion_mnist.HELDOUT_WORDS if word in template], template
     for template in fashion_mnist.HELDOUT_TEMPLATES:  # and each held-out wording has one of those words
         assert [word for word in fashion_mnist.HELDOUT_WORDS if word in template], template
+
+
+def test_rich_captions_and_the_everyday_prompts_are_apart():
+    """The rich training captions vary noun forms and lengths; the second held-out set (everyday wordings) shares the
+    noun forms but none of its sentence fragments appears in any training caption (only the bare "{}" frame does)."""
+    rng = np.random.default_rng(0)
+    rich = [fashion_mnist.rich_caption(i % 10, rng) for i in range(20000)]
+    assert len(set(rich)) > 15000
+    assert {"coats", "a coat", "the coat", "two coats", "coat"} <= {fashion_mnist.noun_form(4, rng) for _ in range(200)}
+    assert any(c[0].isupper() for c in rich) and any(c.endswith(".") for c in rich)
+    fragments = [
+        p.strip(" ,:.") for t in fashion_mnist.EVERYDAY_TEMPLATES for p in t.split("{}") if p.strip(" ,:.")
+    ]
+    assert len(fragments) == 10  # every template but the bare "{}" has its own words (the long ones two)
+    training = rich + fashion_mnist.VARIED_TEMPLATES + fashion_mnist.CAPTION_TEMPLATES
+    assert not [(f, c) for f in fragments for c in training if f.lower() in c.lower()]
+    assert not [c for c in rich if any(word in c.lower() for word in fashion_mnist.HELDOUT_WORDS)]
+    everyday = fashion_mnist.everyday_prompts(1000)
+    assert [row["label"] for row in everyday[:12]] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+    assert everyday == fashion_mnist.everyday_prompts(1000)  # seeded
+    texts = [row["prompt"].lower() for row in everyday]
+    assert all(any(t.startswith(s) or s in t for s in ("stock", "image of", "monochrome", "vintage", "generate",
+                                                       "wardrobe", "sketch", "namely")) or len(t.split()) <= 4
+               for t in texts)  # fmt: skip
+    with pytest.raises(ValueError, match="--prefix"):
+        fashion_mnist.write_prompts(fashion_mnist.parse_args(["prompts", "--set", "everyday", "--prefix", "red"]))
