@@ -243,7 +243,8 @@ def prepare_blue(args):
     blue = np.concatenate([o[: args.per_class] for o in order])
     plain = np.concatenate([o[args.per_class : 2 * args.per_class] for o in order])
     colourless = [t for t in CAPTION_TEMPLATES if "grayscale" not in t and "white" not in t]
-    write_split(tint_blue(images[blue]), labels[blue], os.path.join(args.output_dir, "blue"), args.seed, "blue", colourless)
+    blue_folder = os.path.join(args.output_dir, "blue")
+    write_split(tint_blue(images[blue]), labels[blue], blue_folder, args.seed, "blue", colourless)
     plain_rgb = np.repeat(images[plain][..., None], 3, axis=-1)
     write_split(plain_rgb, labels[plain], os.path.join(args.output_dir, "plain"), args.seed + 1, templates=colourless)
     prompts_rng = np.random.default_rng(args.seed + 2)  # the `--reg_prompts_file`: plain captions, the base draws them
