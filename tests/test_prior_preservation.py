@@ -286,3 +286,15 @@ def test_bad_reg_flags_are_named(assets, tmp_path, flags, message):
     flags = [str(f).format(**paths) for f in flags]
     with pytest.raises(ValueError, match=message):
         parse(assets, tmp_path, *flags)
+
+
+def test_blueness_measures_the_blue_tint():
+    import fashion_mnist
+    import numpy as np
+
+    gray = np.full((2, 4, 4), 200, np.uint8)
+    assert fashion_mnist.blueness(np.repeat(gray[..., None], 3, -1)) == 0.0
+    blue = fashion_mnist.tint_blue(gray)
+    assert blue[0, 0, 0].tolist() == [40, 40, 200]
+    assert fashion_mnist.blueness(blue) == pytest.approx(0.8 * 200 / 255, abs=0.01)
+    assert fashion_mnist.blueness(fashion_mnist.tint_red(gray)) == pytest.approx(-0.4 * 200 / 255, abs=0.01)
