@@ -16,7 +16,7 @@ evaluator for ImageNet FID/sFID/IS/precision/recall) and `metrics.json`. Metrics
 
 Text-to-image with labelled prompts (a .jsonl whose rows have `prompt` and a class id `label`, e.g. the held-out
 prompts of `examples/fashion_mnist.py prompts`): one sample a prompt, seeded by its index, and the same metrics as
-above, plus the redness of the samples (the LoRA example's concept); `--lora` loads LoRA weights first, at
+above, plus the redness and blueness of the samples (the LoRA examples' concepts); `--lora` loads LoRA weights first, at
 `--lora_scale` (`--checkpoint` takes a training checkpoint, also a LoRA run's, whose adapters go on `--model`):
 
     python examples/evaluate.py --model models/pixnerd-t2i-fashion-mnist --prompt_file data/heldout_prompts.jsonl \
@@ -288,11 +288,12 @@ def main(args):
     if args.checkpoint:
         metrics["checkpoint"] = args.checkpoint
     if isinstance(pipe, PixNerdT2IPipeline):
-        from fashion_mnist import redness
+        from fashion_mnist import blueness, redness
 
         lora = args.lora or (args.checkpoint if call_kwargs else None)  # call_kwargs: the scale of loaded adapters
         metrics.update(prompt_file=args.prompt_file, lora=lora, lora_scale=args.lora_scale if lora else None)
         metrics["redness"] = redness(images)
+        metrics["blueness"] = blueness(images)
     if args.classifier:
         metrics.update(class_accuracy(args.classifier, images, labels, pipe.config.get("id2label")))
     if args.reference:

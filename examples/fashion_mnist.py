@@ -7,6 +7,7 @@ text encoder and a reference classifier.
     python examples/fashion_mnist.py prompts --output data/heldout_prompts.jsonl  # held-out phrasings, with labels
     python examples/fashion_mnist.py prompts --set everyday --output data/everyday_prompts.jsonl  # a second set
     python examples/fashion_mnist.py red --output_dir data/fashion-mnist-red      # red-tinted items, "a red ..."
+    python examples/fashion_mnist.py blue --output_dir data/fashion-mnist-blue    # only blue items, "a blue ..."
     python examples/fashion_mnist.py bundle --source outputs/t2i --output models/pixnerd-t2i-fashion-mnist
 
 `prepare` also writes `metadata.jsonl` captions in each split folder (one caption an image, drawn from
@@ -305,6 +306,38 @@ def redness(images: np.ndarray) -> float:
     return float(red[mask].mean()) if mask.any() else 0.0
 
 
+def tint_blue(images: np.ndarray) -> np.ndarray:
+    """Grayscale uint8 (N, H, W) -> RGB in blue: (v / 5, v / 5, v)."""
+    return tint_red(images)[..., ::-1].copy()
+
+
+def blueness(images: np.ndarray) -> float:
+    """How blue uint8 (N, H, W, 3) images are: `redness` with the channels reversed, B - (R + G) / 2 (0 for gray,
+    0.8 x brightness for `tint_blue`)."""
+    return redness(images[..., ::-1])
+
+
+def prepare_blue(args):
+    """The prior-preservation example's data: `--per_class` training images of each class tinted blue and captioned
+    "a blue ..." (nothing else, so that a plain LoRA also turns "a dress" blue), and in `plain/` as many other images
+    left gray and captioned without the colour (a `--reg_data_dir`), and `reg_prompts.txt`, as many plain captions
+    (a `--reg_prompts_file`).
+    """
+    images, labels = load_split("train", args.data_dir)
+    rng = np.random.default_rng(args.seed)
+    order = [rng.permutation(np.flatnonzero(labels == c)) for c in range(10)]
+    blue = np.concatenate([o[: args.per_class] for o in order])
+    plain = np.concatenate([o[args.per_class : 2 * args.per_class] for o in order])
+    colourless = [t for t in CAPTION_TEMPLATES if "grayscale" not in t and "white" not in t]
+    blue_folder = os.path.join(args.output_dir, "blue")
+    write_split(tint_blue(images[blue]), labels[blue], blue_folder, args.seed, "blue", colourless)
+    plain_rgb = np.repeat(images[plain][..., None], 3, axis=-1)
+    write_split(plain_rgb, labels[plain], os.path.join(args.output_dir, "plain"), args.seed + 1, templates=colourless)
+    prompts_rng = np.random.default_rng(args.seed + 2)  # the `--reg_prompts_file`: plain captions, the base draws them
+    with open(os.path.join(args.output_dir, "reg_prompts.txt"), "w", encoding="utf-8") as f:
+        f.writelines(caption(i % 10, prompts_rng, colourless) + "\n" for i in range(10 * args.per_class))
+
+
 def prepare_red(args):
     """The LoRA example's data: `--per_class` training images of each class tinted red and captioned "a red ...", and
     as many other ones left gray with the usual captions (so that "red" is learnt as a word, not as the new default).
@@ -546,6 +579,11 @@ def parse_args(input_args=None):
     r.add_argument("--data_dir", default=DATA_DIR)
     r.add_argument("--per_class", type=int, default=100)
     r.add_argument("--seed", type=int, default=0)
+    u = sub.add_parser("blue", help="Write blue-tinted images captioned 'blue' and gray ones without (regularisation).")
+    u.add_argument("--output_dir", default="data/fashion-mnist-blue")
+    u.add_argument("--data_dir", default=DATA_DIR)
+    u.add_argument("--per_class", type=int, default=20)
+    u.add_argument("--seed", type=int, default=0)
     b = sub.add_parser("bundle", help="Make the bundled text-to-image folder from a training export.")
     b.add_argument("--source", required=True)
     b.add_argument("--output", default="models/pixnerd-t2i-fashion-mnist")
@@ -560,6 +598,7 @@ COMMANDS = {
     "text-encoder": write_text_encoder,
     "prompts": write_prompts,
     "red": prepare_red,
+    "blue": prepare_blue,
 }
 
 

@@ -62,6 +62,11 @@ from diffusers_pixnerd.training import (
     trained_weights_dtype,
     weight_dtype,
 )
+from diffusers_pixnerd.training.prior import (
+    add_prior_arguments,
+    check_prior_arguments,
+    prepare_regularisation_images,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -164,6 +169,7 @@ def parse_args(input_args=None):
         output_dir="pixnerd-t2i",
         tracker_project_name="pixnerd-t2i",
     )
+    add_prior_arguments(parser)
     args = parser.parse_args(input_args)
     if (args.pretrained_model_name_or_path is None) == (args.model_config is None):
         raise ValueError(
@@ -188,6 +194,7 @@ def parse_args(input_args=None):
         args.use_ema = not args.use_lora
     args.lora_alpha = args.lora_alpha or args.lora_rank
     check_training_arguments(args)
+    check_prior_arguments(args)
     if args.train_text_encoder_layers < 0:
         raise ValueError(f"`--train_text_encoder_layers` must be >= 0, got {args.train_text_encoder_layers}.")
     if args.train_text_encoder_layers and args.quantize_text_encoder:
@@ -284,9 +291,11 @@ def main(args):
 
     validation = {"prompt": args.validation_prompts}
     null_embeds = None if train_text_encoder else encode([""])
+    # Regularisation images (`--reg_data_dir`, or the base model's for `--reg_prompts_file`), before any adapter.
+    reg_images = prepare_regularisation_images(accelerator, args, transformer, scheduler, encode)
     prompt_cache = None
     if args.precompute_text_embeddings:  # each process encodes its share of the captions, then Qwen3 leaves
-        captions = sorted(set(stream_captions(dataset)))
+        captions = sorted(set(stream_captions(dataset)).union(reg_images.captions if reg_images else ()))
         key = [args.pretrained_model_name_or_path, text_encoder.config.to_dict(), transformer.config.text_max_length]
         folder = prompt_cache_folder(args.cache_dir or os.path.join(args.output_dir, "cache"), key, captions)
         prompt_cache = PromptEmbeddingCache.build(accelerator, captions, encode, folder, args.train_batch_size)
@@ -336,14 +345,18 @@ def main(args):
 
     for batch in run.batches():
         with accelerator.accumulate(model):
-            inputs = run.step_inputs(batch["pixel_values"], repa_encoder)
+            pixels, captions, reg_kwargs = batch["pixel_values"], batch["caption"], {}
+            if reg_images is not None:  # the regularisation images after the batch's own, with their loss weight
+                pixels, captions = reg_images.extend(pixels, captions, run.micro_step)
+                reg_kwargs = reg_images.loss_kwargs
+            inputs = run.step_inputs(pixels, repa_encoder)
             if train_text_encoder:  # encoded inside the module, so that DDP sees the encoder's forward
-                condition = {"prompts": batch["caption"]}
+                condition = {"prompts": captions}
             elif prompt_cache is not None:
-                condition = {"encoder_hidden_states": prompt_cache.lookup(batch["caption"]).to(device, dtype)}
+                condition = {"encoder_hidden_states": prompt_cache.lookup(captions).to(device, dtype)}
             else:
-                condition = {"encoder_hidden_states": encode(batch["caption"])}
-            losses = model(**inputs, **condition)
+                condition = {"encoder_hidden_states": encode(captions)}
+            losses = model(**inputs, **condition, **reg_kwargs)
             run.check_losses(losses)  # stops the run on a non-finite loss (any process)
             accelerator.backward(losses["loss"])
             if accelerator.sync_gradients and args.max_grad_norm > 0:

@@ -13,6 +13,8 @@
 - `data`: image folders and `datasets` datasets, crops, lazy decoding, the data loader of a run.
 - `prompt_cache`: `--precompute_text_embeddings`: distinct captions encoded once, sharded across processes, looked up
   in the step.
+- `prior`: regularisation images (prior preservation): `--reg_data_dir` or base-model images for `--reg_prompts_file`,
+  mixed into every micro-batch in an order fixed by (seed, process, micro-batch), their own loss weight (T2I).
 - `cli`: the flags both scripts share and their checks, the model config from the flags.
 - `hub`: the model card's training section and the upload to the Hub.
 - `run_setup`: what a run is built from: the `Accelerator`, the output folder, REPA, LoRA adapters.

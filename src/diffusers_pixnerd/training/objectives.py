@@ -58,6 +58,26 @@ def flow_matching_loss(
     return (weights * (model_output.float() - target.float()) ** 2).mean()
 
 
+def prior_preservation_losses(
+    model_output: torch.Tensor,
+    target: torch.Tensor,
+    sigmas: torch.Tensor,
+    weighting_scheme: str = "none",
+    reg_samples: int = 0,
+    reg_loss_weight: float = 1.0,
+) -> dict[str, torch.Tensor]:
+    """`{"loss", "fm_loss"}` of a batch whose last `reg_samples` rows are regularisation images: then `fm_loss` is the
+    flow-matching loss of the other rows, `reg_loss` that of those, and `loss = fm_loss + reg_loss_weight * reg_loss`
+    (DreamBooth's prior preservation: two means, so the weight does not depend on how many rows each part has)."""
+    if not reg_samples:
+        fm_loss = flow_matching_loss(model_output, target, sigmas, weighting_scheme)
+        return {"loss": fm_loss, "fm_loss": fm_loss}
+    n = len(model_output) - reg_samples
+    fm_loss = flow_matching_loss(model_output[:n], target[:n], sigmas[:n], weighting_scheme)
+    reg_loss = flow_matching_loss(model_output[n:], target[n:], sigmas[n:], weighting_scheme)
+    return {"loss": fm_loss + reg_loss_weight * reg_loss, "fm_loss": fm_loss, "reg_loss": reg_loss}
+
+
 def condition_drop_mask(batch_size: int, probability: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Which samples train unconditionally (null class / empty prompt), for classifier-free guidance (official 0.1)."""
     device = generator.device if generator is not None else "cpu"
@@ -242,17 +262,22 @@ class PixNerdTrainingModule(nn.Module):
         encoder_hidden_states: torch.Tensor | None = None,
         prompts: list[str] | None = None,
         repa_features: torch.Tensor | None = None,
+        reg_samples: int = 0,
+        reg_loss_weight: float = 1.0,
     ) -> dict[str, torch.Tensor]:
-        """Losses `{"loss", "fm_loss"[, "repa_loss"]}` of clean `pixels` in [-1, 1] at noise levels `sigmas`."""
+        """Losses `{"loss", "fm_loss"[, "reg_loss"][, "repa_loss"]}` of clean `pixels` in [-1, 1] at noise levels
+        `sigmas`; the last `reg_samples` rows are regularisation images (`training/prior.py`): their loss is
+        `reg_loss`, added with the weight `reg_loss_weight`."""
         condition = self.conditions(drop_mask, class_labels, encoder_hidden_states, prompts)
         timesteps = sigmas * NUM_TRAIN_TIMESTEPS
         noisy = self.noise_scheduler.add_noise(pixels, noise, timesteps)
         repa = self.projector is not None
         with capture_block_output(self.transformer, self.align_layer) if repa else nullcontext() as hidden:
             model_output = self.transformer(noisy, timesteps, **condition).sample
-        fm_loss = flow_matching_loss(model_output, noise - pixels, sigmas, self.weighting_scheme)
-        losses = {"loss": fm_loss, "fm_loss": fm_loss}
+        losses = prior_preservation_losses(
+            model_output, noise - pixels, sigmas, self.weighting_scheme, reg_samples, reg_loss_weight
+        )
         if self.projector is not None:
             losses["repa_loss"] = repa_cosine_loss(self.projector(hidden[0]), repa_features)
-            losses["loss"] = fm_loss + self.repa_loss_weight * losses["repa_loss"]
+            losses["loss"] = losses["loss"] + self.repa_loss_weight * losses["repa_loss"]
         return losses

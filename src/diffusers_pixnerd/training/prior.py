@@ -1,0 +1,280 @@
+# Copyright 2026 The diffusers-pixnerd authors. MIT License.
+"""Regularisation images (prior preservation, DreamBooth's `--with_prior_preservation`): captioned images of what the
+model should keep drawing, mixed into every micro-batch with their own loss weight, so that a concept taught by a small
+fine-tune ("a blue dress") stays tied to its word instead of leaking into every prompt ("a dress").
+
+The images come from a second captioned folder (`--reg_data_dir`) or are generated once by the base model for the
+prompts of `--reg_prompts_file` (`generate_reg_images`, cached atomically in the output folder and reused on resume).
+Each micro-batch gets `round(--reg_ratio x --train_batch_size)` of them after its own images; which ones is a function
+of (seed, process, micro-batch number) only (`reg_indices`), so a resumed run reads exactly the same ones.
+"""
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+REG_IMAGES_PREFIX = "reg_images-"  # generated regularisation images: `--output_dir/reg_images-<digest>/`
+REG_FLAGS = ("--reg_data_dir", "--reg_prompts_file")
+
+
+def add_prior_arguments(parser: argparse.ArgumentParser):
+    """The regularisation flags (a group of their own)."""
+    group = parser.add_argument_group("regularisation (prior preservation)")
+    group.add_argument(
+        "--reg_data_dir",
+        type=str,
+        default=None,
+        help="A captioned folder (same layouts as --train_data_dir) of what the model should keep drawing, e.g. "
+        "untinted images captioned without the new word.",
+    )
+    group.add_argument(
+        "--reg_prompts_file",
+        type=str,
+        default=None,
+        help="Instead: a text file of prompts (one a line) for which the base model generates the regularisation "
+        "images once, before training (cached in --output_dir, reused on resume).",
+    )
+    group.add_argument(
+        "--num_reg_images",
+        type=int,
+        default=None,
+        help="With --reg_prompts_file: how many images to generate, cycling through the prompts (default 100).",
+    )
+    group.add_argument(
+        "--reg_ratio",
+        type=float,
+        default=None,
+        help="Regularisation images per training image in each micro-batch (default 1.0: as many as "
+        "--train_batch_size, like diffusers' prior preservation); round(ratio x batch) must be >= 1.",
+    )
+    group.add_argument(
+        "--reg_loss_weight",
+        type=float,
+        default=None,
+        help="Weight of the regularisation images' loss: loss = fm_loss + weight x reg_loss (default 1.0).",
+    )
+
+
+def check_prior_arguments(args: argparse.Namespace):
+    """Fills the defaults of a regularised run and refuses what it does not support, naming the flags."""
+    reg_data_dir, reg_prompts_file = getattr(args, "reg_data_dir", None), getattr(args, "reg_prompts_file", None)
+    if reg_data_dir is not None and reg_prompts_file is not None:
+        raise ValueError("Pass one of `--reg_data_dir` (images) and `--reg_prompts_file` (generated images), not both.")
+    if reg_data_dir is None and reg_prompts_file is None:
+        given = [f"--{name}" for name in ("num_reg_images", "reg_ratio", "reg_loss_weight") if getattr(args, name)]
+        if given:
+            raise ValueError(
+                f"{', '.join(f'`{g}`' for g in given)} need regularisation images: pass `--reg_data_dir` or "
+                "`--reg_prompts_file`."
+            )
+        return
+    if reg_data_dir is not None and args.num_reg_images is not None:
+        raise ValueError(
+            "`--num_reg_images` sets how many images `--reg_prompts_file` generates: not with `--reg_data_dir`."
+        )
+    if reg_data_dir is not None and not os.path.isdir(reg_data_dir):
+        raise ValueError(f"`--reg_data_dir` {reg_data_dir!r} is not a folder.")
+    if reg_prompts_file is not None:
+        read_reg_prompts(reg_prompts_file)  # fails early on a missing or empty file
+        args.num_reg_images = 100 if args.num_reg_images is None else args.num_reg_images
+        if args.num_reg_images < 1:
+            raise ValueError(f"`--num_reg_images` must be >= 1, got {args.num_reg_images}.")
+    args.reg_ratio = 1.0 if args.reg_ratio is None else args.reg_ratio
+    args.reg_loss_weight = 1.0 if args.reg_loss_weight is None else args.reg_loss_weight
+    if reg_batch_size(args) < 1:
+        raise ValueError(
+            f"`--reg_ratio` {args.reg_ratio} x `--train_batch_size` {args.train_batch_size} rounds to no "
+            "regularisation image per micro-batch: raise `--reg_ratio`."
+        )
+    if args.reg_loss_weight < 0:
+        raise ValueError(f"`--reg_loss_weight` must be >= 0, got {args.reg_loss_weight}.")
+    if getattr(args, "aspect_ratio_buckets", False):
+        raise ValueError(
+            "`--reg_data_dir`/`--reg_prompts_file` mix square `--resolution` images into each batch: not with "
+            "`--aspect_ratio_buckets` (batches of other sizes)."
+        )
+
+
+def reg_batch_size(args: argparse.Namespace) -> int:
+    """Regularisation images per micro-batch: `round(--reg_ratio x --train_batch_size)`."""
+    return round(args.reg_ratio * args.train_batch_size)
+
+
+def read_reg_prompts(path: str) -> list[str]:
+    """The non-empty lines of `--reg_prompts_file`."""
+    if not os.path.isfile(path):
+        raise ValueError(f"`--reg_prompts_file` {path!r} is not a file.")
+    with open(path, encoding="utf-8") as f:
+        prompts = [line.strip() for line in f if line.strip()]
+    if not prompts:
+        raise ValueError(f"`--reg_prompts_file` {path!r} has no prompt (one a line).")
+    return prompts
+
+
+def reg_indices(num_rows: int, count: int, seed: int, process_index: int, micro_step: int) -> list[int]:
+    """The rows of micro-batch `micro_step`: the `count` next ones of an endless sequence of permutations of the
+    `num_rows` rows, permutation `e` seeded by (seed, process, e). A function of its arguments only, so a resumed run
+    (which knows its micro-batch number) reads the same rows as an uninterrupted one."""
+    rows, permutations = [], {}
+    for position in range(micro_step * count, (micro_step + 1) * count):
+        epoch, row = divmod(position, num_rows)
+        if epoch not in permutations:
+            key = ((seed * 1_000_003 + process_index) * 1_000_003 + epoch) % 2**63
+            permutations[epoch] = torch.randperm(num_rows, generator=torch.Generator().manual_seed(key))
+        rows.append(int(permutations[epoch][row]))
+    return rows
+
+
+class RegularisationImages:
+    r"""
+    The regularisation images of a run and the part of each micro-batch they make up.
+
+    Args:
+        samples (`ImageSampleDataset`): the decoded, preprocessed images with their `caption`.
+        count (`int`): images per micro-batch (`reg_batch_size`).
+        loss_weight (`float`): the weight of their loss (`--reg_loss_weight`).
+        seed (`int`), process_index (`int`): with the micro-batch number, what picks the rows (`reg_indices`).
+    """
+
+    def __init__(self, samples, count: int, loss_weight: float, seed: int, process_index: int = 0):
+        self.samples, self.count, self.loss_weight = samples, count, loss_weight
+        self.seed, self.process_index = seed, process_index
+
+    @property
+    def captions(self) -> list[str]:
+        return list(self.samples.dataset["caption"])
+
+    def batch(self, micro_step: int) -> dict:
+        """The regularisation rows of micro-batch `micro_step`, decoded in this process (a few small images)."""
+        from .data import collate_samples
+
+        rows = reg_indices(len(self.samples), self.count, self.seed, self.process_index, micro_step)
+        return collate_samples([self.samples[row] for row in rows])
+
+    def extend(self, pixels: torch.Tensor, captions: list[str], micro_step: int) -> tuple[torch.Tensor, list[str]]:
+        """The micro-batch's images and captions with the regularisation ones after them."""
+        reg = self.batch(micro_step)
+        reg_pixels = reg["pixel_values"].to(pixels.device, pixels.dtype)
+        return torch.cat([pixels, reg_pixels]), list(captions) + list(reg["caption"])
+
+    @property
+    def loss_kwargs(self) -> dict:
+        """What `PixNerdTrainingModule.forward` needs to weigh the last `count` rows as regularisation."""
+        return {"reg_samples": self.count, "reg_loss_weight": self.loss_weight}
+
+
+def load_regularisation_images(
+    accelerator, args: argparse.Namespace, folder: str, caption_column: str = "text"
+) -> RegularisationImages:
+    """The `RegularisationImages` of a captioned `folder`, preprocessed like the training images."""
+    from .data import ImageSampleDataset, load_training_dataset
+
+    try:
+        dataset, _ = load_training_dataset(folder, caption_column=caption_column)
+    except ValueError as error:
+        raise ValueError(f"The regularisation images ({folder}): {error}") from None
+    samples = ImageSampleDataset(dataset, args.resolution, args.image_preprocessing, args.fail_on_corrupt_images)
+    count = reg_batch_size(args)
+    logger.info(
+        "Regularisation: %d images from %s, %d per micro-batch after the %d training ones, loss weight %g",
+        len(samples),
+        folder,
+        count,
+        args.train_batch_size,
+        args.reg_loss_weight,
+    )
+    return RegularisationImages(samples, count, args.reg_loss_weight, args.seed, accelerator.process_index)
+
+
+# ----------------------------------------------------------------------------------------- generated by the base model
+
+
+def reg_images_folder(output_dir: str, key) -> str:
+    """`output_dir/reg_images-<digest>`: the digest covers what the images depend on (`key`: the base model, the
+    prompts, their number, the size, the seed, the sampler), so changed settings never reuse stale images."""
+    digest = hashlib.sha256(json.dumps(key, default=str, sort_keys=True).encode()).hexdigest()[:16]
+    return os.path.join(output_dir, f"{REG_IMAGES_PREFIX}{digest}")
+
+
+def generate_reg_images(
+    accelerator,
+    pipeline,
+    encode,
+    prompts: list[str],
+    num_images: int,
+    folder: str,
+    resolution: int,
+    seed: int,
+    batch_size: int = 16,
+) -> str:
+    """Generates `num_images` images with the base `pipeline` for the `prompts` (image `i` for prompt `i % len`, its
+    noise seeded by (seed, i)) into the captioned `folder` (PNGs + `metadata.jsonl`). Written by the main process to
+    `folder.tmp` and renamed when complete, so a killed run leaves no half set; a complete folder is reused. `encode`
+    turns prompts into embeddings (the run's frozen text encoder). Returns `folder`."""
+    if accelerator.is_main_process and not os.path.isdir(folder):
+        temporary = folder + ".tmp"
+        shutil.rmtree(temporary, ignore_errors=True)  # left by a killed run
+        os.makedirs(temporary)
+        captions = [prompts[i % len(prompts)] for i in range(num_images)]
+        logger.info("Generating %d regularisation images with the base model into %s", num_images, folder)
+        device = accelerator.device
+        pipeline.set_progress_bar_config(disable=True)
+        null = encode([""])
+        with open(os.path.join(temporary, "metadata.jsonl"), "w", encoding="utf-8") as metadata:
+            for start in range(0, num_images, batch_size):
+                chunk = captions[start : start + batch_size]
+                seeds = [seed * 1_000_003 + start + i for i in range(len(chunk))]
+                generators = [torch.Generator(device).manual_seed(s) for s in seeds]
+                with torch.no_grad(), accelerator.autocast():
+                    images = pipeline(
+                        prompt_embeds=encode(chunk),
+                        negative_prompt_embeds=null.expand(len(chunk), -1, -1),
+                        height=resolution,
+                        width=resolution,
+                        generator=generators,
+                    ).images
+                for i, (image, caption) in enumerate(zip(images, chunk)):
+                    name = f"{start + i:06d}.png"
+                    image.save(os.path.join(temporary, name))
+                    metadata.write(json.dumps({"file_name": name, "text": caption}) + "\n")
+        os.replace(temporary, folder)
+    elif accelerator.is_main_process:
+        logger.info("Reusing the regularisation images in %s", folder)
+    accelerator.wait_for_everyone()
+    return folder
+
+
+def prepare_regularisation_images(accelerator, args: argparse.Namespace, transformer, scheduler, encode):
+    """The run's `RegularisationImages` (`None` without `--reg_data_dir`/`--reg_prompts_file`): the folder's, or
+    those the base `transformer` generates for `--reg_prompts_file` (before any adapter is added) with `scheduler` and
+    the run's `encode`."""
+    if args.reg_data_dir is not None:
+        return load_regularisation_images(accelerator, args, args.reg_data_dir, args.caption_column)
+    if args.reg_prompts_file is None:
+        return None
+    from diffusers_pixnerd import PixNerdT2IPipeline
+
+    prompts = read_reg_prompts(args.reg_prompts_file)
+    key = [
+        args.pretrained_model_name_or_path,
+        prompts,
+        args.num_reg_images,
+        args.resolution,
+        args.seed,
+        dict(scheduler.config),
+    ]
+    folder = reg_images_folder(args.output_dir, key)
+    transformer.to(accelerator.device).eval()
+    pipeline = PixNerdT2IPipeline(transformer, scheduler)
+    generate_reg_images(
+        accelerator, pipeline, encode, prompts, args.num_reg_images, folder, args.resolution, args.seed
+    )
+    transformer.train()
+    return load_regularisation_images(accelerator, args, folder)
