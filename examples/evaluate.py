@@ -237,7 +237,8 @@ def load_weights(pipe, args) -> dict:
     if lora_checkpoint and args.lora:
         raise ValueError(f"`--checkpoint` {args.checkpoint!r} holds LoRA adapters: pass it or `--lora`, not both.")
     if args.checkpoint:
-        loaded = load_checkpoint_weights(pipe.transformer, args.checkpoint)
+        text_encoder = getattr(pipe, "text_encoder", None)  # a run that also trained the last Qwen3 layers
+        loaded = load_checkpoint_weights(pipe.transformer, args.checkpoint, text_encoder=text_encoder)
         print(f"Weights of {args.checkpoint}: {loaded}{f' LoRA adapters on {args.model}' if lora_checkpoint else ''}")
     if args.lora:
         pipe.load_lora_weights(args.lora)

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from test_training_utils import tiny_dinov2
 
 from diffusers_pixnerd import PixNerdFlowMatchScheduler, PixNerdPipeline, PixNerdT2IPipeline, PixNerdTransformer2DModel
+from diffusers_pixnerd.training.checkpoints import load_checkpoint_weights
 from diffusers_pixnerd.training.ema import load_ema_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -324,6 +325,15 @@ def test_t2i_full_fine_tuning_two_processes_with_text_encoder_layers(assets, tmp
     assert not torch.equal(base.transformer.patch_embed.weight, tuned.transformer.patch_embed.weight)
     assert any(k.startswith("projector.") for k in load_file(out / "checkpoint-2" / "model.safetensors"))
     assert torch.isfinite(sample(tuned, "a cat")).all()
+    # The last checkpoint, loaded for evaluation, is the export: EMA transformer and the trained encoder.
+    evaluated = PixNerdT2IPipeline.from_pretrained(assets / "t2i_pipeline")
+    with pytest.raises(ValueError, match="also trained the text encoder.*pass `text_encoder`"):
+        load_checkpoint_weights(evaluated.transformer, str(out / "checkpoint-2"))
+    loaded = load_checkpoint_weights(evaluated.transformer, str(out / "checkpoint-2"), text_encoder=evaluated.text_encoder)
+    assert loaded == "ema"
+    for exported, loaded in ((tuned.transformer, evaluated.transformer), (tuned.text_encoder, evaluated.text_encoder)):
+        loaded_state = loaded.state_dict()
+        assert all(torch.equal(v, loaded_state[k]) for k, v in exported.state_dict().items())
 
 
 def test_t2i_lora_with_precomputed_embeddings_loads_into_the_pipeline(assets, tmp_path):

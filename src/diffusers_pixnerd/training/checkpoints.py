@@ -318,10 +318,16 @@ def load_lora_checkpoint_weights(transformer: nn.Module, checkpoint: str, use_em
     return "ema"
 
 
-def load_checkpoint_weights(transformer: nn.Module, checkpoint: str, use_ema: bool = True) -> str:
+def load_checkpoint_weights(
+    transformer: nn.Module, checkpoint: str, use_ema: bool = True, text_encoder: nn.Module | None = None
+) -> str:
     """Puts the transformer weights of a full-training checkpoint folder into `transformer` (same config): its EMA
     when the run kept one and `use_ema`, else the trained weights. Returns which ("ema" or "trained"). A LoRA run's
-    checkpoint adds its adapters to `transformer`, the base model (`load_lora_checkpoint_weights`)."""
+    checkpoint adds its adapters to `transformer`, the base model (`load_lora_checkpoint_weights`).
+
+    A run that also trained the last Qwen3 layers (`--train_text_encoder_layers`) holds the text encoder too: it goes
+    into `text_encoder`, which must then be given (evaluating such a checkpoint with the base encoder would measure
+    another model), with its trained weights: the EMA covers the transformer only, as in the run's export."""
     from safetensors.torch import load_file
 
     if is_lora_checkpoint(checkpoint):
@@ -334,9 +340,18 @@ def load_checkpoint_weights(transformer: nn.Module, checkpoint: str, use_ema: bo
             f"{checkpoint!r} is a LoRA run's checkpoint of the earlier layout (the whole module, no "
             f"{LORA_WEIGHTS_FILE}): resume the run from it (`--resume_from_checkpoint`); its new checkpoints load here."
         )
-    weights = sub_state_dict(load_file(model_file), "transformer")
+    state = load_file(model_file)
+    weights = sub_state_dict(state, "transformer")
+    encoder_weights = sub_state_dict(state, "text_encoder")
+    if encoder_weights and text_encoder is None:
+        raise ValueError(
+            f"{checkpoint!r} also trained the text encoder (`--train_text_encoder_layers`): pass `text_encoder` to "
+            "load it too."
+        )
     fused = has_fused_attention_keys(weights)  # written before the attention took diffusers' layout
     transformer.load_state_dict(unfuse_attention_keys(weights) if fused else weights)
+    if encoder_weights:
+        text_encoder.load_state_dict(encoder_weights)
     ema_file = ema_file_in(checkpoint)
     if not (use_ema and ema_file):
         return "trained"
