@@ -329,7 +329,8 @@ def test_t2i_full_fine_tuning_two_processes_with_text_encoder_layers(assets, tmp
     evaluated = PixNerdT2IPipeline.from_pretrained(assets / "t2i_pipeline")
     with pytest.raises(ValueError, match="also trained the text encoder.*pass `text_encoder`"):
         load_checkpoint_weights(evaluated.transformer, str(out / "checkpoint-2"))
-    loaded = load_checkpoint_weights(evaluated.transformer, str(out / "checkpoint-2"), text_encoder=evaluated.text_encoder)
+    checkpoint = str(out / "checkpoint-2")
+    loaded = load_checkpoint_weights(evaluated.transformer, checkpoint, text_encoder=evaluated.text_encoder)
     assert loaded == "ema"
     for exported, loaded in ((tuned.transformer, evaluated.transformer), (tuned.text_encoder, evaluated.text_encoder)):
         loaded_state = loaded.state_dict()
