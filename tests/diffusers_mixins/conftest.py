@@ -28,7 +28,7 @@ On a machine without an accelerator the mixin tests that need one (fp16 inferenc
 GPU 0, CUDA streams, attention kernels) are skipped by diffusers' own `require_*` marks; the training, layerwise
 casting, LoRA hot-swapping (without compile) and compile tests, which diffusers gates to accelerators but which run on
 the CPU, are also run here on the CPU (classes `...OnCPU`), and those classes skip themselves where an accelerator
-runs the originals. About 2 minutes on 2 CPU cores; RUN_SLOW=1 adds about 4 minutes of CPU torch.compile.
+runs the originals. About 2 to 3 minutes on 2 CPU cores; RUN_SLOW=1 adds about 4 minutes of CPU torch.compile.
 """
 
 import importlib.util
