@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: install test demo benchmark clean
+.PHONY: install test test-mixins demo benchmark clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,16 @@ $(VENV)/.deepspeed: $(VENV)/.installed
 
 test: install $(VENV)/.browser $(VENV)/.quantization $(VENV)/.deepspeed
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+
+# diffusers' own test mixins on our classes, from a diffusers source checkout (github.com/huggingface/diffusers):
+#   make test-mixins DIFFUSERS_SRC=/path/to/diffusers
+# Without DIFFUSERS_SRC it reports one test skipped with the reason. The mixins import two test-only packages.
+$(VENV)/.mixins: $(VENV)/.installed
+	$(PIP) install -q parameterized requests-mock
+	touch $@
+
+test-mixins: install $(VENV)/.mixins
+	HF_HUB_OFFLINE=1 DIFFUSERS_SRC="$(DIFFUSERS_SRC)" $(PY) -m pytest -q -rs tests/diffusers_mixins
 
 benchmark: install
 	$(PY) benchmarks/benchmark_transformer.py --model PixNerd-XL/16 --batch_size 1

@@ -10,6 +10,10 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
+# diffusers' own test mixins run apart, from a diffusers checkout, under their own rootdir and settings:
+# `make test-mixins DIFFUSERS_SRC=...` (see diffusers_mixins/conftest.py).
+collect_ignore = ["diffusers_mixins"]
+
 # Tiny configurations of both variants (the shapes of the official-format fixtures in tests/fixtures/).
 TINY_C2I = dict(
     sample_size=16,

@@ -6,9 +6,9 @@ import os
 import torch
 
 # The tiny configurations and the real Qwen3 tokenizer of the repository's own tests (tests/conftest.py), loaded
-# under another module name: this folder has a conftest.py of its own.
+# under another module name: this folder has a conftest.py of its own, and `tests` is diffusers' package here.
 _spec = importlib.util.spec_from_file_location(
-    "pixnerd_tests_conftest", os.path.join(os.path.dirname(__file__), "..", "..", "tests", "conftest.py")
+    "pixnerd_tests_conftest", os.path.join(os.path.dirname(__file__), "..", "conftest.py")
 )
 _tests = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_tests)
