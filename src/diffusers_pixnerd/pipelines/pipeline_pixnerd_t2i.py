@@ -430,12 +430,12 @@ class PixNerdT2IPipeline(PixNerdBasePipeline):
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             prompt,
             negative_prompt,
-            self.do_classifier_free_guidance,
-            num_images_per_prompt,
-            device,
-            prompt_embeds,
-            negative_prompt_embeds,
-            max_sequence_length,
+            do_classifier_free_guidance=self.do_classifier_free_guidance,
+            num_images_per_prompt=num_images_per_prompt,
+            device=device,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            max_sequence_length=max_sequence_length,
         )
         condition = Conditioning(encoder_hidden_states=prompt_embeds)
         uncondition = Conditioning(encoder_hidden_states=negative_prompt_embeds)  # `None` without guidance
