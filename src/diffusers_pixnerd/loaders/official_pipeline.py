@@ -58,10 +58,10 @@ class FromOfficialPipelineMixin:
         **kwargs,
     ):
         """A complete pipeline from an official checkpoint (local path, `org/repo/file.ckpt` or Hub URL): the
-        transformer from `PixNerdTransformer2DModel.from_single_file` (options `ema`, `sample_size`, `dtype` (or
-        the older `torch_dtype`) and Hub download options), the scheduler from `PixNerdFlowMatchScheduler.from_official_preset`
-        (`scheduler_preset`, by default the paper's setting for the checkpoint), and the pipeline's optional
-        components (`text_encoder`, `tokenizer`) from `kwargs`.
+        transformer from `PixNerdTransformer2DModel.from_single_file` (options `ema`, `sample_size`, `dtype` (or the
+        older `torch_dtype`) and Hub download options), the scheduler from
+        `PixNerdFlowMatchScheduler.from_official_preset` (`scheduler_preset`, by default the paper's setting for the
+        checkpoint), and the pipeline's optional components (`text_encoder`, `tokenizer`) from `kwargs`.
         """
         components = {k: kwargs.pop(k) for k in ("text_encoder", "tokenizer") if k in kwargs}
         dtype = resolve_dtype(dtype, torch_dtype)

@@ -108,11 +108,10 @@ def check_sampling_inputs(
         raise ValueError("`latents` contain NaN or infinite values.")
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
-    unknown = set(callback_on_step_end_tensor_inputs or []) - set(pipeline._callback_tensor_inputs)
+    allowed = pipeline._callback_tensor_inputs
+    unknown = set(callback_on_step_end_tensor_inputs or []) - set(allowed)
     if unknown:
-        raise ValueError(
-            f"`callback_on_step_end_tensor_inputs` must be in {pipeline._callback_tensor_inputs}, got {sorted(unknown)}."
-        )
+        raise ValueError(f"`callback_on_step_end_tensor_inputs` must be in {allowed}, got {sorted(unknown)}.")
 
 
 def check_sigmas(sigmas) -> list[float]:

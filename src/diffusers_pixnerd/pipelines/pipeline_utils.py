@@ -62,7 +62,8 @@ def replace_embeddings(callback_outputs: dict, name: str, branch: Conditioning) 
 
 
 class PixNerdBasePipeline(FromOfficialPipelineMixin, DiffusionPipeline, PixNerdLoraLoaderMixin):
-    """Sampling in pixel space: noise -> flow ODE with interval classifier-free guidance -> images."""
+    """Sampling in pixel space: noise -> flow ODE with interval classifier-free guidance -> images. Official
+    checkpoints load through `FromOfficialPipelineMixin`, LoRA weights through `PixNerdLoraLoaderMixin` (`loaders`)."""
 
     model_cpu_offload_seq = "transformer"
     _callback_tensor_inputs = ["latents"]
