@@ -443,7 +443,7 @@ def bundle(args):
     import shutil
 
     from diffusers_pixnerd import PixNerdT2IPipeline
-    from diffusers_pixnerd.pipelines.pipeline_utils import read_model_card_extra
+    from diffusers_pixnerd.pipelines.model_card import read_model_card_extra
 
     pipe = PixNerdT2IPipeline.from_pretrained(args.source)
     extra, images, _ = read_model_card_extra(args.source)

@@ -31,7 +31,7 @@ from diffusers_pixnerd import (
     PixNerdTransformer2DModel,
 )
 from diffusers_pixnerd.loaders import unfuse_target_modules
-from diffusers_pixnerd.pipelines.pipeline_utils import write_model_card
+from diffusers_pixnerd.pipelines.model_card import write_model_card
 from diffusers_pixnerd.training import (
     HubAccessError,
     PixNerdTrainingModule,

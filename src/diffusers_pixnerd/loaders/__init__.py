@@ -1,8 +1,10 @@
-"""Loading weights into the package's models: official PixNerd checkpoints (reading them weights-only, the key map and
-config inference: `official_checkpoint`; the conversion cache of official repos and folders: `official_repo`) and
-the attention layout of older files (`attention_layout`)."""
+"""Loading weights into the package's models and pipelines: official PixNerd checkpoints (reading them weights-only,
+the key map and config inference: `official_checkpoint`; the conversion cache of official repos and folders:
+`official_repo`; the pipelines' `from_pretrained` and `from_single_file` of them: `official_pipeline`), LoRA weights
+(`lora_pipeline`) and the attention layout of older files (`attention_layout`)."""
 
 from .attention_layout import has_fused_attention_keys, unfuse_attention_keys, unfuse_target_modules
+from .lora_pipeline import PixNerdLoraLoaderMixin
 from .official_checkpoint import (
     FromOfficialCheckpointMixin,
     convert_state_dict,
@@ -14,10 +16,13 @@ from .official_checkpoint import (
     sample_size_from_name,
     select_denoiser,
 )
+from .official_pipeline import FromOfficialPipelineMixin
 from .official_repo import check_local_path, official_pipeline_folder
 
 __all__ = [
     "FromOfficialCheckpointMixin",
+    "FromOfficialPipelineMixin",
+    "PixNerdLoraLoaderMixin",
     "check_local_path",
     "convert_state_dict",
     "has_fused_attention_keys",

@@ -1,10 +1,8 @@
 from .official import convert_official_checkpoint, convert_official_pipeline
 from .pipeline_pixnerd import PixNerdPipeline, imagenet_id2label
 from .pipeline_pixnerd_t2i import PixNerdT2IPipeline, encode_qwen3_prompts
-from .pipeline_utils import PixNerdLoraLoaderMixin
 
 __all__ = [
-    "PixNerdLoraLoaderMixin",
     "PixNerdPipeline",
     "PixNerdT2IPipeline",
     "convert_official_checkpoint",

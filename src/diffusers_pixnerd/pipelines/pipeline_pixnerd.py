@@ -16,7 +16,8 @@ from diffusers.utils import replace_example_docstring
 
 from ..models.transformer_pixnerd import PixNerdTransformer2DModel
 from ..schedulers.scheduling_pixnerd import PixNerdFlowMatchScheduler
-from .pipeline_utils import PixNerdBasePipeline
+from .input_checks import SamplingSettings, check_sampling_inputs, sampling_settings
+from .pipeline_utils import Conditioning, PixNerdBasePipeline, retrieve_timesteps
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -133,6 +134,47 @@ class PixNerdPipeline(PixNerdBasePipeline):
                 )
         return ids
 
+    def check_inputs(
+        self,
+        *,
+        class_labels,
+        height,
+        width,
+        num_inference_steps,
+        sigmas,
+        guidance_scale,
+        guidance_interval,
+        num_images_per_prompt,
+        generator,
+        latents,
+        output_type,
+        callback_on_step_end_tensor_inputs,
+    ) -> tuple[SamplingSettings, int]:
+        """The arguments of `__call__`: a `ValueError` naming the first wrong one. Returns the sampling settings, those
+        left out filled in (`sampling_settings`), and the batch size."""
+        sampling = sampling_settings(
+            self,
+            height=height,
+            width=width,
+            num_inference_steps=num_inference_steps,
+            sigmas=sigmas,
+            guidance_scale=guidance_scale,
+            guidance_interval=guidance_interval,
+            latents=latents,
+        )
+        batch_size = len(self._class_ids(class_labels)) * num_images_per_prompt
+        check_sampling_inputs(
+            self,
+            sampling,
+            batch_size=batch_size,
+            num_images_per_prompt=num_images_per_prompt,
+            generator=generator,
+            latents=latents,
+            output_type=output_type,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        )
+        return sampling, batch_size
+
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
@@ -204,44 +246,48 @@ class PixNerdPipeline(PixNerdBasePipeline):
         Returns:
             [`ImagePipelineOutput`] or `tuple`: the generated images.
         """
-        height, width, num_inference_steps, guidance_scale, guidance_interval, sigmas = self._defaults(
-            height, width, num_inference_steps, guidance_scale, guidance_interval, latents, sigmas
+        # 1. Check inputs; the settings left out come from `latents` (the size) and the scheduler config.
+        sampling, batch_size = self.check_inputs(
+            class_labels=class_labels,
+            height=height,
+            width=width,
+            num_inference_steps=num_inference_steps,
+            sigmas=sigmas,
+            guidance_scale=guidance_scale,
+            guidance_interval=guidance_interval,
+            num_images_per_prompt=num_images_per_prompt,
+            generator=generator,
+            latents=latents,
+            output_type=output_type,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
-        # 1. Check inputs and map names to ids.
-        class_ids = self._class_ids(class_labels)
-        batch_size = len(class_ids) * num_images_per_prompt
-        self.check_common_inputs(
-            num_images_per_prompt,
-            batch_size,
-            height,
-            width,
-            num_inference_steps,
-            guidance_interval,
-            generator,
-            latents,
-            output_type,
-            callback_on_step_end_tensor_inputs,
-        )
-        self._guidance_scale, self._interrupt = guidance_scale, False
-        self._attention_kwargs, self._current_timestep = attention_kwargs, None
+        self._guidance_scale = sampling.guidance_scale
+        self._attention_kwargs = attention_kwargs
+        self._interrupt = False
         device = self._execution_device
 
-        # 2. Conditions: the labels, and the null class for the unconditional half.
-        labels = torch.tensor(class_ids, device=device).repeat_interleave(num_images_per_prompt)
-        null = torch.full_like(labels, self.transformer.config.num_classes)
+        # 2. Encode the class labels; the null class `num_classes` conditions the unconditional branch.
+        labels = torch.tensor(self._class_ids(class_labels), device=device).repeat_interleave(num_images_per_prompt)
+        condition = Conditioning(class_labels=labels)
+        uncondition = Conditioning(class_labels=torch.full_like(labels, self.transformer.config.num_classes))
 
-        # 3. Noise and 4. the denoising loop.
-        latents = self.prepare_latents(batch_size, height, width, generator, latents, device)
+        # 3. Prepare latents (the initial noise).
+        latents = self.prepare_latents(batch_size, sampling.height, sampling.width, generator, latents, device)
+
+        # 4. Prepare timesteps.
+        timesteps = retrieve_timesteps(self.scheduler, sampling.num_inference_steps, device, sampling.sigmas)
+
+        # 5. Denoising loop.
         latents = self.denoise(
             latents,
-            {"class_labels": labels},
-            {"class_labels": null},
-            num_inference_steps,
-            guidance_interval,
-            callback_on_step_end,
-            callback_on_step_end_tensor_inputs,
-            attention_kwargs,
-            sigmas,
+            timesteps,
+            condition,
+            uncondition,
+            guidance_interval=sampling.guidance_interval,
+            attention_kwargs=attention_kwargs,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
-        # 5. Images.
+
+        # 6. Post-process: pixels to images.
         return self.postprocess(latents, output_type, return_dict)

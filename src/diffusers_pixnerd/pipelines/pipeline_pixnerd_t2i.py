@@ -10,7 +10,8 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTo
 
 from ..models.transformer_pixnerd import PixNerdTransformer2DModel
 from ..schedulers.scheduling_pixnerd import PixNerdFlowMatchScheduler, is_integer
-from .pipeline_utils import PixNerdBasePipeline
+from .input_checks import SamplingSettings, check_sampling_inputs, sampling_settings
+from .pipeline_utils import Conditioning, PixNerdBasePipeline, retrieve_timesteps
 
 DEFAULT_TEXT_ENCODER = "Qwen/Qwen3-1.7B"  # the official model's
 # Tokens per prompt of `encode_prompt` in a pipeline without a transformer (whose `text_max_length` decides otherwise):
@@ -219,8 +220,59 @@ class PixNerdT2IPipeline(PixNerdBasePipeline):
         return prompt_embeds, negative_prompt_embeds
 
     def check_inputs(
+        self,
+        *,
+        prompt,
+        negative_prompt,
+        prompt_embeds,
+        negative_prompt_embeds,
+        max_sequence_length,
+        height,
+        width,
+        num_inference_steps,
+        sigmas,
+        guidance_scale,
+        guidance_interval,
+        num_images_per_prompt,
+        generator,
+        latents,
+        output_type,
+        callback_on_step_end_tensor_inputs,
+    ) -> tuple[SamplingSettings, int]:
+        """The arguments of `__call__`: a `ValueError` naming the first wrong one. Returns the sampling settings, those
+        left out filled in (`sampling_settings`), and the batch size."""
+        sampling = sampling_settings(
+            self,
+            height=height,
+            width=width,
+            num_inference_steps=num_inference_steps,
+            sigmas=sigmas,
+            guidance_scale=guidance_scale,
+            guidance_interval=guidance_interval,
+            latents=latents,
+        )
+        guided = sampling.guidance_scale > 1.0
+        num_prompts = self._check_prompts(
+            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, max_sequence_length, guided
+        )
+        batch_size = num_prompts * num_images_per_prompt
+        check_sampling_inputs(
+            self,
+            sampling,
+            batch_size=batch_size,
+            num_images_per_prompt=num_images_per_prompt,
+            generator=generator,
+            latents=latents,
+            output_type=output_type,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        )
+        return sampling, batch_size
+
+    def _check_prompts(
         self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, max_sequence_length, guided
-    ):
+    ) -> int:
+        """The prompt arguments of `__call__` (`guided`: whether the call needs unconditional embeddings); returns the
+        number of prompts."""
         if (prompt is None) == (prompt_embeds is None):
             raise ValueError("Pass exactly one of `prompt` and `prompt_embeds`.")
         for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
@@ -349,60 +401,62 @@ class PixNerdT2IPipeline(PixNerdBasePipeline):
         Returns:
             [`ImagePipelineOutput`] or `tuple`: the generated images.
         """
-        height, width, num_inference_steps, guidance_scale, guidance_interval, sigmas = self._defaults(
-            height, width, num_inference_steps, guidance_scale, guidance_interval, latents, sigmas
+        # 1. Check inputs; the settings left out come from `latents` (the size) and the scheduler config.
+        sampling, batch_size = self.check_inputs(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            max_sequence_length=max_sequence_length,
+            height=height,
+            width=width,
+            num_inference_steps=num_inference_steps,
+            sigmas=sigmas,
+            guidance_scale=guidance_scale,
+            guidance_interval=guidance_interval,
+            num_images_per_prompt=num_images_per_prompt,
+            generator=generator,
+            latents=latents,
+            output_type=output_type,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
-        # 1. Check inputs.
-        guided = guidance_scale > 1.0
-        num_prompts = self.check_inputs(
-            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, max_sequence_length, guided
-        )
-        batch_size = num_prompts * num_images_per_prompt
-        self.check_common_inputs(
-            num_images_per_prompt,
-            batch_size,
-            height,
-            width,
-            num_inference_steps,
-            guidance_interval,
-            generator,
-            latents,
-            output_type,
-            callback_on_step_end_tensor_inputs,
-        )
-        self._guidance_scale, self._interrupt = guidance_scale, False
-        self._attention_kwargs, self._current_timestep = attention_kwargs, None
+        self._guidance_scale = sampling.guidance_scale
+        self._attention_kwargs = attention_kwargs
+        self._interrupt = False
         device = self._execution_device
 
-        # 2. Text embeddings (no attention mask inside the transformer: the padded slots count, as officially).
+        # 2. Encode the prompts, and the negative prompts for guidance (no attention mask inside the transformer: the
+        # padded slots count, as officially).
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             prompt,
             negative_prompt,
-            guided,
-            num_images_per_prompt,
-            device,
-            prompt_embeds,
-            negative_prompt_embeds,
-            max_sequence_length,
+            do_classifier_free_guidance=self.do_classifier_free_guidance,
+            num_images_per_prompt=num_images_per_prompt,
+            device=device,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            max_sequence_length=max_sequence_length,
         )
-        uncondition = {"encoder_hidden_states": negative_prompt_embeds} if guided else {}
+        condition = Conditioning(encoder_hidden_states=prompt_embeds)
+        uncondition = Conditioning(encoder_hidden_states=negative_prompt_embeds)  # `None` without guidance
 
-        # 3. Noise and 4. the denoising loop.
-        latents = self.prepare_latents(batch_size, height, width, generator, latents, device)
+        # 3. Prepare latents (the initial noise).
+        latents = self.prepare_latents(batch_size, sampling.height, sampling.width, generator, latents, device)
+
+        # 4. Prepare timesteps.
+        timesteps = retrieve_timesteps(self.scheduler, sampling.num_inference_steps, device, sampling.sigmas)
+
+        # 5. Denoising loop.
         latents = self.denoise(
             latents,
-            {"encoder_hidden_states": prompt_embeds},
+            timesteps,
+            condition,
             uncondition,
-            num_inference_steps,
-            guidance_interval,
-            callback_on_step_end,
-            callback_on_step_end_tensor_inputs,
-            attention_kwargs,
-            sigmas,
-            {
-                "prompt_embeds": ("condition", "encoder_hidden_states"),
-                "negative_prompt_embeds": ("uncondition", "encoder_hidden_states"),
-            },
+            guidance_interval=sampling.guidance_interval,
+            attention_kwargs=attention_kwargs,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
-        # 5. Images.
+
+        # 6. Post-process: pixels to images.
         return self.postprocess(latents, output_type, return_dict)

@@ -211,7 +211,7 @@ def save_lora_adapters(transformer: nn.Module, folder: str, state_dict: dict | N
     adapter config as metadata: what `pipe.load_lora_weights(folder)` loads."""
     from peft.utils import get_peft_model_state_dict
 
-    from ..pipelines.pipeline_utils import PixNerdLoraLoaderMixin
+    from ..loaders import PixNerdLoraLoaderMixin
 
     adapters = get_peft_model_state_dict(transformer, state_dict=state_dict)
     adapters = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in adapters.items()}
@@ -297,7 +297,7 @@ def load_lora_checkpoint_weights(transformer: nn.Module, checkpoint: str, use_em
     """Loads the adapters of a LoRA checkpoint onto the base `transformer` as a new PEFT adapter (as
     `pipe.load_lora_weights(checkpoint)` does), then, when the run kept an EMA and `use_ema`, puts the EMA of the
     adapters in their place. Returns which ("ema" or "trained")."""
-    from ..pipelines.pipeline_utils import PixNerdLoraLoaderMixin
+    from ..loaders import PixNerdLoraLoaderMixin
 
     before = set(getattr(transformer, "peft_config", {}))
     state_dict, metadata = PixNerdLoraLoaderMixin.lora_state_dict(checkpoint, return_lora_metadata=True)

@@ -6,7 +6,7 @@ import json
 import logging
 import os
 
-from ..pipelines.pipeline_utils import CARD_MARKER, shown_path
+from ..pipelines.model_card import CARD_MARKER, shown_path
 from .checkpoints import CHECKPOINT_PREFIX
 
 logger = logging.getLogger(__name__)

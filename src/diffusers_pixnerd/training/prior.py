@@ -259,7 +259,7 @@ def prepare_regularisation_images(accelerator, args: argparse.Namespace, transfo
         return load_regularisation_images(accelerator, args, args.reg_data_dir, args.caption_column)
     if args.reg_prompts_file is None:
         return None
-    from diffusers_pixnerd import PixNerdT2IPipeline
+    from ..pipelines import PixNerdT2IPipeline
 
     prompts = read_reg_prompts(args.reg_prompts_file)
     key = [
