@@ -1,3 +1,4 @@
+from .loading import compile_transformer, load_pipeline, pipeline_class
 from .official import convert_official_checkpoint, convert_official_pipeline
 from .pipeline_pixnerd import PixNerdPipeline, imagenet_id2label
 from .pipeline_pixnerd_t2i import PixNerdT2IPipeline, encode_qwen3_prompts
@@ -7,8 +8,11 @@ __all__ = [
     "PixNerdLoraLoaderMixin",
     "PixNerdPipeline",
     "PixNerdT2IPipeline",
+    "compile_transformer",
     "convert_official_checkpoint",
     "convert_official_pipeline",
     "encode_qwen3_prompts",
     "imagenet_id2label",
+    "load_pipeline",
+    "pipeline_class",
 ]
