@@ -1,9 +1,10 @@
-"""`diffusers_pixnerd.load_pipeline` (every kind of model as the pipeline of its kind) and the cache spec of
-`models.cache.cache_config`."""
+"""`diffusers_pixnerd.load_pipeline` (every kind of model as the pipeline of its kind), the cache spec of
+`models.cache.cache_config`, and the benchmarks' `build` that benchmarks/gpu_checks.py builds on."""
 
 import json
 import os
 import shutil
+import sys
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from diffusers_pixnerd import PixNerdPipeline, PixNerdT2IPipeline, PixNerdTransf
 from diffusers_pixnerd.models import cache_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 BUNDLED = os.path.join(ROOT, "models", "pixnerd-fashion-mnist")
 BUNDLED_T2I = os.path.join(ROOT, "models", "pixnerd-t2i-fashion-mnist")
 BUNDLED_LORA = os.path.join(ROOT, "models", "pixnerd-t2i-fashion-mnist-red-lora")
@@ -203,3 +205,72 @@ def test_cache_specs_build_diffusers_cache_configs_with_pixnerd_defaults():
 def test_a_bad_cache_spec_names_the_part_and_what_was_expected(spec, message):
     with pytest.raises(ValueError, match=message):
         cache_config(spec, pipe=None)
+
+
+# ------------------------------------------------------------------------------------- the benchmarks' build(device)
+
+
+def test_benchmark_sampling_builds_each_variant_from_a_given_pipeline():
+    import benchmark_sampling
+
+    args = benchmark_sampling.parse_args(
+        ["--variants", "none", "cache=first_block:threshold=0.2+compile=regional", "--batch_size", "2"]
+    )
+    made = []
+
+    def make_pipeline():
+        made.append(PixNerdPipeline.from_pretrained(BUNDLED))
+        return made[-1]
+
+    pipes = benchmark_sampling.build(args, "cpu", make_pipeline=make_pipeline)
+    assert list(pipes) == args.variants and [pipes[v] for v in args.variants] == made  # a fresh one per variant
+    plain, fast = pipes["none"].transformer, pipes[args.variants[1]].transformer
+    assert not plain.is_cache_enabled and plain.transformer_blocks[0]._compiled_call_impl is None
+    assert fast._cache_config.threshold == 0.2 and fast.transformer_blocks[0]._compiled_call_impl is not None
+    with pytest.raises(ValueError, match=r"`--variants`: 'fast' is not none, cache=SPEC or compile=MODE"):
+        benchmark_sampling.build(benchmark_sampling.parse_args(["--variants", "fast"]), "cpu", make_pipeline)
+
+
+def test_benchmark_sampling_rows_compare_each_variant_with_the_first():
+    import benchmark_sampling
+
+    variants = ["none", "cache=first_block:threshold=0.0"]  # a cache that never skips: the same images
+    args = benchmark_sampling.parse_args(["--model", BUNDLED, "--variants", *variants, "--batch_size", "2"])
+    args.num_inference_steps, args.repeats, args.warmup = 2, 1, 0
+    rows = benchmark_sampling.benchmark(args)  # both loaded by `load_pipeline`
+    assert [row["variant"] for row in rows] == variants
+    assert all(row["max_pixel_diff"] == 0 and row["min_s"] > 0 for row in rows)
+
+
+def test_gpu_checks_cache_sampling_runs_the_benchmark_on_random_pipelines(monkeypatch, tmp_path):
+    import gpu_checks
+
+    for name, preset in gpu_checks.SMOKE_PRESETS.items():  # what `--smoke` adds, undone after the test
+        monkeypatch.setitem(gpu_checks.PIXNERD_PRESETS, name, preset)
+    args = gpu_checks.parse_args(["--smoke", "--device", "cpu", "--checks", "cache_sampling"])
+    rec = gpu_checks.Recorder(str(tmp_path / "result.json"))
+    with torch.no_grad():
+        gpu_checks.check_cache_sampling(args, rec)
+    rows = json.loads((tmp_path / "result.json").read_text())["rows"]
+    assert list(rows) == args.cache_variants and all(row["status"] == "ok" for row in rows.values())
+    assert rows["cache=taylorseer:cache_interval=3"]["max_pixel_diff"] == 0  # 2 steps: both computed in full
+    assert all(row["none_min_s"] > 0 and 0 <= row["max_pixel_diff"] <= 255 for row in rows.values())
+
+
+def test_official_sampling_compare_reports_the_difference_of_the_two_samplers():
+    import benchmark_official_sampling
+
+    ours, official = torch.tensor([1.0, -2.0]), torch.tensor([1.0, -2.5])
+    result = benchmark_official_sampling.compare(lambda: ours, lambda: (official,), repeats=2, device="cpu")
+    assert result["max_rel_diff"] == pytest.approx(0.5 / 2.5)
+    assert result["ours_s"] >= 0 and result["official_s"] >= 0
+
+
+def test_the_benchmarks_lora_targets_are_the_training_scripts_default():
+    import benchmark_training_memory
+
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    import train_pixnerd_t2i
+
+    default = train_pixnerd_t2i.lora_target_modules(train_pixnerd_t2i.LORA_TARGET_MODULES)
+    assert benchmark_training_memory.LORA_TARGETS == default
