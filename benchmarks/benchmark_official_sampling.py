@@ -16,9 +16,9 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import torch
+from benchmark_transformer import timed  # beside this script
 
 from diffusers_pixnerd import PixNerdFlowMatchScheduler, PixNerdPipeline, PixNerdTransformer2DModel
 from diffusers_pixnerd.loaders import convert_state_dict, infer_config
@@ -48,7 +48,9 @@ CONFIGS = {
 
 
 @torch.no_grad()
-def build(args):
+def build(args, device: str = "cpu"):
+    """(run_ours, run_official, pipe): the two samplers on `device` with the same weights, noise and labels. Both are
+    made on the CPU (the noise from a CPU generator, so every device samples the same noise), then moved."""
     sys.path.insert(0, os.path.abspath(args.official_repo))
     from src.diffusion.base.guidance import simple_guidance_fn
     from src.diffusion.flow_matching.adam_sampling import AdamLMSampler
@@ -86,26 +88,27 @@ def build(args):
     )
     noise = torch.randn(
         args.batch_size, 3, spec["resolution"], spec["resolution"], generator=torch.Generator().manual_seed(0)
-    )
-    labels = torch.arange(args.batch_size) % spec["num_classes"]
+    ).to(device)
+    labels = torch.arange(args.batch_size, device=device) % spec["num_classes"]
     null = torch.full_like(labels, spec["num_classes"])
+    for module in (pipe, official, sampler):
+        if isinstance(module, (torch.nn.Module, PixNerdPipeline)):  # the official sampler may hold buffers
+            module.to(device)
     run_ours = lambda: pipe(class_labels=labels, latents=noise.clone(), output_type="latent").images  # noqa: E731
     run_official = lambda: sampler(official.eval(), noise.clone(), labels, null)  # noqa: E731
-    return run_ours, run_official
+    return run_ours, run_official, pipe
 
 
 @torch.no_grad()
-def benchmark(args) -> dict:
-    run_ours, run_official = build(args)
-    ours, official = run_ours(), run_official()  # warm-up, and the samples compared
+def compare(run_ours, run_official, repeats: int, device: str = "cpu") -> dict:
+    """Both samplers once (warm-up, and the samples compared), then `repeats` alternating timed runs of each."""
+    ours, official = run_ours(), run_official()
     official = official[0] if isinstance(official, (tuple, list)) else official
     max_rel_diff = ((ours - official).abs().max() / official.abs().max()).item()
     times = {"ours": [], "official": []}
-    for _ in range(args.repeats):
+    for _ in range(repeats):
         for name, run in (("ours", run_ours), ("official", run_official)):
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(timed(run, device))
     best = {name: min(values) for name, values in times.items()}
     return dict(
         ours_s=round(best["ours"], 3),
@@ -114,6 +117,11 @@ def benchmark(args) -> dict:
         max_rel_diff=max_rel_diff,
         threads=torch.get_num_threads(),
     )
+
+
+def benchmark(args) -> dict:
+    run_ours, run_official, _ = build(args, args.device)
+    return compare(run_ours, run_official, args.repeats, args.device)
 
 
 def parse_args(input_args=None):
@@ -126,6 +134,7 @@ def parse_args(input_args=None):
     parser.add_argument("--guidance_interval", type=float, nargs=2, default=(0.1, 1.0), metavar=("MIN", "MAX"))
     parser.add_argument("--shift", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="Where both sample (default: the CPU).")
     parser.add_argument("--threads", type=int, default=None)
     return parser.parse_args(input_args)
 

@@ -7,68 +7,90 @@ Every variant is its own copy of the pipeline (compiling and caching change the 
 the same labels (or prompts) with the same seeds and the saved sampler. The variants' timed runs alternate (these
 machines are noisy) and the minimum is reported, with the speed-up over the first variant and the largest and mean
 pixel difference from its images (0-255 scale). The first call of each variant is timed apart (for `compile=` it
-includes the compilation), then `--warmup` untimed calls. A variant is `none`, `cache=NAME[:key=value,...]` (`examples/generate.py --cache`),
-`compile=regional|full`, or both joined by `+` (`cache=first_block:threshold=0.2+compile=regional`).
+includes the compilation), then `--warmup` untimed calls. A variant is `none`, `cache=NAME[:key=value,...]` (the
+`cache` of `load_pipeline`), `compile=regional|full`, or both joined by `+`
+(`cache=first_block:threshold=0.2+compile=regional`). `--device cuda` samples on the GPU (timings wait for it).
 Quality at scale (class accuracy, FID on >= 1,000 samples) is `examples/evaluate.py --cache ...`.
+`benchmarks/gpu_checks.py` runs it on random pipelines of the official sizes (`build(args, device, make_pipeline)`).
 """
 
 import argparse
 import json
 import os
-import sys
-import time
 
 import torch
+from benchmark_transformer import timed  # beside this script
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
-from generate import BUNDLED_MODEL, BUNDLED_T2I_PROMPTS, cache_config, compile_transformer, load_pipeline  # noqa: E402
+from diffusers_pixnerd import PixNerdT2IPipeline, load_pipeline
+from diffusers_pixnerd.models import cache_config
+from diffusers_pixnerd.pipelines import compile_transformer
 
-from diffusers_pixnerd import PixNerdT2IPipeline  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUNDLED_MODEL = os.path.join(ROOT, "models", "pixnerd-fashion-mnist")
+# Text-to-image prompts (those of `make demo`, examples/generate.py BUNDLED_T2I_PROMPTS).
+PROMPTS = [
+    "an image showing a dress",
+    "here is a sneaker, centered",
+    "a pair of trousers seen from the front",
+    "clothing catalogue: a handbag",
+    "a low-resolution shot of an ankle boot",
+]
 
 
-def prepare(model: str, variant: str):
-    """A fresh pipeline with the variant's cache and compile mode."""
-    pipe = load_pipeline(model, torch.float32)
-    pipe.set_progress_bar_config(disable=True)
+def variant_options(variant: str) -> dict:
+    """`none`, `cache=SPEC`, `compile=MODE` or both joined by `+`, as `{"cache": SPEC, "compile": MODE}`."""
+    options = {}
     for part in filter(lambda p: p != "none", variant.split("+")):
         kind, sep, value = part.partition("=")
-        if kind == "cache" and sep:
-            pipe.transformer.enable_cache(cache_config(value, pipe))
-        elif kind == "compile" and sep:
-            compile_transformer(pipe, value)
-        else:
+        if kind not in ("cache", "compile") or not sep:
             raise ValueError(f"`--variants`: {part!r} is not none, cache=SPEC or compile=MODE.")
-    return pipe
+        options[kind] = value
+    return options
+
+
+def build(args, device: str = "cpu", make_pipeline=None) -> dict:
+    """A fresh pipeline per variant (caching and compiling change the transformer in place), on `device`, with the
+    variant's cache and compile mode: `make_pipeline()` if given (gpu_checks: random weights), else `args.model`."""
+    pipes = {}
+    for variant in args.variants:
+        options = variant_options(variant)
+        if make_pipeline is None:
+            pipe = load_pipeline(args.model, dtype=torch.float32, device=device, **options)
+        else:
+            pipe = make_pipeline().to(device)
+            if "cache" in options:
+                pipe.transformer.enable_cache(cache_config(options["cache"], pipe))
+            compile_transformer(pipe.transformer, options.get("compile"))
+        pipe.set_progress_bar_config(disable=True)
+        pipes[variant] = pipe
+    return pipes
 
 
 def sample(pipe, batch_size: int, num_inference_steps: int | None) -> torch.Tensor:
     generators = [torch.Generator().manual_seed(i) for i in range(batch_size)]
     if isinstance(pipe, PixNerdT2IPipeline):
-        prompts = [BUNDLED_T2I_PROMPTS[i % len(BUNDLED_T2I_PROMPTS)] for i in range(batch_size)]
-        condition = {"prompt": prompts}
+        condition = {"prompt": [PROMPTS[i % len(PROMPTS)] for i in range(batch_size)]}
     else:
         condition = {"class_labels": [i % pipe.transformer.config.num_classes for i in range(batch_size)]}
     images = pipe(**condition, generator=generators, num_inference_steps=num_inference_steps, output_type="pt")
     return (images.images * 255).round()
 
 
-def benchmark(args) -> list[dict]:
-    pipes = {variant: prepare(args.model, variant) for variant in args.variants}
+def benchmark(args, pipes: dict | None = None, device: str = "cpu") -> list[dict]:
+    """The rows of the variants' `pipes` (default: `build(args, device)`), timed on `device`."""
+    pipes = pipes or build(args, device)
     first_call, images = {}, {}
+    run = lambda pipe: sample(pipe, args.batch_size, args.num_inference_steps)  # noqa: E731
     for variant, pipe in pipes.items():
-        start = time.perf_counter()
-        images[variant] = sample(pipe, args.batch_size, args.num_inference_steps)
-        first_call[variant] = time.perf_counter() - start
-        for _ in range(
-            args.warmup
-        ):  # e.g. a compiled model's one recompile once diffusers has added its hook registry
-            sample(pipe, args.batch_size, args.num_inference_steps)
+        output = []
+        first_call[variant] = timed(lambda: output.append(run(pipe)), device)
+        images[variant] = output[0].cpu()
+        for _ in range(args.warmup):  # e.g. a compiled model's one recompile once diffusers has added its hook registry
+            run(pipe)
     times = {variant: [] for variant in pipes}
     for _ in range(args.repeats):
         for variant, pipe in pipes.items():
-            start = time.perf_counter()
-            sample(pipe, args.batch_size, args.num_inference_steps)
-            times[variant].append(time.perf_counter() - start)
+            times[variant].append(timed(lambda: run(pipe), device))
     baseline = args.variants[0]
     rows = []
     for variant in pipes:
@@ -94,6 +116,7 @@ def parse_args(input_args=None):
     parser.add_argument("--num_inference_steps", type=int, default=None, help="Default: the saved sampler's.")
     parser.add_argument("--warmup", type=int, default=1, help="Untimed calls after the first one.")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="Where the pipelines sample (default: the CPU).")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
     parser.add_argument("--output", default=None, help="Also write the rows to this JSON file.")
     return parser.parse_args(input_args)
@@ -102,7 +125,7 @@ def parse_args(input_args=None):
 def main(args):
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = benchmark(args)
+    rows = benchmark(args, device=args.device)
     print(f"{'variant':48s} {'first call s':>12s} {'min s':>8s} {'speed-up':>9s} {'max diff':>9s} {'mean diff':>9s}")
     for row in rows:
         print(

@@ -49,7 +49,7 @@ from diffusers_pixnerd.training import (
 )
 
 GIB = 2**30
-# The script's default LoRA targets (examples/train_pixnerd_t2i.py LORA_TARGET_MODULES).
+# The script's default LoRA targets (examples/train_pixnerd_t2i.py LORA_TARGET_MODULES; tests/test_loading.py checks).
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj", "proj_in", "proj_out", "param_generator"]
 DINOV2_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, patch_size=14)
 
@@ -82,7 +82,7 @@ def parse_args(argv=None):
 def build(args, device: str):
     """The training module, its optimizer and EMA (or None), a function making a random batch and the frozen modules
     that also sit on `device` (the REPA encoder), set up as the training scripts do. Also used by
-    scripts/gpu_checks.py."""
+    benchmarks/gpu_checks.py."""
     from transformers import Dinov2Config, Dinov2Model
 
     torch.manual_seed(0)

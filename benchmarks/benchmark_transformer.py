@@ -108,11 +108,13 @@ def build(args):
 
 
 def timed(fn, device) -> float:
-    if device == "cuda":
+    """Seconds of one call of `fn`, waiting for the device's queued work before and after."""
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
     fn()
-    if device == "cuda":
+    if cuda:
         torch.cuda.synchronize()
     return time.perf_counter() - start
 

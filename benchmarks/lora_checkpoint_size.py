@@ -22,27 +22,25 @@ import tempfile
 import numpy as np
 import PIL.Image
 import torch
+from benchmark_training_memory import LORA_TARGETS  # beside this script: the training script's default targets
 
 from diffusers_pixnerd import PixNerdT2IPipeline, PixNerdTransformer2DModel
 from diffusers_pixnerd.training import REPAProjector
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "examples", "train_pixnerd_t2i.py")
-sys.path.insert(0, os.path.join(ROOT, "examples"))
 DINOV2_BASE_WIDTH = 768  # facebook/dinov2-base, the default `--repa_encoder`
 
 
 def count(transformer, rank: int) -> dict[str, int]:
     """Parameters of the base, of the script's default LoRA adapters at `rank`, and of the REPA projector."""
     from peft import LoraConfig
-    from train_pixnerd_t2i import LORA_TARGET_MODULES, lora_target_modules
 
     base = sum(p.numel() for p in transformer.parameters())
     hidden = transformer.config.num_attention_heads * transformer.config.attention_head_dim
     with torch.device("meta"):
         projector = sum(p.numel() for p in REPAProjector(hidden, DINOV2_BASE_WIDTH).parameters())
-    targets = lora_target_modules(LORA_TARGET_MODULES)
-    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets))
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS))
     lora = sum(p.numel() for n, p in transformer.named_parameters() if ".lora_" in n)
     return {"base": base, "lora": lora, "projector": projector}
 

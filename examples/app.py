@@ -14,17 +14,17 @@ import atexit
 import glob
 import os
 import shutil
-import sys
 import tempfile
 import time
 
 import torch
 from PIL import Image
 
-from diffusers_pixnerd import PixNerdFlowMatchScheduler, PixNerdPipeline, PixNerdT2IPipeline
+from diffusers_pixnerd import PixNerdFlowMatchScheduler, PixNerdPipeline, PixNerdT2IPipeline, load_pipeline
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from generate import BUNDLED_MODEL, BUNDLED_T2I_MODEL, load_pipeline  # noqa: E402
+MODELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
+BUNDLED_MODEL = os.path.join(MODELS, "pixnerd-fashion-mnist")
+BUNDLED_T2I_MODEL = os.path.join(MODELS, "pixnerd-t2i-fashion-mnist")
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -204,8 +204,8 @@ def parse_args(input_args=None):
 
 def main(args):
     dtype = getattr(torch, args.dtype)
-    c2i = None if args.model == "none" else load_pipeline(args.model, dtype).to(args.device)
-    t2i = None if args.t2i_model in (None, "none") else load_pipeline(args.t2i_model, dtype).to(args.device)
+    c2i = None if args.model == "none" else load_pipeline(args.model, dtype=dtype, device=args.device)
+    t2i = None if args.t2i_model in (None, "none") else load_pipeline(args.t2i_model, dtype=dtype, device=args.device)
     bundled = args.t2i_model and os.path.abspath(args.t2i_model) == os.path.abspath(BUNDLED_T2I_MODEL)
     demo = build_demo(c2i, t2i, "a photo of a sneaker" if bundled else "a photo of a red fox in the snow")
     bounded_queue(demo).launch(server_name="127.0.0.1", server_port=args.port, share=False)

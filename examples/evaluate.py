@@ -36,9 +36,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from diffusers_pixnerd import PixNerdT2IPipeline
+from diffusers_pixnerd import PixNerdT2IPipeline, load_pipeline
+from diffusers_pixnerd.models import cache_config
+from diffusers_pixnerd.pipelines import compile_transformer
 
-EXAMPLES = os.path.dirname(os.path.abspath(__file__))
 CLASSIFIER_SIZE = 32  # the input side of the Fashion-MNIST classifier (fashion_mnist.py `FashionClassifier`)
 
 
@@ -246,18 +247,13 @@ def load_weights(pipe, args) -> dict:
 
 
 def main(args):
-    import sys
-
-    sys.path.insert(0, EXAMPLES)  # fashion_mnist.py beside this script
-    from generate import cache_config, compile_transformer, load_pipeline
-
-    pipe = load_pipeline(args.model, torch.float32)
-    call_kwargs = load_weights(pipe, args)
+    pipe = load_pipeline(args.model, dtype=torch.float32)
+    call_kwargs = load_weights(pipe, args)  # before the cache and compilation, which the loader would add first
     pipe = pipe.to(args.device)
     pipe.set_progress_bar_config(disable=True)
     if args.cache:
         pipe.transformer.enable_cache(cache_config(args.cache, pipe))
-    compile_transformer(pipe, args.compile)
+    compile_transformer(pipe.transformer, args.compile)
     os.makedirs(args.output_dir, exist_ok=True)
     if isinstance(pipe, PixNerdT2IPipeline):
         if not args.prompt_file:

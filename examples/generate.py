@@ -11,31 +11,19 @@
     python examples/generate.py --cache first_block:threshold=0.2 --compile regional
 
 `--model` is a pipeline folder, a Hub repo id (diffusers format or an official one, converted on first use) or an
-official checkpoint file. `--cache NAME[:key=value,...]` enables one of diffusers' caches on the transformer
-(`first_block`, `taylorseer`, `pab`, `mag`; the keys are the fields of its diffusers config; docs/benchmarks.md has
-measured settings); `--compile regional` compiles the repeated DiT blocks, `--compile full` the whole transformer.
-Prints the path of the grid it writes.
+official checkpoint file, loaded by `diffusers_pixnerd.load_pipeline`. `--cache NAME[:key=value,...]` enables one of
+diffusers' caches on the transformer (`first_block`, `taylorseer`, `pab`, `mag`; the keys are the fields of its
+diffusers config; docs/benchmarks.md has measured settings); `--compile regional` compiles the repeated DiT blocks,
+`--compile full` the whole transformer. Prints the path of the grid it writes.
 """
 
 import argparse
-import ast
-import dataclasses
-import functools
 import os
-import re
 
 import torch
-from diffusers import (
-    DiffusionPipeline,
-    FirstBlockCacheConfig,
-    MagCacheConfig,
-    PyramidAttentionBroadcastConfig,
-    TaylorSeerCacheConfig,
-)
 from PIL import Image, ImageDraw, ImageFont
 
-from diffusers_pixnerd import PixNerdPipeline, PixNerdT2IPipeline, convert_official_pipeline
-from diffusers_pixnerd.loaders import official_pipeline_folder
+from diffusers_pixnerd import PixNerdT2IPipeline, load_pipeline
 
 MODELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
 BUNDLED_MODEL = os.path.join(MODELS, "pixnerd-fashion-mnist")
@@ -50,68 +38,6 @@ BUNDLED_T2I_PROMPTS = [
     "a low-resolution shot of an ankle boot",
 ]
 BUNDLED_LORA_PROMPTS = ["a red dress", "here is a red sneaker, centered", "a red handbag", "a photo of a red coat"]
-
-
-def load_pipeline(model: str, dtype: torch.dtype) -> PixNerdPipeline | PixNerdT2IPipeline:
-    """A pipeline folder or Hub repo (diffusers format or official), or an official checkpoint file."""
-    if os.path.isfile(model):
-        return convert_official_pipeline(model, dtype=dtype)
-    # Official repos: converted once (pipeline of the checkpoint's kind, no text encoder) and cached; the pipeline
-    # class then loads the cached folder and, for text-to-image, the official text encoder.
-    converted = official_pipeline_folder(model, functools.partial(convert_official_pipeline, text_encoder=None))
-    if converted is not None:
-        classes = {cls.__name__: cls for cls in (PixNerdPipeline, PixNerdT2IPipeline)}
-        return classes[DiffusionPipeline.load_config(converted)["_class_name"]].from_pretrained(model, dtype=dtype)
-    return DiffusionPipeline.from_pretrained(model, dtype=dtype)
-
-
-CACHES = {
-    "first_block": FirstBlockCacheConfig,
-    "taylorseer": TaylorSeerCacheConfig,
-    "pab": PyramidAttentionBroadcastConfig,
-    "mag": MagCacheConfig,
-}
-
-
-def cache_config(spec: str, pipe):
-    """`NAME[:key=value,...]` as a diffusers cache config, e.g. `first_block:threshold=0.2` or
-    `taylorseer:cache_interval=3`. PixNerd defaults: TaylorSeer predicts whole DiT blocks with float32 factors
-    (its default, the attention outputs, saves little here); PAB reads the pipeline's current timestep; MagCache the
-    scheduler's number of steps."""
-    name, _, options = spec.partition(":")
-    if name not in CACHES:
-        raise ValueError(f"`--cache` must start with one of {sorted(CACHES)}, got {name!r}.")
-    config_class = CACHES[name]
-    fields = {field.name for field in dataclasses.fields(config_class)}
-    defaults = {
-        "taylorseer": dict(cache_identifiers=[r"transformer_blocks\.\d+"], taylor_factors_dtype=torch.float32),
-        "pab": dict(spatial_attention_block_skip_range=2, current_timestep_callback=lambda: pipe.current_timestep),
-        "mag": dict(num_inference_steps=pipe.scheduler.config.get("num_inference_steps", 50)),
-    }.get(name, {})
-    kwargs = dict(defaults)
-    for item in filter(None, re.split(r",(?=\s*\w+=)", options)):  # commas inside values, e.g. (100,950), stay
-        key, sep, value = item.partition("=")
-        if not sep or key not in fields:
-            raise ValueError(
-                f"`--cache {spec}`: {item!r} is not key=value with a key of {config_class.__name__}: {sorted(fields)}."
-            )
-        try:
-            value = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            pass  # a plain word, e.g. a dtype name
-        kwargs[key] = getattr(torch, value) if key.endswith("dtype") and isinstance(value, str) else value
-    return config_class(**kwargs)
-
-
-def compile_transformer(pipe, mode: str) -> None:
-    """`regional`: each repeated DiT block (`compile_repeated_blocks`, compiled once, reused by every block);
-    `full`: the whole transformer (`torch.compile` in place)."""
-    if mode == "regional":
-        pipe.transformer.compile_repeated_blocks(fullgraph=True)
-    elif mode == "full":
-        pipe.transformer.compile(fullgraph=True)
-    elif mode != "none":
-        raise ValueError(f"`--compile` must be none, regional or full, got {mode!r}.")
 
 
 def caption_font(size: int) -> ImageFont.ImageFont:
@@ -153,8 +79,8 @@ def parse_args(input_args=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--lora", default=None, help="Text-to-image: LoRA weights (folder, file or Hub repo).")
-    parser.add_argument("--lora_scale", type=float, default=1.0, help='The LoRA scale (`attention_kwargs["scale"]`).')
+    parser.add_argument("--lora", default=None, help="LoRA weights (folder, file or Hub repo).")
+    parser.add_argument("--lora_scale", type=float, default=1.0, help="The LoRA scale (`set_adapters`).")
     parser.add_argument("--cache", default=None, help="NAME[:key=value,...], e.g. first_block:threshold=0.2.")
     parser.add_argument("--compile", default="none", choices=["none", "regional", "full"])
     parser.add_argument("--output", default="outputs/demo_grid.png")
@@ -162,7 +88,15 @@ def parse_args(input_args=None):
 
 
 def main(args):
-    pipe = load_pipeline(args.model, getattr(torch, args.dtype)).to(args.device)
+    pipe = load_pipeline(
+        args.model,
+        dtype=getattr(torch, args.dtype),
+        device=args.device,
+        lora=args.lora,
+        lora_scale=args.lora_scale if args.lora else None,
+        cache=args.cache or None,
+        compile=args.compile,
+    )
     text = isinstance(pipe, PixNerdT2IPipeline)
     if text:
         if not args.prompt and os.path.abspath(args.model) == os.path.abspath(BUNDLED_T2I_MODEL):
@@ -171,8 +105,6 @@ def main(args):
         if not args.prompt:
             raise ValueError("This is a text-to-image model: pass `--prompt`.")
         conditions, captions = args.prompt, args.prompt
-        if args.lora:
-            pipe.load_lora_weights(args.lora)
     else:
         if args.prompt:
             raise ValueError("This is a class-conditional model: pass `--class_labels`, not `--prompt`.")
@@ -180,9 +112,6 @@ def main(args):
         labels = args.class_labels or list(names)[:10] or list(range(min(10, pipe.transformer.config.num_classes)))
         conditions = [int(label) if str(label).isdigit() else label for label in labels]
         captions = [names.get(c, str(c)) if isinstance(c, int) else c for c in conditions]
-    if args.cache:
-        pipe.transformer.enable_cache(cache_config(args.cache, pipe))
-    compile_transformer(pipe, args.compile)
     bundled = os.path.abspath(args.model) in (os.path.abspath(BUNDLED_MODEL), os.path.abspath(BUNDLED_T2I_MODEL))
     per_label = args.num_images_per_label or (4 if bundled else 1)
     # One generator per image, so every image depends only on its seed, not on the batch.
@@ -196,8 +125,6 @@ def main(args):
         num_images_per_prompt=per_label,
         generator=generator,
     )
-    if text and args.lora:
-        kwargs["attention_kwargs"] = {"scale": args.lora_scale}
     images = (pipe(prompt=conditions, **kwargs) if text else pipe(class_labels=conditions, **kwargs)).images
     # Columns: the images of one label; rows: labels.
     columns_first = [images[row * per_label + col] for col in range(per_label) for row in range(len(conditions))]

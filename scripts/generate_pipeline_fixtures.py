@@ -16,12 +16,11 @@ import sys
 from pathlib import Path
 
 import torch
+from generate_transformer_fixtures import C2I_KWARGS, T2I_KWARGS  # beside this script: the tiny official models
 from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
-sys.path.insert(0, str(ROOT / "scripts"))
-from generate_transformer_fixtures import C2I_KWARGS, T2I_KWARGS  # noqa: E402  (the tiny official models)
 
 # Official sampler settings per run (constructor arguments, as in configs_c2i/*.yaml and
 # configs_t2i/inference_heavydecoder.yaml). The C2I Adams run uses shift 3 and the interval (0.1, 1), so its second

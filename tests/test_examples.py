@@ -6,12 +6,13 @@ import socket
 import subprocess
 import sys
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from diffusers_pixnerd import load_pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
@@ -40,26 +41,6 @@ def test_demo_writes_a_labelled_grid(tmp_path, capsys):
 def test_demo_rejects_a_prompt_for_a_class_model(tmp_path):
     with pytest.raises(ValueError, match="--class_labels"):
         generate.main(generate.parse_args(["--prompt", "a shoe", "--output", str(tmp_path / "x.png")]))
-
-
-def test_cache_option_builds_diffusers_cache_configs():
-    from diffusers import FirstBlockCacheConfig, PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig
-
-    pipe = SimpleNamespace(current_timestep=torch.tensor(700.0), scheduler=SimpleNamespace(config={}))
-    config = generate.cache_config("first_block:threshold=0.3", pipe)
-    assert isinstance(config, FirstBlockCacheConfig) and config.threshold == 0.3
-    config = generate.cache_config("taylorseer:cache_interval=4,taylor_factors_dtype=bfloat16", pipe)
-    assert isinstance(config, TaylorSeerCacheConfig)
-    assert (config.cache_interval, config.taylor_factors_dtype) == (4, torch.bfloat16)
-    assert config.cache_identifiers == [r"transformer_blocks\.\d+"]  # whole DiT blocks by default
-    config = generate.cache_config("pab:spatial_attention_timestep_skip_range=(100,950)", pipe)
-    assert isinstance(config, PyramidAttentionBroadcastConfig)
-    assert config.spatial_attention_timestep_skip_range == (100, 950)
-    assert config.current_timestep_callback() == 700.0
-    with pytest.raises(ValueError, match="`--cache` must start with one of"):
-        generate.cache_config("teacache", pipe)
-    with pytest.raises(ValueError, match="not key=value with a key of FirstBlockCacheConfig"):
-        generate.cache_config("first_block:thresh=0.3", pipe)
 
 
 def test_evaluate_with_a_cache_records_it_and_skips_work(tmp_path):
@@ -241,7 +222,7 @@ def test_evaluate_samples_and_scores_class_accuracy(tmp_path):
     expected = {names[str(c)]: correct[c::10].mean() for c in range(10)}  # two samples per class
     assert metrics["per_class_accuracy"] == pytest.approx(expected)
     # Per-index seeds: sample 3 alone is the same image as in the batch.
-    pipe = generate.load_pipeline(BUNDLED, torch.float32)
+    pipe = load_pipeline(BUNDLED, dtype=torch.float32)
     alone = pipe(
         class_labels=[3], num_inference_steps=10, generator=[torch.Generator().manual_seed(3)], output_type="np"
     )
@@ -302,7 +283,7 @@ def test_web_demo_shows_the_pipelines_message_enforces_its_caps_and_cleans_up(tm
     import app
     import gradio as gr
 
-    pipe = generate.load_pipeline(generate.BUNDLED_MODEL, torch.float32)
+    pipe = load_pipeline(generate.BUNDLED_MODEL, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     values = dict(
         num_inference_steps=2, guidance_scale=2.0, guidance_interval=(0.0, 1.0), seed=0, shift=1.0, solver_order=2,

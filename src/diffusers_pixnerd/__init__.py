@@ -9,6 +9,7 @@ from .pipelines import (
     convert_official_checkpoint,
     convert_official_pipeline,
     imagenet_id2label,
+    load_pipeline,
 )
 from .schedulers import OFFICIAL_SCHEDULER_PRESETS, PixNerdFlowMatchScheduler, PixNerdFlowMatchSchedulerOutput
 
@@ -31,4 +32,5 @@ __all__ = [
     "convert_official_checkpoint",
     "convert_official_pipeline",
     "imagenet_id2label",
+    "load_pipeline",
 ]

@@ -9,11 +9,21 @@ are adapted here rather than in the pipelines:
 - Pyramid Attention Broadcast keeps one cached attention output per layer whatever the context, so the second branch
   would reuse the first one's attention: its hooks get one state per cache context.
 - Caches whose assumptions PixNerd breaks are refused with the reason, instead of producing wrong images.
+
+`cache_config` turns a short spec (`first_block:threshold=0.2`, the `cache` of `load_pipeline` and the `--cache` of
+the examples and benchmarks) into one of diffusers' cache configs with PixNerd's defaults.
 """
 
+import ast
+import dataclasses
+import re
+
+import torch
 from diffusers.hooks import (
     FasterCacheConfig,
+    FirstBlockCacheConfig,
     HookRegistry,
+    MagCacheConfig,
     PyramidAttentionBroadcastConfig,
     SeaCacheConfig,
     TaylorSeerCacheConfig,
@@ -34,6 +44,61 @@ UNSUPPORTED_CACHES = {
     "conditioned on the timestep",
     SeaCacheConfig: "SeaCache's generic path expects video latents (C, T, H, W) and a model adapter",
 }
+
+
+# The caches `cache_config` names (docs/benchmarks.md has measured settings).
+CACHES = {
+    "first_block": FirstBlockCacheConfig,
+    "taylorseer": TaylorSeerCacheConfig,
+    "pab": PyramidAttentionBroadcastConfig,
+    "mag": MagCacheConfig,
+}
+
+
+def parse_cache_spec(spec: str) -> tuple[type, dict]:
+    """`NAME[:key=value,...]` as (the diffusers config class, the keyword arguments written in the spec). Values are
+    Python literals (`(100,950)`, `0.2`) or plain words; keys ending in `dtype` take a torch dtype name."""
+    if not isinstance(spec, str):
+        raise ValueError(f"`cache` must be a string NAME[:key=value,...], got {type(spec).__name__} {spec!r}.")
+    name, _, options = spec.partition(":")
+    if name not in CACHES:
+        raise ValueError(f"`cache` must start with one of {sorted(CACHES)}, got {name!r} (in {spec!r}).")
+    config_class = CACHES[name]
+    fields = {field.name for field in dataclasses.fields(config_class)}
+    kwargs = {}
+    for item in filter(None, re.split(r",(?=\s*\w+=)", options)):  # commas inside values, e.g. (100,950), stay
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise ValueError(
+                f"`cache` {spec!r}: {item!r} is not key=value with a key of {config_class.__name__}: {sorted(fields)}."
+            )
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            pass  # a plain word, e.g. a dtype name
+        if key.endswith("dtype") and isinstance(value, str):
+            if not isinstance(getattr(torch, value, None), torch.dtype):
+                raise ValueError(f"`cache` {spec!r}: {key}={value!r} is not a torch dtype name (e.g. float32).")
+            value = getattr(torch, value)
+        kwargs[key] = value
+    return config_class, kwargs
+
+
+def cache_config(spec: str, pipe):
+    """`NAME[:key=value,...]` as a diffusers cache config for `pipe.transformer.enable_cache`, e.g.
+    `first_block:threshold=0.2` or `taylorseer:cache_interval=3`. PixNerd defaults: TaylorSeer predicts whole DiT
+    blocks with float32 factors (its default, the attention outputs, saves little here); PAB reads the pipeline's
+    current timestep; MagCache the scheduler's number of steps."""
+    config_class, options = parse_cache_spec(spec)
+    if config_class is TaylorSeerCacheConfig:
+        defaults = dict(cache_identifiers=[r"transformer_blocks\.\d+"], taylor_factors_dtype=torch.float32)
+    elif config_class is PyramidAttentionBroadcastConfig:
+        defaults = dict(spatial_attention_block_skip_range=2, current_timestep_callback=lambda: pipe.current_timestep)
+    elif config_class is MagCacheConfig:
+        defaults = dict(num_inference_steps=pipe.scheduler.config.get("num_inference_steps", 50))
+    else:
+        defaults = {}
+    return config_class(**{**defaults, **options})
 
 
 def check_cache_config(block_class: type, config) -> None:

@@ -1,15 +1,18 @@
 """Every GPU number in one prepared run: dtype parity, training memory, attention backends, offloading, compile, speed.
 
-    PYTHONUNBUFFERED=1 python scripts/gpu_checks.py --official_repo /path/to/MCG-NJU/PixNerd --output_dir $OUT
-    python scripts/gpu_checks.py --smoke --official_repo /path/to/MCG-NJU/PixNerd --output_dir /tmp/gpu_checks_smoke
+    PYTHONUNBUFFERED=1 python benchmarks/gpu_checks.py --official_repo /path/to/MCG-NJU/PixNerd --output_dir $OUT
+    python benchmarks/gpu_checks.py --smoke --official_repo /path/to/MCG-NJU/PixNerd --output_dir /tmp/gpu_checks_smoke
+
+The checks build on the benchmarks beside this file (`build(args, device)` and their timing), imported as the
+modules of this folder.
 
 On the device machine (device `run`, timeout_s 600): its image has PyTorch but no diffusers, so carry diffusers'
 wheel (device/README.md: `pip download --no-deps ... -d .whl diffusers==0.42.1`; Python 3.12 needs no other) and the
 official checkout (5.6 MB; e.g. copied to `.official/PixNerd`); both folders ignored in .git/info/exclude and named
-in `carry`. This package is found under src/ without installing it. The command there:
+in `carry`. This package is found under src/ without installing it (`PYTHONPATH`). The command there:
 
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site;
-    PYTHONUNBUFFERED=1 python3 scripts/gpu_checks.py --official_repo .official/PixNerd --output_dir $OUT
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:src;
+    PYTHONUNBUFFERED=1 python3 benchmarks/gpu_checks.py --official_repo .official/PixNerd --output_dir $OUT
 
 Written for one run on an H200 with 15 minutes of device time in all (the machine's start included): the seven checks
 take about 4 to 5 minutes there (estimated, not yet measured: about half of it is torch.compile's cold compilation and
@@ -69,27 +72,23 @@ import tempfile
 import time
 import traceback
 
+# The benchmarks beside this script (its folder is on sys.path when it runs).
+import benchmark_official_sampling as official_sampling
+import benchmark_sampling as sampling
+import benchmark_training_memory as training_memory
+import benchmark_transformer as transformer_bench
+import diffusers
 import torch
+from diffusers.models.attention_dispatch import AttentionBackendName
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-try:
-    import diffusers_pixnerd  # noqa: F401
-except ImportError:  # not installed (the device machine): the source tree
-    sys.path.insert(0, os.path.join(ROOT, "src"))
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # not a package
-import benchmark_official_sampling as official_sampling  # noqa: E402
-import benchmark_sampling as sampling  # noqa: E402
-import benchmark_training_memory as training_memory  # noqa: E402
-import benchmark_transformer as transformer_bench  # noqa: E402
-import diffusers  # noqa: E402
-from diffusers.models.attention_dispatch import AttentionBackendName  # noqa: E402
-
-from diffusers_pixnerd import (  # noqa: E402
+from diffusers_pixnerd import (
     PIXNERD_PRESETS,
     PixNerdFlowMatchScheduler,
     PixNerdPipeline,
     PixNerdTransformer2DModel,
 )
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CHECKS = ["parity", "training", "attention", "offload", "forward_speed", "official_sampling", "cache_sampling", "compile"]
 TITLES = {
@@ -172,11 +171,6 @@ class Skipped(Exception):
     """A row or check that cannot run here; recorded as "skipped: <reason>"."""
 
 
-def sync(device: str) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
 def free_memory(device: str) -> None:
     gc.collect()
     if torch.device(device).type == "cuda":
@@ -211,17 +205,6 @@ def timed_output(fn, device: str):
 def best_ms(fn, device: str, repeats: int) -> float:
     """The least disturbed of `repeats` timed calls, in milliseconds."""
     return min(transformer_bench.timed(fn, device) for _ in range(repeats)) * 1000
-
-
-def synchronized(fn, device: str):
-    """`fn` that waits for the device before returning, for the benchmarks' plain perf_counter timing."""
-
-    def call(*args, **kwargs):
-        output = fn(*args, **kwargs)
-        sync(device)
-        return output
-
-    return call
 
 
 def rel_err(output: torch.Tensor, reference: torch.Tensor) -> float:
@@ -275,24 +258,6 @@ def make_pipeline(transformer: PixNerdTransformer2DModel, steps: int) -> PixNerd
     pipe = PixNerdPipeline(transformer=transformer, scheduler=PixNerdFlowMatchScheduler(num_inference_steps=steps))
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def move_closure(device: str, *functions) -> None:
-    """Moves the tensors, modules and pipelines a benchmark's closures hold to `device`.
-
-    `benchmark_official_sampling.build` makes everything on the CPU (its noise comes from a CPU generator) and returns
-    closures over them; moving their contents puts its exact setup on the GPU without copying its code."""
-    for function in functions:
-        for cell in function.__closure__ or ():
-            value = cell.cell_contents
-            if isinstance(value, torch.Tensor):
-                cell.cell_contents = value.to(device)
-            elif isinstance(value, (torch.nn.Module, diffusers.DiffusionPipeline)):
-                value.to(device)
-
-
-def closure_vars(function) -> dict:
-    return {name: cell.cell_contents for name, cell in zip(function.__code__.co_freevars, function.__closure__ or ())}
 
 
 class Recorder:
@@ -476,50 +441,36 @@ def check_official_sampling(args, rec: Recorder):
     options += ["--batch_size", str(args.sampling_batch_size or args.batch_size)]
     options += ["--num_inference_steps", str(args.sampling_steps), "--repeats", str(args.sampling_repeats)]
     bench_args = official_sampling.parse_args(options)
-    run_ours, run_official = official_sampling.build(bench_args)
-    move_closure(device, run_ours, run_official)
-    transformer = closure_vars(run_ours)["pipe"].transformer
+    run_ours, run_official, pipe = official_sampling.build(bench_args, device)
 
     def ours_autocast():
         with autocast(device):
             return run_ours()
 
-    def benchmark(ours):
-        official_sampling.build = lambda _args: (synchronized(ours, device), synchronized(run_official, device))
-        return official_sampling.benchmark(bench_args)
-
-    original_build = official_sampling.build
-    try:
-        with rec.row("ours on fp32 weights under bf16 autocast (as the official sampler)") as row:
-            row.update(benchmark(ours_autocast))
-        with rec.row("ours on bf16 weights") as row:
-            transformer.to(torch.bfloat16)
-            row.update(benchmark(run_ours))
-    finally:
-        official_sampling.build = original_build
+    with rec.row("ours on fp32 weights under bf16 autocast (as the official sampler)") as row:
+        row.update(official_sampling.compare(ours_autocast, run_official, bench_args.repeats, device))
+    with rec.row("ours on bf16 weights") as row:
+        pipe.transformer.to(torch.bfloat16)
+        row.update(official_sampling.compare(run_ours, run_official, bench_args.repeats, device))
 
 
 def check_cache_sampling(args, rec: Recorder):
     device, dtype = args.device, getattr(torch, args.dtype)
-    original_load, original_sample = sampling.load_pipeline, sampling.sample
-    # benchmark_sampling loads a saved pipeline: give it a random one of the preset, on the device, in --dtype.
-    sampling.load_pipeline = lambda model, _dtype: make_pipeline(make_model(model, device, dtype), args.sampling_steps)
-    sampling.sample = synchronized(original_sample, device)
-    try:
-        for variant in args.cache_variants:
-            with rec.row(variant) as row:
-                options = ["--model", args.model, "--variants", "none", variant]
-                options += ["--batch_size", str(args.sampling_batch_size or args.batch_size)]
-                options += ["--num_inference_steps", str(args.sampling_steps), "--repeats", str(args.sampling_repeats)]
-                bench_args = sampling.parse_args(options)
-                bench_args.warmup = 1
-                results = {result.pop("variant"): result for result in sampling.benchmark(bench_args)}
-                row.update(results[variant])
-                row["none_first_call_s"] = results["none"]["first_call_s"]
-                row["none_min_s"] = results["none"]["min_s"]
-                free_memory(device)
-    finally:
-        sampling.load_pipeline, sampling.sample = original_load, original_sample
+    # A random pipeline of the preset, on the device, in --dtype, for each variant of benchmark_sampling.
+    random_pipeline = lambda: make_pipeline(make_model(args.model, device, dtype), args.sampling_steps)  # noqa: E731
+    for variant in args.cache_variants:
+        with rec.row(variant) as row:
+            options = ["--model", args.model, "--variants", "none", variant, "--warmup", "1", "--device", device]
+            options += ["--batch_size", str(args.sampling_batch_size or args.batch_size)]
+            options += ["--num_inference_steps", str(args.sampling_steps), "--repeats", str(args.sampling_repeats)]
+            bench_args = sampling.parse_args(options)
+            pipes = sampling.build(bench_args, device, make_pipeline=random_pipeline)
+            results = {result.pop("variant"): result for result in sampling.benchmark(bench_args, pipes, device)}
+            row.update(results[variant])
+            row["none_first_call_s"] = results["none"]["first_call_s"]
+            row["none_min_s"] = results["none"]["min_s"]
+            del pipes
+            free_memory(device)
 
 
 def check_compile(args, rec: Recorder):
@@ -658,7 +609,7 @@ def run_check(name: str, argv: list[str], limit: float, log_path: str) -> dict:
 def environment(argv: list[str]) -> dict:
     env = dict(
         date=datetime.datetime.now().isoformat(timespec="seconds"),
-        command=" ".join(["python", "scripts/gpu_checks.py", *argv]),
+        command=" ".join(["python", "benchmarks/gpu_checks.py", *argv]),
         python=platform.python_version(),
         torch=torch.__version__,
         cuda=torch.version.cuda,
