@@ -46,7 +46,7 @@ def test_scheduler_takes_numpy_numbers():
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_custom_sigmas_are_an_error(bad):
     scheduler = PixNerdFlowMatchScheduler()
-    with pytest.raises(ValueError, match="`sigmas` must be a strictly decreasing"):
+    with pytest.raises(ValueError, match="`sigmas` must be a non-empty, strictly decreasing 1-D sequence of finite"):
         scheduler.set_timesteps(sigmas=[1.0, bad, 0.25])
 
 

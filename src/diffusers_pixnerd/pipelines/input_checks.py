@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..schedulers.scheduling_pixnerd import check_guidance_interval, is_integer, is_real
+from ..schedulers.scheduling_pixnerd import check_guidance_interval, check_sigmas, is_integer, is_real
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -41,7 +41,7 @@ def sampling_settings(
         height = latents.shape[-2] if height is None else height
         width = latents.shape[-1] if width is None else width
     if sigmas is not None:
-        sigmas = check_sigmas(sigmas)
+        sigmas = check_sigmas(sigmas).tolist()
         if "sigmas" not in inspect.signature(pipeline.scheduler.set_timesteps).parameters:
             raise ValueError(
                 f"`sigmas`: the scheduler {type(pipeline.scheduler).__name__} takes no custom sigmas in "
@@ -112,32 +112,6 @@ def check_sampling_inputs(
     unknown = set(callback_on_step_end_tensor_inputs or []) - set(allowed)
     if unknown:
         raise ValueError(f"`callback_on_step_end_tensor_inputs` must be in {allowed}, got {sorted(unknown)}.")
-
-
-def check_sigmas(sigmas) -> list[float]:
-    """Custom `sigmas` of a pipeline call as a list of floats: a non-empty, strictly decreasing 1-D sequence of finite
-    values in (0, 1], the unshifted sigmas of the N steps without the final 0 (the scheduler shifts them and appends
-    it), as `FlowMatchEulerDiscreteScheduler.set_timesteps(sigmas=...)` takes them."""
-    values = None
-    if not isinstance(sigmas, (str, bytes)):
-        try:
-            values = torch.as_tensor(sigmas, dtype=torch.float64).cpu()
-        except (TypeError, ValueError, RuntimeError):
-            pass
-    if (
-        values is None
-        or values.ndim != 1
-        or values.numel() == 0
-        or not torch.isfinite(values).all()
-        or (values <= 0).any()
-        or (values > 1).any()
-        or (values.diff() >= 0).any()
-    ):
-        raise ValueError(
-            "`sigmas` must be a non-empty, strictly decreasing 1-D sequence of finite values in (0, 1] (the N steps, "
-            f"without the final 0), got {sigmas!r}."
-        )
-    return values.tolist()
 
 
 def check_guidance_interval_pair(guidance_interval) -> tuple[float, float]:

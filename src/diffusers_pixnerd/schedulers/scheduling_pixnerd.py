@@ -30,6 +30,32 @@ OFFICIAL_SCHEDULER_PRESETS = {
 # fmt: on
 
 
+def check_sigmas(sigmas) -> torch.Tensor:
+    """Custom unshifted `sigmas` (the N steps, without the final 0) as a float32 CPU tensor, or a ValueError naming
+    them: a non-empty, strictly decreasing 1-D sequence of finite values in (0, 1]. The one check of custom sigmas;
+    the pipelines call it before any work, `set_timesteps` on what it is given."""
+    values = None
+    if not isinstance(sigmas, (str, bytes)):
+        try:
+            values = torch.as_tensor(sigmas, dtype=torch.float32).cpu()
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    if (
+        values is None
+        or values.ndim != 1
+        or values.numel() == 0
+        or not torch.isfinite(values).all()
+        or (values <= 0).any()
+        or (values > 1).any()
+        or (values.diff() >= 0).any()
+    ):
+        raise ValueError(
+            "`sigmas` must be a non-empty, strictly decreasing 1-D sequence of finite values in (0, 1] (the N steps, "
+            f"without the final 0), got {sigmas!r}."
+        )
+    return values
+
+
 @dataclass
 class PixNerdFlowMatchSchedulerOutput(BaseOutput):
     """
@@ -243,19 +269,8 @@ class PixNerdFlowMatchScheduler(SchedulerMixin, ConfigMixin):
             times = times / (times + (1 - times) * shift)
             sigmas = 1.0 - times
         else:
-            sigmas = torch.as_tensor(sigmas, dtype=torch.float32).cpu()
+            sigmas = check_sigmas(sigmas)
             n = sigmas.numel()
-            if (
-                sigmas.ndim != 1
-                or n == 0
-                or not torch.isfinite(sigmas).all()
-                or (sigmas <= 0).any()
-                or (sigmas > 1).any()
-                or (sigmas.diff() >= 0).any()
-            ):
-                raise ValueError(
-                    f"`sigmas` must be a strictly decreasing 1-D sequence in (0, 1], got {sigmas.tolist()}."
-                )
             if num_inference_steps is not None and num_inference_steps != n:
                 raise ValueError(f"`num_inference_steps` ({num_inference_steps}) must equal `len(sigmas)` ({n}).")
             sigmas = shift_sigmas(sigmas, shift)
