@@ -18,6 +18,8 @@ import shutil
 
 import torch
 
+from .validation import read_prompts_file
+
 logger = logging.getLogger(__name__)
 
 REG_IMAGES_PREFIX = "reg_images-"  # generated regularisation images: `--output_dir/reg_images-<digest>/`
@@ -109,13 +111,7 @@ def reg_batch_size(args: argparse.Namespace) -> int:
 
 def read_reg_prompts(path: str) -> list[str]:
     """The non-empty lines of `--reg_prompts_file`."""
-    if not os.path.isfile(path):
-        raise ValueError(f"`--reg_prompts_file` {path!r} is not a file.")
-    with open(path, encoding="utf-8") as f:
-        prompts = [line.strip() for line in f if line.strip()]
-    if not prompts:
-        raise ValueError(f"`--reg_prompts_file` {path!r} has no prompt (one a line).")
-    return prompts
+    return read_prompts_file(path, "--reg_prompts_file")
 
 
 def reg_indices(num_rows: int, count: int, seed: int, process_index: int, micro_step: int) -> list[int]:
@@ -259,7 +255,7 @@ def prepare_regularisation_images(accelerator, args: argparse.Namespace, transfo
         return load_regularisation_images(accelerator, args, args.reg_data_dir, args.caption_column)
     if args.reg_prompts_file is None:
         return None
-    from diffusers_pixnerd import PixNerdT2IPipeline
+    from ..pipelines import PixNerdT2IPipeline
 
     prompts = read_reg_prompts(args.reg_prompts_file)
     key = [
