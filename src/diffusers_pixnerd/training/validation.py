@@ -128,6 +128,10 @@ def unsharded_root(model: nn.Module):
     if not isinstance(model, FSDPModule):
         yield
         return
+    # Before the first training step (the step-0 images) no forward has gone through the root yet: FSDP would take
+    # the first block the pipeline calls for a root, and refuse the training forward after it. The root's first
+    # forward does this initialisation (a no-op once done); torch has no public call for it.
+    model._get_fsdp_state()._lazy_init()
     model.unshard()
     try:
         yield
