@@ -7,7 +7,6 @@ depend on the number of processes, and a prompt gets the same noise at every ste
 so the steps compare. The processes render their share of the jobs; the main one saves and logs them all.
 """
 
-import logging
 import os
 import shutil
 from contextlib import contextmanager
@@ -15,8 +14,6 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 import torch.nn as nn
-
-logger = logging.getLogger(__name__)
 
 VALIDATION_DIR = "validation"
 FINAL_FOLDER = "final"
