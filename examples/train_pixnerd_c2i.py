@@ -23,6 +23,7 @@ from diffusers_pixnerd.training import (
     add_training_arguments,
     check_resolution,
     check_training_arguments,
+    check_validation_sizes,
     count_classes,
     create_accelerator,
     create_dataloader,
@@ -149,6 +150,7 @@ def main(args):
         args.validation_class_labels = PixNerdPipeline(transformer, scheduler, id2label=id2label)._class_ids(labels)
     except ValueError as error:
         raise ValueError(f"`--validation_class_labels`: {error}") from None
+    check_validation_sizes(args, transformer.resolution_multiple)
     train_dataloader = create_dataloader(accelerator, args, dataset, transformer.resolution_multiple)
     transformer.train()
     if args.gradient_checkpointing:
@@ -169,12 +171,14 @@ def main(args):
     model, trained = run.model, run.trained
     optimizer, lr_scheduler = run.optimizer, run.lr_scheduler
 
-    def validate(final=False):
+    def validate(final=False):  # each class at each of --validation_sizes
         pipeline = PixNerdPipeline(transformer=trained.transformer, scheduler=scheduler, id2label=id2label)
         labels = args.validation_class_labels
         captions = [id2label[str(i)] if id2label else f"class {i}" for i in labels]
-        return run.validation_images(pipeline, captions, final, class_labels=labels)
+        return run.validation_images(pipeline, [{"class_labels": [i]} for i in labels], captions, final)
 
+    if run.global_step == 0 and run.validation_due:  # the baseline, before the first step (not when resuming)
+        validate()
     for batch in run.batches():
         with accelerator.accumulate(model):
             inputs = run.step_inputs(batch["pixel_values"], repa_encoder)

@@ -42,6 +42,7 @@ from diffusers_pixnerd.training import (
     add_training_arguments,
     check_resolution,
     check_training_arguments,
+    check_validation_sizes,
     create_accelerator,
     create_dataloader,
     create_repa_encoder,
@@ -60,6 +61,7 @@ from diffusers_pixnerd.training import (
     stream_captions,
     sub_state_dict,
     trained_weights_dtype,
+    validation_prompts,
     weight_dtype,
 )
 from diffusers_pixnerd.training.prior import (
@@ -71,6 +73,8 @@ from diffusers_pixnerd.training.prior import (
 logger = logging.getLogger(__name__)
 
 T2I_PRESETS = {name: config for name, config in PIXNERD_PRESETS.items() if config.get("text_embed_dim")}
+
+VALIDATION_PROMPTS = ["a red fox in the snow, golden hour", "a bowl of ramen on a wooden table"]
 
 LORA_TARGET_MODULES = "to_q,to_k,to_v,to_out.0,add_k_proj,add_v_proj,proj_in,proj_out,param_generator"
 
@@ -154,8 +158,14 @@ def parse_args(input_args=None):
         "--validation_prompts",
         type=str,
         nargs="+",
-        default=["a red fox in the snow, golden hour", "a bowl of ramen on a wooden table"],
-        help="Prompts sampled for the validation images and the model card.",
+        default=None,
+        help=f"Prompts sampled for the validation images and the model card (default: {VALIDATION_PROMPTS}).",
+    )
+    parser.add_argument(
+        "--validation_prompts_file",
+        type=str,
+        default=None,
+        help="Instead: a text file of validation prompts, one a line (blank lines skipped).",
     )
     add_training_arguments(
         parser,
@@ -195,6 +205,8 @@ def parse_args(input_args=None):
     args.lora_alpha = args.lora_alpha or args.lora_rank
     check_training_arguments(args)
     check_prior_arguments(args)
+    prompts, prompts_file = args.validation_prompts, args.validation_prompts_file
+    args.validation_prompts = validation_prompts(prompts, prompts_file, VALIDATION_PROMPTS)
     if args.train_text_encoder_layers < 0:
         raise ValueError(f"`--train_text_encoder_layers` must be >= 0, got {args.train_text_encoder_layers}.")
     if args.train_text_encoder_layers and args.quantize_text_encoder:
@@ -265,6 +277,7 @@ def main(args):
     text_encoder_dtype = text_encoder.dtype  # a frozen encoder is exported as it was loaded
     args.resolution = args.resolution or transformer.config.sample_size
     check_resolution(args.resolution, transformer.config.patch_size)
+    check_validation_sizes(args, transformer.resolution_multiple)
     if args.shift is None:
         args.shift = 4.0 if args.resolution >= 512 else 2.0  # official: 2 at 256, 4 at 512 and in the SFT
 
@@ -289,7 +302,7 @@ def main(args):
         with torch.no_grad(), accelerator.autocast():
             return encode_prompts(text_encoder, tokenizer, prompts, transformer.config, device)
 
-    validation = {"prompt": args.validation_prompts}
+    validation = [{"prompt": prompt} for prompt in args.validation_prompts]  # the pipeline arguments of each image
     null_embeds = None if train_text_encoder else encode([""])
     # Regularisation images (`--reg_data_dir`, or the base model's for `--reg_prompts_file`), before any adapter.
     reg_images = prepare_regularisation_images(accelerator, args, transformer, scheduler, encode)
@@ -299,8 +312,8 @@ def main(args):
         key = [args.pretrained_model_name_or_path, text_encoder.config.to_dict(), transformer.config.text_max_length]
         folder = prompt_cache_folder(args.cache_dir or os.path.join(args.output_dir, "cache"), key, captions)
         prompt_cache = PromptEmbeddingCache.build(accelerator, captions, encode, folder, args.train_batch_size)
-        negative = null_embeds.expand(len(args.validation_prompts), -1, -1)
-        validation = {"prompt_embeds": encode(args.validation_prompts), "negative_prompt_embeds": negative}
+        embeds = encode(args.validation_prompts)
+        validation = [{"prompt_embeds": e[None], "negative_prompt_embeds": null_embeds} for e in embeds]
         text_encoder.to("cpu")  # only needed again to be saved with a fully fine-tuned pipeline
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -340,9 +353,10 @@ def main(args):
         encoder = trained.text_encoder if train_text_encoder else text_encoder
         encoder = None if args.precompute_text_embeddings else encoder  # the prompts come encoded
         pipeline = PixNerdT2IPipeline(trained.transformer, scheduler, text_encoder=encoder, tokenizer=tokenizer)
-        size = {"height": args.resolution, "width": args.resolution}
-        return run.validation_images(pipeline, args.validation_prompts, final, **size, **validation)
+        return run.validation_images(pipeline, validation, args.validation_prompts, final)  # at --validation_sizes
 
+    if run.global_step == 0 and run.validation_due:  # the baseline, before the first step (not when resuming)
+        validate()
     for batch in run.batches():
         with accelerator.accumulate(model):
             pixels, captions, reg_kwargs = batch["pixel_values"], batch["caption"], {}

@@ -169,6 +169,7 @@ def test_the_documented_upload_of_a_trained_folder_leaves_the_checkpoints_out(tm
         "model_index.json",
         "transformer/diffusion_pytorch_model.safetensors",
         "validation/final/00_cat.png",
+        "validation/step-0/00_cat.png",  # the baseline the card shows beside the final samples
         "checkpoint-500/model.safetensors",
         "checkpoint-600.tmp/model.safetensors",
         "logs/pixnerd-c2i/events.out",
@@ -187,7 +188,7 @@ def test_the_documented_upload_of_a_trained_folder_leaves_the_checkpoints_out(tm
     monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kw: SimpleNamespace(repo_id=repo_id))
     monkeypatch.setattr(huggingface_hub, "upload_folder", upload_folder)
     assert upload_output_dir(str(folder), "me/my-run") == "me/my-run"
-    assert sent["me/my-run"] == sorted(files[:4])
+    assert sent["me/my-run"] == sorted(files[:5])
 
     # docs/training.md gives the same patterns to `hf upload`.
     with open(os.path.join(ROOT, "docs", "training.md"), encoding="utf-8") as f:

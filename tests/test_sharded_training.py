@@ -29,6 +29,8 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
+import PIL.Image
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -170,8 +172,15 @@ def test_fsdp_shards_the_ema_and_exports_what_ddp_exports(c2i_fsdp, c2i_ddp):
     assert not all(torch.equal(trained[f"transformer.{n}"], e) for n, e in zip(names, fsdp_ema))
     before = dcp_model_state(out / "checkpoint-2", out.parent)
     assert not all(torch.equal(before[k], trained[k]) for k in trained)
-    # Validation ran on the sharded model (FSDP gathers the root's weights for the pipeline).
-    assert sorted(os.listdir(out / "validation")) == ["final", "step-2", "step-4"]
+    # Validation ran on the sharded model (FSDP gathers the root's weights for the pipeline), the 3 images shared by
+    # the 2 processes (one renders a padding image): the images of the DDP run, whose weights are the same.
+    assert sorted(os.listdir(out / "validation")) == ["final", "step-0", "step-2", "step-4"]
+    for folder in ("step-0", "final"):
+        names = sorted(os.listdir(out / "validation" / folder))
+        assert names == sorted(os.listdir(ddp_out / "validation" / folder)) and len(names) == 3
+        for name in names:
+            images = [PIL.Image.open(o / "validation" / folder / name) for o in (out, ddp_out)]
+            assert np.array_equal(*map(np.asarray, images)), (folder, name)
     assert torch.isfinite(sample(pipe, "fish")).all()
 
 

@@ -223,7 +223,7 @@ def test_c2i_two_processes_with_repa_ema_validation_and_export(assets, tmp_path)
     assert pipe.config.id2label == {"0": "cat", "1": "dog", "2": "fish"}
     assert torch.isfinite(sample(pipe, "fish")).all()
     # Validation images: saved, logged to TensorBoard, shown in the model card.
-    assert sorted(os.listdir(out / "validation")) == ["final", "step-2", "step-4"]
+    assert sorted(os.listdir(out / "validation")) == ["final", "step-0", "step-2", "step-4"]
     assert len(os.listdir(out / "validation" / "final")) == 3
     events = [os.path.join(d, f) for d, _, files in os.walk(out / "logs") for f in files if "tfevents" in f]
     assert any(b"validation" in open(f, "rb").read() for f in events)

@@ -13,6 +13,8 @@
 - `data`: image folders and `datasets` datasets, crops, lazy decoding, the data loader of a run.
 - `prompt_cache`: `--precompute_text_embeddings`: distinct captions encoded once, sharded across processes, looked up
   in the step.
+- `validation`: the validation images (at step 0, every `--validation_steps`, at the end; `--validation_sizes`,
+  prompt files), shared across processes, saved and logged.
 - `prior`: regularisation images (prior preservation): `--reg_data_dir` or base-model images for `--reg_prompts_file`,
   mixed into every micro-batch in an order fixed by (seed, process, micro-batch), their own loss weight (T2I).
 - `cli`: the flags both scripts share and their checks, the model config from the flags.
@@ -83,6 +85,7 @@ from .run_setup import (
     quantize_text_encoder,
     weight_dtype,
 )
+from .validation import check_validation_sizes, read_prompts_file, validation_prompts
 
 __all__ = [
     "HubAccessError",
@@ -148,4 +151,7 @@ __all__ = [
     "shift_sigmas",
     "sub_state_dict",
     "weight_dtype",
+    "check_validation_sizes",
+    "read_prompts_file",
+    "validation_prompts",
 ]

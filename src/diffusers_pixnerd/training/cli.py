@@ -10,6 +10,7 @@ import math
 from ..models.transformer_pixnerd import PixNerdTransformer2DModel
 from .objectives import LOSS_WEIGHTING, TIMESTEP_SAMPLING
 from .optimizers import OPTIMIZERS, check_optimizer_available
+from .validation import parse_validation_sizes
 
 # The arguments a saved config may carry besides the model's own (diffusers writes these into config.json).
 _SAVED_CONFIG_KEYS = {"_class_name", "_diffusers_version", "_name_or_path"}
@@ -185,7 +186,21 @@ def add_training_arguments(parser: argparse.ArgumentParser, **defaults) -> argpa
         "XXL/16 at rank 32, and each is a LoRA to compare; a full XXL/16 one is 19 GB: set it for full runs).",
     )
     run.add_argument("--resume_from_checkpoint", type=str, default=None, help='"latest", a checkpoint name or path.')
-    run.add_argument("--validation_steps", type=int, default=None, help="Sample validation images every N steps.")
+    run.add_argument(
+        "--validation_steps",
+        type=int,
+        default=None,
+        help="Sample validation images every N steps, and at step 0 before the first step (the baseline; not again "
+        "when resuming). Without it, only the final samples of the model card.",
+    )
+    run.add_argument(
+        "--validation_sizes",
+        type=str,
+        nargs="+",
+        default=None,
+        help="Sizes of the validation images: `N` (N x N) or `HxW` (height x width, non-square allowed), multiples "
+        "of the model's `resolution_multiple`, e.g. `256 256x512`. Default: the training `--resolution`.",
+    )
     run.add_argument("--validation_num_inference_steps", type=int, default=None, help="Default: the scheduler's.")
     run.add_argument("--validation_guidance_scale", type=float, default=None, help="Default: the scheduler's.")
     run.add_argument("--logging_dir", type=str, default="logs", help="Tracker logs, inside `--output_dir`.")
@@ -247,6 +262,7 @@ def check_training_arguments(args: argparse.Namespace):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"`--{name}` must be a positive integer, got {value}.")
+    args.validation_sizes = parse_validation_sizes(args.validation_sizes)  # the multiples: once the model is known
     if not 0.0 <= args.condition_dropout < 1.0:
         raise ValueError(f"`--condition_dropout` must be in [0, 1), got {args.condition_dropout}.")
     if args.shift is not None and not (math.isfinite(args.shift) and args.shift > 0):

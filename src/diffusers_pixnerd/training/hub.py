@@ -92,21 +92,32 @@ def exported_weights_note(args: argparse.Namespace, global_step: int) -> str:
     )
 
 
-def model_card_training_section(args: argparse.Namespace, script: str, global_step: int, sample_paths: list) -> str:
-    """Markdown for the model card: how it was trained (the settings used), what was exported, the final samples."""
+def model_card_training_section(
+    args: argparse.Namespace, script: str, global_step: int, sample_paths: list, baseline_paths: list = ()
+) -> str:
+    """Markdown for the model card: how it was trained (the settings used), what was exported, the final samples and
+    the step-0 samples of the same prompts and seeds (`baseline_paths`, before training), if any."""
     settings = used_settings(args)
     shortened = [k for k, v in settings.items() if isinstance(v, str) and os.path.isabs(v)]
     rows = "\n".join(f"| `{k}` | `{shown_path(v) if k in shortened else v}` |" for k, v in settings.items())
     if shortened:
         rows += "\n\nLocal folders and files given as absolute paths are shown by their name."
-    images = "\n".join(
-        f"![{os.path.splitext(os.path.basename(p))[0]}]({os.path.relpath(p, args.output_dir)})" for p in sample_paths
-    )
+    images = markdown_images(sample_paths, args.output_dir)
+    if images and baseline_paths:
+        images = (
+            f"After training (step {global_step}, the exported weights):\n\n{images}\n\nBefore training (step 0, "
+            f"the same prompts and seeds):\n\n{markdown_images(baseline_paths, args.output_dir)}"
+        )
     return (
         f"## Training\n\nTrained with `examples/{script}` of diffusers-pixnerd for {global_step} steps. Exported: "
         f"{exported_weights_note(args, global_step)}.\n\n| setting | value |\n| --- | --- |\n{rows}\n\n"
         + (f"## Samples\n\n{images}\n" if images else "")
     )
+
+
+def markdown_images(paths: list, folder: str) -> str:
+    """Markdown images of `paths`, relative to `folder`, one a line (one paragraph: side by side)."""
+    return "\n".join(f"![{os.path.splitext(os.path.basename(p))[0]}]({os.path.relpath(p, folder)})" for p in paths)
 
 
 class HubAccessError(ValueError):
@@ -209,8 +220,9 @@ UPLOAD_DOCS = "docs/training.md#sharing-a-trained-model"
 
 def upload_ignore_patterns(logging_dir: str = "logs") -> list[str]:
     """What an upload of a training folder leaves out: checkpoints, tracker logs, intermediate validation images and
-    cached prompt embeddings (the export, its model card and the final samples it shows stay)."""
-    return [f"{CHECKPOINT_PREFIX}*", f"{logging_dir}/*", "validation/step-*", "cache/*"]
+    cached prompt embeddings (the export, its model card and the samples it shows stay: the final ones and the step-0
+    baseline)."""
+    return [f"{CHECKPOINT_PREFIX}*", f"{logging_dir}/*", "validation/step-[1-9]*", "cache/*"]
 
 
 def upload_output_dir(

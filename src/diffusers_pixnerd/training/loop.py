@@ -9,7 +9,6 @@ import os
 import shutil
 import signal
 import time
-from contextlib import contextmanager
 from typing import Iterable, Iterator
 
 import torch
@@ -53,6 +52,14 @@ from .objectives import (
     sample_sigmas,
 )
 from .optimizers import create_optimizer_and_schedule
+from .validation import (
+    baseline_images,
+    log_validation,
+    render_validation,
+    save_validation,
+    unsharded_root,
+    validation_folder,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +87,9 @@ class TrainingRun:
     ```py
     run = TrainingRun(accelerator, args, model, train_dataloader, checkpoint)
     model, optimizer, lr_scheduler = run.model, run.optimizer, run.lr_scheduler
+    validation = [{"class_labels": [i]} for i in labels]  # the pipeline arguments of each validation prompt
+    if run.global_step == 0 and run.validation_due:  # the baseline, before the first step (not when resuming)
+        run.validation_images(pipeline, validation, captions)
     for batch in run.batches():  # until --max_train_steps, epoch after epoch, resuming at the exact batch
         with accelerator.accumulate(model):
             inputs = run.step_inputs(batch["pixel_values"], repa_encoder)  # noise, sigmas, dropout, REPA targets
@@ -94,7 +104,7 @@ class TrainingRun:
         if accelerator.sync_gradients:
             run.update_ema()
         if run.end_step(batch) and run.validation_due:  # step count, logs, atomic checkpoints, signals
-            run.validation_images(pipeline, captions, class_labels=...)
+            run.validation_images(pipeline, validation, captions)
     ```
     """
 
@@ -337,6 +347,8 @@ class TrainingRun:
 
     @property
     def validation_due(self) -> bool:
+        """Validation at this step: every `--validation_steps`, step 0 included (the scripts sample it before the first
+        step of a fresh run, the baseline)."""
         steps = self.args.validation_steps
         return steps is not None and self.global_step % steps == 0
 
@@ -548,10 +560,13 @@ class TrainingRun:
         return bool(flag)
 
     # ---- validation and export
-    def validation_images(self, pipeline, captions: list[str], final: bool = False, **call_kwargs) -> list[str]:
-        """Samples with `pipeline` (EMA weights swapped in, fixed seed) on every process (FSDP needs all of them),
-        saves them under `validation/step-<step>/` (`validation/final/` for the exported model) and logs them on the
-        main one; returns their paths there."""
+    def validation_images(
+        self, pipeline, inputs: list[dict], captions: list[str], final: bool = False, **call_kwargs
+    ) -> list[str]:
+        """Samples with `pipeline` (EMA weights swapped in) every prompt of `inputs` (the pipeline arguments of each,
+        `captions` their names) at each of `--validation_sizes`, the processes sharing the images (each seeded by its
+        prompt; FSDP needs every process in every call), saves them under `validation/step-<step>/`
+        (`validation/final/` for the exported model) and logs them on the main one; returns their paths there."""
         args = self.args
         transformer = pipeline.transformer
         transformer.eval()
@@ -560,13 +575,17 @@ class TrainingRun:
             call_kwargs["num_inference_steps"] = args.validation_num_inference_steps
         if args.validation_guidance_scale is not None:
             call_kwargs["guidance_scale"] = args.validation_guidance_scale
-        generator = torch.Generator().manual_seed(args.seed)
+        sizes = args.validation_sizes
         with ema_weights(self.ema, self.ema_parameters), self.accelerator.autocast(), torch.no_grad():
             with unsharded_root(self.model):  # after the EMA swap: gathers the EMA values
-                images = pipeline(generator=generator, **call_kwargs).images
+                images = render_validation(self.accelerator, pipeline, inputs, sizes, args.seed, **call_kwargs)
         transformer.train()
-        folder = os.path.join(args.output_dir, "validation", "final" if final else f"step-{self.global_step}")
-        return log_validation(self.accelerator, images, captions, self.global_step, folder)
+        if not self.accelerator.is_main_process:
+            return []
+        folder = validation_folder(args.output_dir, self.global_step, final)
+        paths = save_validation(images, captions, sizes, folder, args.resolution)
+        log_validation(self.accelerator, images, captions, sizes, self.global_step)
+        return paths
 
     def export_state(self) -> dict[str, torch.Tensor]:
         """The full state of the training module with the EMA weights in place, copied to the CPU of the main process
@@ -601,11 +620,13 @@ class TrainingRun:
         return transformer
 
     def model_card(self, script: str, sample_paths: list[str]) -> str:
-        """Markdown for the model card: how it was trained (the main settings) and the final validation samples."""
-        return model_card_training_section(self.args, script, self.global_step, sample_paths)
+        """Markdown for the model card: how it was trained (the main settings), the final validation samples and, with
+        `--validation_steps`, the step-0 ones beside them."""
+        baseline = baseline_images(sample_paths, self.args.output_dir) if self.args.validation_steps else []
+        return model_card_training_section(self.args, script, self.global_step, sample_paths, baseline)
 
 
-# ------------------------------------------------------------------------------------------ validation and export
+# ------------------------------------------------------------------------------------------------------ export
 
 
 def exported_module(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
@@ -618,43 +639,3 @@ def exported_module(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Mod
         copy = type(module)(module.config)
     copy.load_state_dict(state, assign=True)
     return copy
-
-
-@contextmanager
-def unsharded_root(model: nn.Module):
-    """FSDP2: gathers the parameters of the root shard unit (the training module's own: embeddings, final layer, ...)
-    for the block, for calls that bypass its forward, such as a pipeline calling the transformer. The wrapped blocks
-    and the neural field gather theirs in their own forward. Any other model: nothing to do."""
-    from torch.distributed.fsdp import FSDPModule
-
-    if not isinstance(model, FSDPModule):
-        yield
-        return
-    model.unshard()
-    try:
-        yield
-    finally:
-        model.reshard()
-
-
-def log_validation(accelerator, images: list, captions: list[str], step: int, folder: str) -> list[str]:
-    """Saves validation images in `folder` and logs them to TensorBoard / W&B; returns the file paths (main process)."""
-    import numpy as np
-
-    if not accelerator.is_main_process:
-        return []
-    os.makedirs(folder, exist_ok=True)
-    paths = []
-    for i, (image, caption) in enumerate(zip(images, captions)):
-        slug = "".join(c if c.isalnum() else "_" for c in caption)[:40].strip("_")
-        paths.append(os.path.join(folder, f"{i:02d}_{slug}.png"))
-        image.save(paths[-1])
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            stacked = np.stack([np.asarray(image) for image in images])
-            tracker.writer.add_images("validation", stacked, step, dataformats="NHWC")
-        elif tracker.name == "wandb":
-            import wandb
-
-            tracker.log({"validation": [wandb.Image(im, caption=c) for im, c in zip(images, captions)]}, step=step)
-    return paths

@@ -18,6 +18,8 @@ import shutil
 
 import torch
 
+from .validation import read_prompts_file
+
 logger = logging.getLogger(__name__)
 
 REG_IMAGES_PREFIX = "reg_images-"  # generated regularisation images: `--output_dir/reg_images-<digest>/`
@@ -109,13 +111,7 @@ def reg_batch_size(args: argparse.Namespace) -> int:
 
 def read_reg_prompts(path: str) -> list[str]:
     """The non-empty lines of `--reg_prompts_file`."""
-    if not os.path.isfile(path):
-        raise ValueError(f"`--reg_prompts_file` {path!r} is not a file.")
-    with open(path, encoding="utf-8") as f:
-        prompts = [line.strip() for line in f if line.strip()]
-    if not prompts:
-        raise ValueError(f"`--reg_prompts_file` {path!r} has no prompt (one a line).")
-    return prompts
+    return read_prompts_file(path, "--reg_prompts_file")
 
 
 def reg_indices(num_rows: int, count: int, seed: int, process_index: int, micro_step: int) -> list[int]:
