@@ -5,7 +5,7 @@
 Writes `--num_images` JPEGs of random sizes (200-800 px a side, smooth gradients) into a class folder under a
 temporary directory (or `--folder`, reused if it already holds them), then times `buckets.dataset_image_sizes` (the
 header reading of a run, without its cache) for each `--threads`, and the full decoding of `--decode_images` of them
-(`data.open_image`, what the loader workers do per sample). The files are in the page cache after they are written:
+(`images.open_image`, what the loader workers do per sample). The files are in the page cache after they are written:
 the numbers are for a warm cache; a cold disk or a network file system is slower and gains more from threads.
 """
 
@@ -19,7 +19,7 @@ import PIL.Image
 
 from diffusers_pixnerd.training import load_training_dataset
 from diffusers_pixnerd.training.buckets import dataset_image_sizes
-from diffusers_pixnerd.training.data import open_image
+from diffusers_pixnerd.training.images import open_image
 
 
 def write_images(folder: str, num_images: int):

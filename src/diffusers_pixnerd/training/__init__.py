@@ -10,7 +10,8 @@
 - `checkpoints`: checkpoints that survive a kill (write, commit, list, resolve, check, clean up), the `--output_dir`
   lock, LoRA checkpoints (the adapters, not the base), and loading a checkpoint's weights (`load_checkpoint_weights`).
 - `buckets`: aspect-ratio buckets (sizes, assignment, image sizes from the headers, the per-bucket batch order).
-- `data`: image folders and `datasets` datasets, crops, lazy decoding, the data loader of a run.
+- `images`: one image: decoding to RGB and `--image_preprocessing` (the official crops, padding).
+- `data`: image folders and `datasets` datasets, lazy decoding, the data loader of a run.
 - `prompt_cache`: `--precompute_text_embeddings`: distinct captions encoded once, sharded across processes, looked up
   in the step.
 - `validation`: the validation images (at step 0, every `--validation_steps`, at the end; `--validation_sizes`,
@@ -45,20 +46,16 @@ from .cli import (
 from .data import (
     ImageSampleDataset,
     StreamingImageSampleDataset,
-    adm_center_crop,
     collate_samples,
     count_classes,
     create_dataloader,
     dataloader_workers,
-    image_to_tensor,
     load_training_dataset,
-    open_image,
-    pad_to_size,
     read_class_names,
-    resize_center_crop,
     scan_caption_folder,
     scan_class_folder,
 )
+from .images import adm_center_crop, image_to_tensor, open_image, pad_to_size, resize_center_crop
 from .ema import create_ema, ema_decay_for_run, ema_weights, update_ema
 from .hub import HubAccessError, hub_model_id, lora_model_card, push_folder, upload_output_dir
 from .loop import TrainingRun, exported_module
