@@ -268,9 +268,9 @@ class NeuralFieldBlock(nn.Module):
         self.norm = RMSNorm(dim, eps=1e-6)
         self.normalize_fc2 = normalize_fc2
 
-    def forward(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_states: torch.Tensor) -> torch.Tensor:
         n, _, dim = x.shape  # (N, P, d): N tokens, P pixels per patch
-        fc1, fc2 = self.param_generator(s).chunk(2, dim=-1)
+        fc1, fc2 = self.param_generator(token_states).chunk(2, dim=-1)
         fc1 = F.normalize(fc1.view(n, dim, -1), dim=-2)  # (N, d, r*d), unit-norm columns
         fc2 = fc2.view(n, -1, dim)  # (N, r*d, d)
         if self.normalize_fc2:
@@ -291,12 +291,13 @@ class PixNerdNeuralField(nn.Module):
         self.norm_out = nn.Identity() if text_variant else RMSNorm(dim, eps=1e-6)
         self.proj_out = nn.Linear(dim, in_channels)
 
-    def forward(self, pixels, s, position_features, checkpoint=None):
-        # pixels (N, P, C), s (N, cond_dim), position_features (P, F*F)
+    def forward(self, pixels, token_states, position_features, checkpoint=None):
+        # pixels (N, P, C), token_states (N, cond_dim): the last hidden state of each patch's token, position_features
+        # (P, F*F)
         position_features = position_features.to(pixels.dtype).expand(pixels.shape[0], -1, -1)
         x = self.in_proj(torch.cat([pixels, position_features], dim=-1))
         for block in self.blocks:
-            x = checkpoint(block, x, s) if checkpoint else block(x, s)
+            x = checkpoint(block, x, token_states) if checkpoint else block(x, token_states)
         return self.proj_out(self.norm_out(x))
 
 
@@ -689,7 +690,7 @@ class PixNerdTransformer2DModel(
         backbone_input = x
         if (grid_h * p, grid_w * p) != (height, width):
             backbone_input = F.interpolate(x, size=(grid_h * p, grid_w * p), mode="nearest")
-        s = self.patch_embed(patchify(backbone_input, p, p).flatten(2))  # (B, L, D)
+        tokens = self.patch_embed(patchify(backbone_input, p, p).flatten(2))  # (B, L, D)
 
         # 3. Condition and 2D RoPE (official positions: normalised extent 16 for C2I, token extents for T2I).
         context = None
@@ -710,8 +711,8 @@ class PixNerdTransformer2DModel(
 
         # 4. DiT blocks.
         for block in self.transformer_blocks:
-            s = checkpoint(block, s, c, rope, context) if checkpoint else block(s, c, rope, context)
-        s = F.silu(t_emb + s)  # (B, L, D)
+            tokens = checkpoint(block, tokens, c, rope, context) if checkpoint else block(tokens, c, rope, context)
+        tokens = F.silu(t_emb + tokens)  # (B, L, D)
 
         # 5. Neural field: every token decodes its patch of the full-resolution image.
         if self.is_text_conditional:
@@ -721,7 +722,7 @@ class PixNerdTransformer2DModel(
         else:
             positions = dct_features(patch_h, patch_w, self.config.neural_field_max_freqs)
         pixels = patchify(x, patch_h, patch_w).transpose(-1, -2).flatten(0, 1)  # (B*L, P, C)
-        out = self.neural_field(pixels, s.flatten(0, 1), positions.to(hidden_states.device), checkpoint)
+        out = self.neural_field(pixels, tokens.flatten(0, 1), positions.to(hidden_states.device), checkpoint)
         out = unpatchify(out.unflatten(0, (batch, -1)), grid_h, grid_w, patch_h, patch_w)
 
         # The official network predicts x0 - noise; diffusers' flow models predict noise - x0.
