@@ -30,7 +30,6 @@ from diffusers_pixnerd import (
     PixNerdT2IPipeline,
     PixNerdTransformer2DModel,
 )
-from diffusers_pixnerd.loaders import unfuse_target_modules
 from diffusers_pixnerd.pipelines.model_card import write_model_card
 from diffusers_pixnerd.training import (
     HubAccessError,
@@ -80,12 +79,8 @@ LORA_TARGET_MODULES = "to_q,to_k,to_v,to_out.0,add_k_proj,add_v_proj,proj_in,pro
 
 
 def lora_target_modules(names: str) -> list[str]:
-    """`--lora_target_modules` as a list, the fused attention names of diffusers-pixnerd < 0.2 translated."""
-    requested = [name.strip() for name in names.split(",") if name.strip()]
-    targets = unfuse_target_modules(requested)
-    if targets != requested:
-        logger.warning("--lora_target_modules: the fused attention names were translated to %s.", ",".join(targets))
-    return targets
+    """`--lora_target_modules` as a list."""
+    return [name.strip() for name in names.split(",") if name.strip()]
 
 
 def parse_args(input_args=None):
@@ -150,8 +145,7 @@ def parse_args(input_args=None):
         type=str,
         default=LORA_TARGET_MODULES,
         help="Comma-separated module names: attention (to_q, to_k, to_v, to_out.0; add_k_proj, add_v_proj for the "
-        "text), MLP (proj_in, proj_out), neural-field weight generator (param_generator). The fused names of "
-        "diffusers-pixnerd < 0.2 (to_qkv, add_kv_proj, to_out) are translated.",
+        "text), MLP (proj_in, proj_out), neural-field weight generator (param_generator).",
     )
     parser.add_argument("--caption_column", type=str, default="text", help="Captions column (metadata.jsonl/dataset).")
     parser.add_argument(

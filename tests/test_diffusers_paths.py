@@ -1,16 +1,13 @@
-"""diffusers' speed and memory paths on the model: attention processors and backends, QKV fusion, the fused layout of
-older files, layerwise casting, quantized loading, regional compile. Outputs are compared by value on models whose
-neural-field output layer is non-zero (the official initialisation zeroes it, so a fresh model outputs zeros)."""
+"""diffusers' speed and memory paths on the model: attention processors and backends, QKV fusion, layerwise casting,
+quantized loading, regional compile. Outputs are compared by value on models whose neural-field output layer is
+non-zero (the official initialisation zeroes it, so a fresh model outputs zeros)."""
 
 import pytest
 import torch
 from conftest import TINY_C2I, TINY_T2I
-from safetensors.torch import load_file, save_file
 
 from diffusers_pixnerd import PixNerdTransformer2DModel
 from diffusers_pixnerd.models.transformer_pixnerd import PixNerdAttnProcessor
-
-FOLDER_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
 def model_with_output(config: dict, seed: int = 0) -> PixNerdTransformer2DModel:
@@ -42,24 +39,6 @@ def run(model, **kwargs) -> torch.Tensor:
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
-def fused_layout(state_dict: dict) -> dict:
-    """The inverse of `unfuse_attention_keys` (how diffusers-pixnerd < 0.2 saved its weights), for building old files."""
-    fused = {}
-    for key, value in state_dict.items():
-        if ".attn.to_q." in key:
-            k, v = (state_dict[key.replace(".to_q.", name)] for name in (".to_k.", ".to_v."))
-            shared = "lora_A" in key
-            fused[key.replace(".to_q.", ".to_qkv.")] = value if shared else torch.cat([value, k, v])
-        elif ".attn.add_k_proj." in key:
-            v = state_dict[key.replace(".add_k_proj.", ".add_v_proj.")]
-            fused[key.replace(".add_k_proj.", ".add_kv_proj.")] = value if "lora_A" in key else torch.cat([value, v])
-        elif ".attn.to_out.0." in key:
-            fused[key.replace(".to_out.0.", ".to_out.")] = value
-        elif not any(f".attn.{name}." in key for name in ("to_k", "to_v", "add_v_proj")):
-            fused[key] = value
-    return fused
 
 
 # ---------------------------------------------------------------------------------------------- attention layout
@@ -137,19 +116,6 @@ def test_fuse_qkv_projections_keeps_the_output(config):
     torch.testing.assert_close(run(model, **kwargs), expected)
 
 
-@pytest.mark.parametrize("config", [TINY_C2I, TINY_T2I], ids=["c2i", "t2i"])
-def test_a_folder_in_the_fused_layout_loads_with_the_same_output(config, tmp_path):
-    model = model_with_output(config)
-    kwargs = inputs(model)
-    model.save_pretrained(tmp_path)
-    weights = tmp_path / FOLDER_WEIGHTS
-    old = fused_layout(load_file(weights))
-    assert any(".to_qkv." in k for k in old) and not any(".to_q." in k for k in old)
-    save_file(old, weights)
-    loaded = PixNerdTransformer2DModel.from_pretrained(tmp_path)
-    torch.testing.assert_close(run(loaded, **kwargs), run(model, **kwargs), rtol=0, atol=0)
-
-
 def test_diffusers_default_lora_targets_apply():
     from peft import LoraConfig
 
@@ -160,63 +126,6 @@ def test_diffusers_default_lora_targets_apply():
     wrapped = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if hasattr(m, "lora_A")}
     assert wrapped == {"to_q", "to_k", "to_v", "0"}
     assert relative_error(run(model, **kwargs), before) > 1e-3
-
-
-def test_a_lora_in_the_fused_layout_loads_exactly(tmp_path):
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-    from test_pipelines import sample, tiny_t2i_pipeline
-
-    from diffusers_pixnerd import PixNerdT2IPipeline
-
-    embeds = {"prompt_embeds": torch.randn(1, 6, 24), "negative_prompt_embeds": torch.randn(1, 6, 24)}
-    pipe = tiny_t2i_pipeline()
-    targets = ["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj"]
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
-    torch.manual_seed(3)
-    pipe.transformer.add_adapter(config)
-    with torch.no_grad():  # a LoRA trained on the fused layout has one `lora_A` for q, k, v (and for text k, v)
-        for module in pipe.transformer.modules():
-            if hasattr(module, "to_q"):
-                for name in ("to_k", "to_v"):
-                    getattr(module, name).lora_A.default.weight.copy_(module.to_q.lora_A.default.weight)
-            if hasattr(module, "add_k_proj"):
-                module.add_v_proj.lora_A.default.weight.copy_(module.add_k_proj.lora_A.default.weight)
-    with_lora = sample(pipe, **embeds)
-    old_config = {**config.to_dict(), "target_modules": ["to_qkv", "to_out", "add_kv_proj"]}
-    PixNerdT2IPipeline.save_lora_weights(
-        tmp_path,
-        transformer_lora_layers=fused_layout(get_peft_model_state_dict(pipe.transformer)),
-        transformer_lora_adapter_metadata=old_config,
-    )
-    saved = load_file(tmp_path / "pytorch_lora_weights.safetensors")
-    assert any(".to_qkv.lora_B" in k for k in saved)
-
-    fresh = tiny_t2i_pipeline()
-    fresh.load_lora_weights(tmp_path)
-    assert relative_error(sample(fresh, **embeds), with_lora) < 1e-5
-
-
-def test_an_ema_of_a_training_checkpoint_in_the_fused_layout_loads(tmp_path):
-    from diffusers_pixnerd.training.checkpoints import fused_layout_parameter_names, load_checkpoint_weights
-    from diffusers_pixnerd.training.ema import create_ema, save_ema
-
-    trained, averaged = model_with_output(TINY_T2I, seed=0), model_with_output(TINY_T2I, seed=1)
-    old_weights = fused_layout({f"transformer.{k}": v for k, v in trained.state_dict().items()})
-    save_file({k: v.contiguous() for k, v in old_weights.items()}, tmp_path / "model.safetensors")
-    # The old EMA: its shadow list in the fused layout's parameter order.
-    old_averaged = fused_layout(dict(averaged.named_parameters()))
-    names = fused_layout_parameter_names(averaged)
-    assert sorted(names) == sorted(old_averaged)
-    ema = create_ema([torch.nn.Parameter(old_averaged[n].detach().clone()) for n in names])
-    save_ema(ema, tmp_path / "ema.safetensors")
-
-    model = model_with_output(TINY_T2I, seed=2)
-    kwargs = inputs(model)
-    assert load_checkpoint_weights(model, str(tmp_path), use_ema=False) == "trained"
-    torch.testing.assert_close(run(model, **kwargs), run(trained, **kwargs), rtol=0, atol=0)
-    assert load_checkpoint_weights(model, str(tmp_path)) == "ema"
-    torch.testing.assert_close(run(model, **kwargs), run(averaged, **kwargs), rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------------------------------- dtype and quantization

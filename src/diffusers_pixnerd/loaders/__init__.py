@@ -1,9 +1,8 @@
 """Loading weights into the package's models and pipelines: official PixNerd checkpoints (reading them weights-only,
 the key map and config inference: `official_checkpoint`; the conversion cache of official repos and folders:
-`official_repo`; the pipelines' `from_pretrained` and `from_single_file` of them: `official_pipeline`), LoRA weights
-(`lora_pipeline`) and the attention layout of older files (`attention_layout`)."""
+`official_repo`; the pipelines' `from_pretrained` and `from_single_file` of them: `official_pipeline`) and LoRA
+weights (`lora_pipeline`)."""
 
-from .attention_layout import has_fused_attention_keys, unfuse_attention_keys, unfuse_target_modules
 from .lora_pipeline import PixNerdLoraLoaderMixin
 from .official_checkpoint import (
     FromOfficialCheckpointMixin,
@@ -25,7 +24,6 @@ __all__ = [
     "PixNerdLoraLoaderMixin",
     "check_local_path",
     "convert_state_dict",
-    "has_fused_attention_keys",
     "infer_config",
     "load_official_state_dict",
     "official_pipeline_folder",
@@ -34,6 +32,4 @@ __all__ = [
     "resolve_dtype",
     "sample_size_from_name",
     "select_denoiser",
-    "unfuse_attention_keys",
-    "unfuse_target_modules",
 ]

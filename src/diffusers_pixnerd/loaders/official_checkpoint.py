@@ -16,10 +16,8 @@ import torch
 from diffusers.utils import deprecate, logging
 from safetensors.torch import load_file
 
-from .attention_layout import unfuse_attention_keys
-
-# Official key (after the `denoiser.` prefix) -> ours, with the attention still fused (`to_qkv`, `add_kv_proj`,
-# `to_out`; split into diffusers' names by `unfuse_attention_keys`); `{i}` is a block index.
+# Official key (after the `denoiser.` prefix) -> ours, with q, k, v (and the text k, v) still stacked in one projection
+# (`to_qkv`, `add_kv_proj`; split into diffusers' names by `_split_stacked`); `{i}` is a block index.
 _COMMON_KEYS = {
     "s_embedder.proj.": "patch_embed.",
     "t_embedder.mlp.0.": "time_embedder.linear_1.",
@@ -36,12 +34,15 @@ _BLOCK_KEYS = {  # inside a DiT or text-refine block
     "attn.kv_y.": "attn.add_kv_proj.",
     "attn.q_norm.": "attn.norm_q.",
     "attn.k_norm.": "attn.norm_k.",
-    "attn.proj.": "attn.to_out.",
+    "attn.proj.": "attn.to_out.0.",
     "mlp.w12.": "ff.proj_in.",  # text model: fused gate/up, `w3` is the down projection
     "adaLN_modulation.0.": "modulation.",
 }
 _NEURAL_FIELD_BLOCK_KEYS = {"param_generator1.0.": "param_generator.", "norm.": "norm."}
 _IGNORED_PREFIXES = ("diffusion_trainer.", "conditioner.", "vae.", "diffusion_sampler.")
+
+# The official attention stacks q, k, v (and the text k, v) by rows in one linear; ours has diffusers' separate ones.
+_STACKED = {".attn.to_qkv.": ("to_q", "to_k", "to_v"), ".attn.add_kv_proj.": ("add_k_proj", "add_v_proj")}
 
 DEFAULT_SAMPLE_SIZE = {"class": 256, "text": 512}
 
@@ -188,6 +189,17 @@ def _rename(key: str, num_layers: int) -> str | None:
     return None
 
 
+def _split_stacked(key: str, value: torch.Tensor) -> dict:
+    """`{key: value}`, or for a stacked attention projection its row blocks under diffusers' separate names."""
+    for stacked, names in _STACKED.items():
+        if stacked in key:
+            if value.shape[0] % len(names):
+                raise ValueError(f"`{key}` has {value.shape[0]} rows, not a multiple of {len(names)}.")
+            parts = value.chunk(len(names), dim=0)
+            return {key.replace(stacked, f".attn.{name}."): part.clone() for name, part in zip(names, parts)}
+    return {key: value}
+
+
 def convert_state_dict(state_dict: dict, config: dict) -> dict:
     """Renames an official denoiser state dict to ours; unknown keys raise."""
     converted, unknown = {}, []
@@ -204,7 +216,7 @@ def convert_state_dict(state_dict: dict, config: dict) -> dict:
         if new is None:
             unknown.append(key)
         else:
-            converted[new] = value
+            converted.update(_split_stacked(new, value))
     if not is_text:
         for i in range(num_layers):
             w1, w3, w2 = (state_dict.get(f"blocks.{i}.mlp.{w}.weight") for w in ("w1", "w3", "w2"))
@@ -214,7 +226,7 @@ def convert_state_dict(state_dict: dict, config: dict) -> dict:
             converted[f"transformer_blocks.{i}.ff.proj_out.weight"] = w2
     if unknown:
         raise ValueError(f"Unknown keys in the official checkpoint: {sorted(unknown)[:10]}")
-    return unfuse_attention_keys(converted)
+    return converted
 
 
 def resolve_dtype(dtype: torch.dtype | None, torch_dtype: torch.dtype | None) -> torch.dtype | None:

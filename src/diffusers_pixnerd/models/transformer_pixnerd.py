@@ -27,7 +27,6 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.normalization import RMSNorm
 from diffusers.utils import apply_lora_scale
 
-from ..loaders.attention_layout import has_fused_attention_keys, unfuse_attention_keys
 from ..loaders.official_checkpoint import FromOfficialCheckpointMixin
 from ..loaders.official_repo import check_local_path
 from .cache import check_cache_config, separate_cache_contexts
@@ -517,14 +516,6 @@ class PixNerdTransformer2DModel(
             folder = os.path.join(os.fspath(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
             check_weights_fit_config(model, info["missing_keys"], info["unexpected_keys"], os.path.normpath(folder))
         return (model, info) if return_info else model
-
-    def _fix_state_dict_keys_on_load(self, state_dict: dict) -> None:
-        """Folders saved in the fused attention layout (diffusers-pixnerd < 0.2) load into diffusers' layout."""
-        super()._fix_state_dict_keys_on_load(state_dict)
-        if has_fused_attention_keys(state_dict):
-            converted = unfuse_attention_keys(state_dict)
-            state_dict.clear()
-            state_dict.update(converted)
 
     def enable_cache(self, config) -> None:
         """diffusers' `CacheMixin.enable_cache`, with the DiT blocks registered for the block caches (FirstBlockCache,

@@ -16,7 +16,6 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
-from ..loaders.attention_layout import has_fused_attention_keys, unfuse_attention_keys
 from .ema import ema_file_in, load_ema_state
 
 logger = logging.getLogger(__name__)
@@ -160,26 +159,13 @@ def check_checkpoint_files(checkpoint: str, lora: bool):
             ) from None
     has_model = os.path.isfile(os.path.join(checkpoint, MODEL_FILE))
     has_lora = os.path.isfile(os.path.join(checkpoint, LORA_WEIGHTS_FILE))
-    if lora and not has_lora and not holds_whole_lora_module(checkpoint):
+    if lora and not has_lora:
         raise ValueError(
             f"{checkpoint} holds no {LORA_WEIGHTS_FILE}: it was not written by a LoRA run. Resume it without "
             "`--use_lora`, or train LoRA adapters from its exported pipeline in a new `--output_dir`."
         )
     if not lora and has_lora and not has_model:
         raise ValueError(f"{checkpoint} holds the adapters of a LoRA run: resume it with `--use_lora`.")
-
-
-def holds_whole_lora_module(checkpoint: str) -> bool:
-    """Whether `checkpoint` is a LoRA run's in the layout written before the adapter-only checkpoints (Accelerate's
-    `model.safetensors` of the whole training module, adapters and frozen base): it still resumes, through
-    Accelerate's own loading."""
-    from safetensors import safe_open
-
-    model_file = os.path.join(checkpoint, MODEL_FILE)
-    if not os.path.isfile(model_file):
-        return False
-    with safe_open(model_file, framework="pt") as f:
-        return any(".lora_A." in key for key in f.keys())
 
 
 def earlier_checkpoints_hint(checkpoint: str) -> str:
@@ -279,7 +265,7 @@ def register_adapter_checkpoint_hooks(accelerator, module: nn.Module):
 
     def load_hook(models, input_dir):
         i = position(models)
-        if i is not None and os.path.isfile(os.path.join(input_dir, LORA_WEIGHTS_FILE)):  # else the earlier layout
+        if i is not None:
             models.pop(i)
             load_adapter_state(module, input_dir)
 
@@ -335,11 +321,6 @@ def load_checkpoint_weights(
     model_file = os.path.join(checkpoint, "model.safetensors")
     if not os.path.isfile(model_file):
         raise ValueError(f"{checkpoint!r} is not a training checkpoint folder (no model.safetensors).")
-    if holds_whole_lora_module(checkpoint):
-        raise ValueError(
-            f"{checkpoint!r} is a LoRA run's checkpoint of the earlier layout (the whole module, no "
-            f"{LORA_WEIGHTS_FILE}): resume the run from it (`--resume_from_checkpoint`); its new checkpoints load here."
-        )
     state = load_file(model_file)
     weights = sub_state_dict(state, "transformer")
     encoder_weights = sub_state_dict(state, "text_encoder")
@@ -348,61 +329,19 @@ def load_checkpoint_weights(
             f"{checkpoint!r} also trained the text encoder (`--train_text_encoder_layers`): pass `text_encoder` to "
             "load it too."
         )
-    fused = has_fused_attention_keys(weights)  # written before the attention took diffusers' layout
-    transformer.load_state_dict(unfuse_attention_keys(weights) if fused else weights)
+    transformer.load_state_dict(weights)
     if encoder_weights:
         text_encoder.load_state_dict(encoder_weights)
     ema_file = ema_file_in(checkpoint)
     if not (use_ema and ema_file):
         return "trained"
     shadow = load_ema_state(ema_file)["shadow_params"]  # in the order of the parameters when it was saved
-    names = fused_layout_parameter_names(transformer) if fused else [n for n, _ in transformer.named_parameters()]
+    names = [n for n, _ in transformer.named_parameters()]
     if len(shadow) != len(names):
         raise ValueError(f"{ema_file} holds {len(shadow)} tensors, the transformer {len(names)} parameters.")
     ema_weights = dict(zip(names, shadow))
-    transformer.load_state_dict(unfuse_attention_keys(ema_weights) if fused else ema_weights)
+    transformer.load_state_dict(ema_weights)
     return "ema"
-
-
-_ATTENTION_PARAMETER = re.compile(r"^(.*\battn\.)(to_q|to_k|to_v|norm_q|norm_k|to_out\.0|add_k_proj|add_v_proj)\.\w+$")
-
-
-def fused_layout_parameter_names(transformer: nn.Module) -> list[str]:
-    """The parameter names of `transformer` as the fused attention layout (diffusers-pixnerd < 0.2) named and ordered
-    them, the order of an EMA saved then: per attention `to_qkv`, `add_kv_proj` (text model), `norm_q`, `norm_k`,
-    `to_out`; everything else as now."""
-    current = [name for name, _ in transformer.named_parameters()]
-    names, seen = [], set()
-    for name in current:
-        match = _ATTENTION_PARAMETER.match(name)
-        if match is None:
-            names.append(name)
-            continue
-        prefix = match.group(1)
-        if prefix in seen:
-            continue
-        seen.add(prefix)
-        added_kv = [f"{prefix}add_kv_proj.weight"] if f"{prefix}add_k_proj.weight" in current else []
-        names += [f"{prefix}to_qkv.weight", *added_kv, f"{prefix}norm_q.weight", f"{prefix}norm_k.weight"]
-        names += [f"{prefix}to_out.weight", f"{prefix}to_out.bias"]
-    return names
-
-
-def check_attention_layout(checkpoint: str):
-    """A training checkpoint in the fused attention layout (diffusers-pixnerd < 0.2) cannot be resumed: its optimizer
-    state is per fused parameter. Say so before Accelerate fails on the keys."""
-    from safetensors import safe_open
-
-    model_file = os.path.join(checkpoint, "model.safetensors")
-    if not os.path.isfile(model_file):
-        return
-    with safe_open(model_file, "pt") as f:
-        if has_fused_attention_keys(f.keys()):
-            raise ValueError(
-                f"{checkpoint} was written by diffusers-pixnerd < 0.2 (fused `to_qkv` attention): its optimizer state "
-                "cannot be resumed with this version. Its weights still load (`examples/evaluate.py --checkpoint`, "
-                "or `--pretrained_model_name_or_path` on the run's export to train on from them)."
-            )
 
 
 def remove_temporary_checkpoints(output_dir: str):

@@ -13,7 +13,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 EMA_FILE = "ema.safetensors"
-LEGACY_EMA_FILE = "ema.pt"  # what earlier versions wrote: still read (weights-only), never written
 
 
 def create_ema(
@@ -116,13 +115,7 @@ def shard_like(ema: EMAModel, parameters: list[torch.nn.Parameter], path: str):
 
 
 def load_ema_state(path: str) -> dict:
-    """An `EMAModel.state_dict()` from `save_ema`'s file, or from a legacy `ema.pt` (read with `weights_only=True`,
-    which torch honours even under `TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`)."""
-    if os.path.basename(path).endswith(".pt"):
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - an unpickling error names neither the file nor the reason
-            raise ValueError(f"{path!r} is not a weights-only EMA file ({type(e).__name__}: {e}).") from None
+    """An `EMAModel.state_dict()` from `save_ema`'s file."""
     try:
         with safe_open(path, framework="pt") as f:
             state = json.loads((f.metadata() or {})["ema_state"])
@@ -135,11 +128,9 @@ def load_ema_state(path: str) -> dict:
 
 
 def ema_file_in(checkpoint: str, name: str = EMA_FILE) -> str | None:
-    """The EMA file of `checkpoint` (`name`, or its legacy `.pt` name), or `None`."""
-    for candidate in (name, name.replace(EMA_FILE, LEGACY_EMA_FILE).replace(".safetensors", ".pt")):
-        if os.path.isfile(os.path.join(checkpoint, candidate)):
-            return os.path.join(checkpoint, candidate)
-    return None
+    """The EMA file `name` of `checkpoint`, or `None` if it has none."""
+    path = os.path.join(checkpoint, name)
+    return path if os.path.isfile(path) else None
 
 
 @contextmanager

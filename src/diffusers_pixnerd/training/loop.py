@@ -19,7 +19,6 @@ from .checkpoints import (
     EXPORT_MARKERS,
     TMP_SUFFIX,
     TRAINING_STATE_FILE,
-    check_attention_layout,
     check_checkpoint_files,
     commit_checkpoint,
     list_checkpoints,
@@ -462,7 +461,6 @@ class TrainingRun:
                     f"{random_states} cannot be read weights-only ({type(error).__name__}: {error}); the checkpoint "
                     "is damaged or was not written by this training script."
                 ) from None
-        check_attention_layout(checkpoint)
         self.accelerator.load_state(checkpoint)
         ema_file = self._ema_file() or (EMA_FILE if self.ema is not None else None)
         if ema_file is not None and ema_file != EMA_FILE and state["num_processes"] != self.accelerator.num_processes:
