@@ -123,35 +123,37 @@ class TrainingRun:
         parameters = [p for p in model.parameters() if p.requires_grad]
         optimizer, lr_scheduler = create_optimizer_and_schedule(accelerator, args, parameters, self.max_train_steps)
         self.model, self.optimizer, self.lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
-        self.trained: PixNerdTrainingModule = accelerator.unwrap_model(self.model)
+        # The training module itself, without Accelerate's wrappers (DDP, compile): its parts are reached through it.
+        self.unwrapped: PixNerdTrainingModule = accelerator.unwrap_model(self.model)
         from accelerate.utils import DistributedType
 
         fsdp = accelerator.distributed_type == DistributedType.FSDP
         if lora and not fsdp:  # checkpoints hold the adapters and the projector, not a copy of the frozen base
-            register_adapter_checkpoint_hooks(accelerator, self.trained)  # (FSDP's sharded files hold them already)
+            register_adapter_checkpoint_hooks(accelerator, self.unwrapped)  # (FSDP's sharded files hold them already)
         self.lora_checkpoints = lora and not fsdp
         if fsdp and args.use_ema and args.ema_device == "cpu":
             raise ValueError("`--ema_device cpu` is not supported with FSDP (the EMA is sharded like the weights).")
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         # The EMA follows the trained transformer weights (not the projector, nor text encoder layers).
-        self.ema_parameters = [p for p in self.trained.transformer.parameters() if p.requires_grad]
-        if args.use_ema and args.ema_decay is None:
-            args.ema_decay = ema_decay_for_run(self.max_train_steps)
+        self.ema_parameters = [p for p in self.unwrapped.transformer.parameters() if p.requires_grad]
+        self.ema_decay = args.ema_decay if args.use_ema else None  # `--ema_decay`, else chosen from the run length
+        if args.use_ema and self.ema_decay is None:
+            self.ema_decay = ema_decay_for_run(self.max_train_steps)
             logger.info(
                 "EMA decay %.6g, chosen from the run length (%d steps): the export averages about the last %d steps.",
-                args.ema_decay,
+                self.ema_decay,
                 self.max_train_steps,
-                round(1 / max(1 - args.ema_decay, 1e-12)),
+                round(1 / max(1 - self.ema_decay, 1e-12)),
             )
         self.ema = self._new_ema() if args.use_ema else None
-        initial_share = 0.0 if args.ema_warmup else (args.ema_decay or 0.0) ** self.max_train_steps
+        initial_share = 0.0 if args.ema_warmup else (self.ema_decay or 0.0) ** self.max_train_steps
         if self.ema is not None and checkpoint is None and initial_share > EMA_MAX_INITIAL_SHARE:
             logger.warning(
                 "With the constant EMA decay %g, the starting weights (the base model when fine-tuning, the random "
                 "initialisation from scratch) still make up %.0f%% of the exported EMA after %d steps, so the export "
                 "stays close to them. Leave `--ema_decay` unset to choose it from the run length, or pass "
                 "`--ema_warmup` or `--no_use_ema`.",
-                args.ema_decay,
+                self.ema_decay,
                 100 * initial_share,
                 self.max_train_steps,
             )
@@ -163,6 +165,10 @@ class TrainingRun:
         self._sums: dict[str, float] = {}
         # An export already in the folder comes from before this run: stale once this run saves a checkpoint.
         self.earlier_export = any(os.path.exists(os.path.join(args.output_dir, m)) for m in EXPORT_MARKERS)
+        # With `--overwrite_output_dir`, the earlier run's checkpoints: deleted once this run has committed its first.
+        self.stale_checkpoints = [path for _, path in list_checkpoints(args.output_dir)]
+        if not args.overwrite_output_dir:
+            self.stale_checkpoints = []
         if checkpoint is not None:
             self.load(checkpoint)
             self.saved_step = self.global_step
@@ -209,7 +215,9 @@ class TrainingRun:
     def _new_ema(self):
         """The float32 EMA of the trained transformer weights, on `--ema_device`, every `--ema_update_interval` steps."""
         args = self.args
-        return create_ema(self.ema_parameters, args.ema_decay, args.ema_warmup, args.ema_update_interval, self.ema_device)
+        return create_ema(
+            self.ema_parameters, self.ema_decay, args.ema_warmup, args.ema_update_interval, self.ema_device
+        )
 
     # ---- data
     def batches(self) -> Iterator[dict]:
@@ -278,7 +286,7 @@ class TrainingRun:
         inputs = {"pixels": pixels, "noise": noise, "sigmas": sigmas, "drop_mask": drop_mask}
         if repa_encoder is not None:
             # The C2I grid follows the image; the T2I grid is fixed (non-square images: non-square patches).
-            token_grid = self.trained.transformer.token_grid(*pixels.shape[-2:])[:2]
+            token_grid = self.unwrapped.transformer.token_grid(*pixels.shape[-2:])[:2]
             with self.accelerator.autocast():
                 inputs["repa_features"] = repa_target_features(repa_encoder, pixels, token_grid)
         return inputs
@@ -421,8 +429,8 @@ class TrainingRun:
                     json.dump(state, f, indent=2)
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                commit_checkpoint(temporary, args.checkpoints_total_limit, getattr(args, "stale_checkpoints", ()))
-                args.stale_checkpoints = []
+                commit_checkpoint(temporary, args.checkpoints_total_limit, self.stale_checkpoints)
+                self.stale_checkpoints = []
                 logger.info("Saved %s", final)
                 if self.earlier_export:
                     mark_export_stale(args.output_dir, final)
@@ -612,8 +620,8 @@ class TrainingRun:
 
     def exported_transformer(self, state: dict[str, torch.Tensor]):
         """A fresh transformer (same config) holding the exported weights: no projector, no PEFT wrappers."""
-        config = self.trained.transformer.config
-        transformer = type(self.trained.transformer).from_config(config)
+        config = self.unwrapped.transformer.config
+        transformer = type(self.unwrapped.transformer).from_config(config)
         transformer.load_state_dict(sub_state_dict(state, "transformer"))
         return transformer
 
@@ -621,7 +629,8 @@ class TrainingRun:
         """Markdown for the model card: how it was trained (the main settings), the final validation samples and, with
         `--validation_steps`, the step-0 ones beside them."""
         baseline = baseline_images(sample_paths, self.args.output_dir) if self.args.validation_steps else []
-        return model_card_training_section(self.args, script, self.global_step, sample_paths, baseline)
+        chosen = {"ema_decay": self.ema_decay}  # the decay used, also when chosen from the run length
+        return model_card_training_section(self.args, script, self.global_step, sample_paths, baseline, chosen)
 
 
 # ------------------------------------------------------------------------------------------------------ export
