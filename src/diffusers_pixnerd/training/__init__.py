@@ -21,6 +21,8 @@
 - `cli`: the flags both scripts share and their checks, the model config from the flags.
 - `hub`: the model card's training section and the upload to the Hub.
 - `run_setup`: what a run is built from: the `Accelerator`, the seed, the output folder, REPA, LoRA adapters.
+- `signals`: SIGINT / SIGTERM stop a run after the current step, with a checkpoint (`StopSignals`).
+- `export`: the weights gathered onto the main process (FSDP shards included), fresh modules holding them.
 - `loop`: `TrainingRun` (batches, step, backward, EMA, logs, checkpoints and resume, signals, validation, export).
 
 The names the example scripts use are importable from here: `from diffusers_pixnerd.training import TrainingRun`.
@@ -58,7 +60,8 @@ from .data import (
 from .images import adm_center_crop, image_to_tensor, open_image, pad_to_size, resize_center_crop
 from .ema import create_ema, ema_decay_for_run, ema_weights, update_ema
 from .hub import HubAccessError, check_hub_access, hub_model_id, lora_model_card, push_folder, upload_output_dir
-from .loop import TrainingRun, exported_module
+from .export import exported_module
+from .loop import TrainingRun
 from .objectives import (
     PixNerdTrainingModule,
     REPAProjector,

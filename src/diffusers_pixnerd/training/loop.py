@@ -1,6 +1,6 @@
 # Copyright 2026 The diffusers-pixnerd authors. MIT License.
-"""A training run: `TrainingRun`, the bookkeeping around the training step (batches, the step's random inputs, backward, EMA, logs,
-replica checks, checkpoints and resume, stopping on a signal, validation and export)."""
+"""A training run: `TrainingRun`, the bookkeeping around the training step (batches, the step's random inputs,
+backward, EMA, logs, replica checks, checkpoints and resume, stopping on a signal, validation and export)."""
 
 import errno
 import json
@@ -25,7 +25,6 @@ from .checkpoints import (
     read_training_state,
     register_adapter_checkpoint_hooks,
     resume_command,
-    sub_state_dict,
     unlock_output_dir,
 )
 from .cli import tracker_config
@@ -42,6 +41,7 @@ from .ema import (
     shard_like,
     update_ema,
 )
+from .export import exported_transformer, gathered_state, gathered_trained_parameters
 from .hub import mark_export_stale, model_card_training_section
 from .objectives import (
     PixNerdTrainingModule,
@@ -51,6 +51,7 @@ from .objectives import (
     sample_sigmas,
 )
 from .optimizers import create_optimizer_and_schedule
+from .signals import StopSignals
 from .validation import (
     baseline_images,
     log_validation,
@@ -158,7 +159,7 @@ class TrainingRun:
                 self.max_train_steps,
             )
         self.global_step, self.first_epoch, self.resume_batches = 0, 0, 0
-        self.saved_step, self.stop_signal, self.stopped_by = None, None, None
+        self.saved_step, self.stopped_by = None, None
         self.skipped_images = torch.zeros((), device=accelerator.device)
         self.downscaled_images, self.images_read, self.downscaled_reported = 0, 0, False  # `--image_preprocessing pad`
         self.logs: dict[str, float] = {}
@@ -180,7 +181,7 @@ class TrainingRun:
                     self.global_step,
                     self.max_train_steps,
                 )
-        self._install_signal_handlers()
+        self.signals = StopSignals(accelerator)  # SIGINT, SIGTERM: stop after the step, with a checkpoint
         # Micro-batches before this step (they seed `generator()`): an epoch's last step may have fewer than
         # `gradient_accumulation_steps` of them when its batch count is not a multiple.
         self.micro_step = self.global_step * args.gradient_accumulation_steps
@@ -296,7 +297,7 @@ class TrainingRun:
         the step's logs."""
         values = self.accelerator.gather(torch.stack([v.detach().float() for v in losses.values()])[None])
         if not torch.isfinite(values).all():
-            self._restore_signal_handlers()
+            self.signals.restore()
             latest = list_checkpoints(self.args.output_dir)
             raise FloatingPointError(
                 f"Non-finite loss at step {self.global_step + 1} ({dict(zip(losses, values.T.tolist()))}): stopping "
@@ -327,10 +328,10 @@ class TrainingRun:
         self.log()
         if self.global_step % self.args.checkpointing_steps == 0 or self.global_step == self.max_train_steps:
             self.save()  # the last step is always checkpointed: a finished run can be continued
-        if self._stop_requested():
+        if self.signals.requested():
             if self.saved_step != self.global_step:
                 self.save()
-            self.stopped_by = self.stop_signal or signal.SIGTERM
+            self.stopped_by = self.signals.received or signal.SIGTERM
         return True
 
     def report_downscaled_images(self, when: str):
@@ -439,7 +440,7 @@ class TrainingRun:
             if not (getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error)):
                 raise
             shutil.rmtree(temporary, ignore_errors=True)
-            self._restore_signal_handlers()
+            self.signals.restore()
             latest = list_checkpoints(args.output_dir)
             raise OSError(
                 errno.ENOSPC,
@@ -509,7 +510,7 @@ class TrainingRun:
         self.progress.close()
         self.accelerator.wait_for_everyone()
         self.report_downscaled_images("during this run")  # if no epoch ended
-        self._restore_signal_handlers()
+        self.signals.restore()
         if self.stopped_by is not None:
             name = signal.Signals(self.stopped_by).name
             if self.accelerator.is_main_process:
@@ -525,45 +526,6 @@ class TrainingRun:
             raise SystemExit(128 + int(self.stopped_by))
         if self.global_step >= self.max_train_steps and self.accelerator.is_main_process:
             logger.info("Training done at step %d; the last checkpoint holds it.", self.global_step)
-
-    # ---- stopping on a signal
-    def _install_signal_handlers(self):
-        """SIGINT (Ctrl-C) and SIGTERM end the run after the current step, with a checkpoint; a second SIGINT stops at
-        once. Only in the main thread (signal handlers cannot be set elsewhere)."""
-        import threading
-
-        self._previous_handlers = {}
-        if threading.current_thread() is not threading.main_thread():
-            return
-
-        def request_stop(signum, frame):
-            self.stop_signal = signum
-            signal.signal(signal.SIGINT, self._previous_handlers.get(signal.SIGINT, signal.default_int_handler))
-            if self.accelerator.is_local_main_process:
-                logger.warning(
-                    "%s received: stopping after this step with a checkpoint (Ctrl-C again to stop at once).",
-                    signal.Signals(signum).name,
-                )
-
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            previous = signal.signal(signum, request_stop)
-            # A run in this process that died by an exception left its handler: put back the one from before it.
-            previous = getattr(previous, "previous_handlers", {}).get(signum, previous)
-            self._previous_handlers[signum] = previous
-        request_stop.previous_handlers = self._previous_handlers
-
-    def _restore_signal_handlers(self):
-        for signum, handler in getattr(self, "_previous_handlers", {}).items():
-            signal.signal(signum, handler)
-        self._previous_handlers = {}
-
-    def _stop_requested(self) -> bool:
-        """Whether any process got a stop signal (all processes stop at the same step)."""
-        flag = self.stop_signal or 0
-        if self.accelerator.num_processes > 1:
-            flag = int(self.accelerator.reduce(torch.tensor(flag, device=self.accelerator.device), "max").item())
-            self.stop_signal = self.stop_signal or (flag or None)
-        return bool(flag)
 
     # ---- validation and export
     def validation_images(
@@ -597,33 +559,18 @@ class TrainingRun:
         """The full state of the training module with the EMA weights in place, copied to the CPU of the main process
         (empty on the others). Every process must call it: FSDP gathers the shards."""
         with ema_weights(self.ema, self.ema_parameters):
-            state = self.accelerator.get_state_dict(self.model)
-            if not self.accelerator.is_main_process:
-                return {}
-            return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+            return gathered_state(self.accelerator, self.model)
 
     def export_trained_parameters(self, module: nn.Module) -> dict[str, torch.Tensor]:
         """The trained parameters of `module`, a part of the training module (the transformer with its LoRA adapters),
-        by name, with the EMA weights in place, whole and copied to the CPU of the main process (empty on the others).
-        Only what trains is gathered, not a frozen base. Every process must call it: FSDP gathers each parameter from
-        its shards."""
-        from torch.distributed.tensor import DTensor
-
-        state = {}
+        by name, with the EMA weights in place, whole on the CPU of the main process (`gathered_trained_parameters`).
+        Every process must call it."""
         with ema_weights(self.ema, self.ema_parameters):
-            for name, param in module.named_parameters():
-                if param.requires_grad:
-                    whole = param.full_tensor() if isinstance(param, DTensor) else param
-                    if self.accelerator.is_main_process:
-                        state[name] = whole.detach().to("cpu", copy=True)
-        return state
+            return gathered_trained_parameters(self.accelerator, module)
 
     def exported_transformer(self, state: dict[str, torch.Tensor]):
         """A fresh transformer (same config) holding the exported weights: no projector, no PEFT wrappers."""
-        config = self.unwrapped.transformer.config
-        transformer = type(self.unwrapped.transformer).from_config(config)
-        transformer.load_state_dict(sub_state_dict(state, "transformer"))
-        return transformer
+        return exported_transformer(self.unwrapped.transformer, state)
 
     def model_card(self, script: str, sample_paths: list[str]) -> str:
         """Markdown for the model card: how it was trained (the main settings), the final validation samples and, with
@@ -632,17 +579,3 @@ class TrainingRun:
         chosen = {"ema_decay": self.ema_decay}  # the decay used, also when chosen from the run length
         return model_card_training_section(self.args, script, self.global_step, sample_paths, baseline, chosen)
 
-
-# ------------------------------------------------------------------------------------------------------ export
-
-
-def exported_module(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
-    """A new module of the class and config of `module` (a Transformers or Diffusers model) holding `state`, all its
-    weights. `module` itself cannot take them when its parameters are FSDP shards; the copy's are allocated empty,
-    then assigned the state's tensors (its buffers are built as usual)."""
-    from accelerate import init_empty_weights
-
-    with init_empty_weights(include_buffers=False):
-        copy = type(module)(module.config)
-    copy.load_state_dict(state, assign=True)
-    return copy
