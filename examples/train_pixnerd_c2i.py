@@ -14,6 +14,8 @@ import argparse
 import logging
 import os
 
+from accelerate.utils import set_seed
+
 from diffusers_pixnerd import PIXNERD_PRESETS, PixNerdFlowMatchScheduler, PixNerdPipeline, PixNerdTransformer2DModel
 from diffusers_pixnerd.training import (
     HubAccessError,
@@ -22,6 +24,7 @@ from diffusers_pixnerd.training import (
     TrainingRun,
     add_training_arguments,
     check_resolution,
+    check_hub_access,
     check_training_arguments,
     check_validation_sizes,
     count_classes,
@@ -35,6 +38,7 @@ from diffusers_pixnerd.training import (
     prepare_output_dir,
     push_folder,
     read_class_names,
+    resolve_seed,
     trained_weights_dtype,
 )
 
@@ -100,7 +104,12 @@ def parse_args(input_args=None):
 
 def main(args):
     accelerator = create_accelerator(args)
+    repo_id = check_hub_access(args) if args.push_to_hub else None  # before training: a token that can write there
     checkpoint = prepare_output_dir(accelerator, args)
+    # One seed for the run (`--seed`, else the resumed checkpoint's, else drawn): sampling, data order, checkpoints.
+    args.seed = resolve_seed(accelerator, args.seed, checkpoint)
+    accelerator.dataloader_config.data_seed = args.seed
+    set_seed(args.seed)
     repa_encoder = create_repa_encoder(accelerator, args)  # first: a missing encoder stops before anything loads
 
     # 1. Data: class subfolders or a dataset with image and label columns, checked before anything trains.
@@ -168,11 +177,11 @@ def main(args):
 
     # 4. The optimizer (`--optimizer`), lr schedule, Accelerate, EMA, resume; then train.
     run = TrainingRun(accelerator, args, model, train_dataloader, checkpoint)
-    model, trained = run.model, run.trained
+    model, unwrapped = run.model, run.unwrapped
     optimizer, lr_scheduler = run.optimizer, run.lr_scheduler
 
     def validate(final=False):  # each class at each of --validation_sizes
-        pipeline = PixNerdPipeline(transformer=trained.transformer, scheduler=scheduler, id2label=id2label)
+        pipeline = PixNerdPipeline(transformer=unwrapped.transformer, scheduler=scheduler, id2label=id2label)
         labels = args.validation_class_labels
         captions = [id2label[str(i)] if id2label else f"class {i}" for i in labels]
         return run.validation_images(pipeline, [{"class_labels": [i]} for i in labels], captions, final)
@@ -203,13 +212,13 @@ def main(args):
         pipeline = PixNerdPipeline(transformer=run.exported_transformer(state), scheduler=scheduler, id2label=id2label)
         pipeline.save_pretrained(
             args.output_dir,
-            repo_id=getattr(args, "hub_repo_id", None),
+            repo_id=repo_id,
             base_model=hub_model_id(args.pretrained_model_name_or_path),
             model_card_extra=run.model_card("train_pixnerd_c2i.py", samples),
         )
         logger.info("Saved the pipeline to %s", args.output_dir)
         if args.push_to_hub:
-            push_folder(args)
+            push_folder(args, repo_id)
     accelerator.end_training()
 
 

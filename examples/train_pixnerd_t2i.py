@@ -22,6 +22,7 @@ import logging
 import os
 
 import torch
+from accelerate.utils import set_seed
 
 from diffusers_pixnerd import (
     OFFICIAL_SCHEDULER_PRESETS,
@@ -40,6 +41,7 @@ from diffusers_pixnerd.training import (
     add_lora_adapters,
     add_training_arguments,
     check_resolution,
+    check_hub_access,
     check_training_arguments,
     check_validation_sizes,
     create_accelerator,
@@ -56,6 +58,7 @@ from diffusers_pixnerd.training import (
     prompt_cache_folder,
     push_folder,
     quantize_text_encoder,
+    resolve_seed,
     save_lora_adapters,
     stream_captions,
     sub_state_dict,
@@ -248,7 +251,12 @@ def new_pipeline(args) -> PixNerdT2IPipeline:
 
 def main(args):
     accelerator = create_accelerator(args)
+    repo_id = check_hub_access(args) if args.push_to_hub else None  # before training: a token that can write there
     checkpoint = prepare_output_dir(accelerator, args)
+    # One seed for the run (`--seed`, else the resumed checkpoint's, else drawn): sampling, data order, checkpoints.
+    args.seed = resolve_seed(accelerator, args.seed, checkpoint)
+    accelerator.dataloader_config.data_seed = args.seed
+    set_seed(args.seed)
     repa_encoder = create_repa_encoder(accelerator, args)  # first: a missing encoder stops before anything loads
     device, dtype = accelerator.device, weight_dtype(accelerator)
 
@@ -340,13 +348,13 @@ def main(args):
 
     # 5. The optimizer (`--optimizer`), lr schedule, Accelerate, EMA, resume; then train.
     run = TrainingRun(accelerator, args, model, train_dataloader, checkpoint, lora=args.use_lora)
-    model, trained = run.model, run.trained
+    model, unwrapped = run.model, run.unwrapped
     optimizer, lr_scheduler = run.optimizer, run.lr_scheduler
 
     def validate(final=False):
-        encoder = trained.text_encoder if train_text_encoder else text_encoder
+        encoder = unwrapped.text_encoder if train_text_encoder else text_encoder
         encoder = None if args.precompute_text_embeddings else encoder  # the prompts come encoded
-        pipeline = PixNerdT2IPipeline(trained.transformer, scheduler, text_encoder=encoder, tokenizer=tokenizer)
+        pipeline = PixNerdT2IPipeline(unwrapped.transformer, scheduler, text_encoder=encoder, tokenizer=tokenizer)
         return run.validation_images(pipeline, validation, args.validation_prompts, final)  # at --validation_sizes
 
     if run.global_step == 0 and run.validation_due:  # the baseline, before the first step (not when resuming)
@@ -382,10 +390,10 @@ def main(args):
     samples = validate(final=True)
     card = run.model_card("train_pixnerd_t2i.py", samples)
     # Every process gathers (FSDP holds shards); the main one writes.
-    state = run.export_trained_parameters(trained.transformer) if args.use_lora else run.export_state()
+    state = run.export_trained_parameters(unwrapped.transformer) if args.use_lora else run.export_state()
     if accelerator.is_main_process and args.use_lora:
-        save_lora_adapters(trained.transformer, args.output_dir, state_dict=state)
-        write_model_card(args.output_dir, lora_model_card(args, card))
+        save_lora_adapters(unwrapped.transformer, args.output_dir, state_dict=state)
+        write_model_card(args.output_dir, lora_model_card(args, card, repo_id))
     elif accelerator.is_main_process:
         if train_text_encoder:
             text_encoder = exported_module(text_encoder, sub_state_dict(state, "text_encoder"))  # FSDP: shards
@@ -394,14 +402,14 @@ def main(args):
         pipeline = PixNerdT2IPipeline(run.exported_transformer(state), scheduler, text_encoder, tokenizer)
         pipeline.save_pretrained(
             args.output_dir,
-            repo_id=getattr(args, "hub_repo_id", None),
+            repo_id=repo_id,
             base_model=hub_model_id(args.pretrained_model_name_or_path),
             model_card_extra=card,
         )
     if accelerator.is_main_process:
         logger.info("Saved the %s to %s", "LoRA weights" if args.use_lora else "pipeline", args.output_dir)
         if args.push_to_hub:
-            push_folder(args)
+            push_folder(args, repo_id)
     accelerator.end_training()
 
 

@@ -387,11 +387,10 @@ def test_a_pad_run_logs_how_many_images_were_larger(assets, tmp_path, run_main, 
 # ---------------------------------------------------------------------------------------------------- model cards
 
 
-def lora_args(base, output_dir, hub_repo_id=None):
+def lora_args(base, output_dir):
     return argparse.Namespace(
         pretrained_model_name_or_path=str(base),
         output_dir=str(output_dir),
-        hub_repo_id=hub_repo_id,
         lora_rank=4,
         lora_target_modules="to_q,to_k",
         validation_prompts=['a "red" dress'],
@@ -418,7 +417,7 @@ def test_a_lora_card_loads_the_real_base_and_shows_no_absolute_path(tmp_path, mo
     assert f'pipe = PixNerdT2IPipeline.from_pretrained("models/my-base"){relative}' in usage(card)
     assert "`models/my-base` (a local folder)" in card and "base_model:" not in card
 
-    card = lora_model_card(lora_args("MCG-NJU/PixNerd-XXL-P16-T2I", "runs/my-lora", hub_repo_id="me/my-lora"), "")
+    card = lora_model_card(lora_args("MCG-NJU/PixNerd-XXL-P16-T2I", "runs/my-lora"), "", repo_id="me/my-lora")
     assert 'pipe = PixNerdT2IPipeline.from_pretrained("MCG-NJU/PixNerd-XXL-P16-T2I")' in usage(card)
     assert 'pipe.load_lora_weights("me/my-lora")' in usage(card) and "base_model: MCG-NJU/PixNerd-XXL-P16-T2I" in card
 

@@ -20,7 +20,9 @@
   mixed into every micro-batch in an order fixed by (seed, process, micro-batch), their own loss weight (T2I).
 - `cli`: the flags both scripts share and their checks, the model config from the flags.
 - `hub`: the model card's training section and the upload to the Hub.
-- `run_setup`: what a run is built from: the `Accelerator`, the output folder, REPA, LoRA adapters.
+- `run_setup`: what a run is built from: the `Accelerator`, the seed, the output folder, REPA, LoRA adapters.
+- `signals`: SIGINT / SIGTERM stop a run after the current step, with a checkpoint (`StopSignals`).
+- `export`: the weights gathered onto the main process (FSDP shards included), fresh modules holding them.
 - `loop`: `TrainingRun` (batches, step, backward, EMA, logs, checkpoints and resume, signals, validation, export).
 
 The names the example scripts use are importable from here: `from diffusers_pixnerd.training import TrainingRun`.
@@ -57,8 +59,9 @@ from .data import (
 )
 from .images import adm_center_crop, image_to_tensor, open_image, pad_to_size, resize_center_crop
 from .ema import create_ema, ema_decay_for_run, ema_weights, update_ema
-from .hub import HubAccessError, hub_model_id, lora_model_card, push_folder, upload_output_dir
-from .loop import TrainingRun, exported_module
+from .hub import HubAccessError, check_hub_access, hub_model_id, lora_model_card, push_folder, upload_output_dir
+from .export import exported_module
+from .loop import TrainingRun
 from .objectives import (
     PixNerdTrainingModule,
     REPAProjector,
@@ -80,6 +83,7 @@ from .run_setup import (
     create_repa_projector,
     prepare_output_dir,
     quantize_text_encoder,
+    resolve_seed,
     weight_dtype,
 )
 from .validation import check_validation_sizes, read_prompts_file, validation_prompts
@@ -105,6 +109,7 @@ __all__ = [
     "add_training_arguments",
     "adm_center_crop",
     "capture_block_output",
+    "check_hub_access",
     "check_output_dir",
     "check_resolution",
     "check_training_arguments",
@@ -141,6 +146,7 @@ __all__ = [
     "repa_target_features",
     "resize_center_crop",
     "resolve_checkpoint",
+    "resolve_seed",
     "sample_sigmas",
     "save_lora_adapters",
     "scan_caption_folder",

@@ -93,10 +93,17 @@ def exported_weights_note(args: argparse.Namespace, global_step: int) -> str:
 
 
 def model_card_training_section(
-    args: argparse.Namespace, script: str, global_step: int, sample_paths: list, baseline_paths: list = ()
+    args: argparse.Namespace,
+    script: str,
+    global_step: int,
+    sample_paths: list,
+    baseline_paths: list = (),
+    chosen: dict | None = None,
 ) -> str:
     """Markdown for the model card: how it was trained (the settings used), what was exported, the final samples and
-    the step-0 samples of the same prompts and seeds (`baseline_paths`, before training), if any."""
+    the step-0 samples of the same prompts and seeds (`baseline_paths`, before training), if any. `chosen`: the values
+    the run chose for flags left unset (`{"ema_decay": ...}`), shown in their place."""
+    args = argparse.Namespace(**{**vars(args), **(chosen or {})})  # a copy: the flags are left as given
     settings = used_settings(args)
     shortened = [k for k, v in settings.items() if isinstance(v, str) and os.path.isabs(v)]
     rows = "\n".join(f"| `{k}` | `{shown_path(v) if k in shortened else v}` |" for k, v in settings.items())
@@ -247,11 +254,10 @@ def upload_output_dir(
     return repo_id
 
 
-def push_folder(args: argparse.Namespace, commit_message: str = "End of training"):
-    """Uploads `--output_dir` at the end of a `--push_to_hub` run (`upload_output_dir`)."""
-    name = (
-        getattr(args, "hub_repo_id", None) or args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
-    )
+def push_folder(args: argparse.Namespace, repo_id: str | None = None, commit_message: str = "End of training"):
+    """Uploads `--output_dir` at the end of a `--push_to_hub` run (`upload_output_dir`) to `repo_id`, the full id that
+    `check_hub_access` returned (default: `--hub_model_id`, else the folder's name)."""
+    name = repo_id or args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
     return upload_output_dir(args.output_dir, name, args.hub_token, args.logging_dir, commit_message)
 
 
@@ -288,23 +294,22 @@ def local_folder_note(name_or_path: str, what: str) -> str:
     return f"  # {what}: a local folder" + (" (its name; give its path)" if os.path.isabs(name_or_path) else "")
 
 
-def lora_model_card(args, extra: str) -> str:
+def lora_model_card(args, extra: str, repo_id: str | None = None) -> str:
     """The LoRA card: `base_model` only when the base is a Hub repo; the usage loads the base as the run named it (a
-    Hub id, or the path given, see `shown_path`) and the LoRA from its repo when pushed, else from this folder."""
+    Hub id, or the path given, see `shown_path`) and the LoRA from `repo_id` when pushed, else from this folder."""
     base = args.pretrained_model_name_or_path
     base_id = hub_model_id(base)
-    repo = getattr(args, "hub_repo_id", None)
     return LORA_MODEL_CARD.format(
         marker=CARD_MARKER,
         base_model_line=f"base_model: {base_id}\n" if base_id else "",
-        title=getattr(args, "hub_repo_id", None) or os.path.basename(os.path.normpath(args.output_dir)),
+        title=repo_id or os.path.basename(os.path.normpath(args.output_dir)),
         rank=args.lora_rank,
         targets=", ".join(f"`{name.strip()}`" for name in args.lora_target_modules.split(",")),
         base=f"[{base_id}](https://huggingface.co/{base_id})" if base_id else f"`{shown_path(base)}` (a local folder)",
         base_id=json.dumps(base_id or shown_path(base)),
         base_note="" if base_id else local_folder_note(base, "the base pipeline"),
-        repo=json.dumps(repo or shown_path(args.output_dir)),
-        repo_note="" if repo else local_folder_note(args.output_dir, "this folder"),
+        repo=json.dumps(repo_id or shown_path(args.output_dir)),
+        repo_note="" if repo_id else local_folder_note(args.output_dir, "this folder"),
         prompt=json.dumps(args.validation_prompts[0], ensure_ascii=False),
         extra=extra,
     )

@@ -1,6 +1,6 @@
 # Copyright 2026 The diffusers-pixnerd authors. MIT License.
-"""A training run: `TrainingRun`, the bookkeeping around the training step (batches, the step's random inputs, backward, EMA, logs,
-replica checks, checkpoints and resume, stopping on a signal, validation and export)."""
+"""A training run: `TrainingRun`, the bookkeeping around the training step (batches, the step's random inputs,
+backward, EMA, logs, replica checks, checkpoints and resume, stopping on a signal, validation and export)."""
 
 import errno
 import json
@@ -25,7 +25,6 @@ from .checkpoints import (
     read_training_state,
     register_adapter_checkpoint_hooks,
     resume_command,
-    sub_state_dict,
     unlock_output_dir,
 )
 from .cli import tracker_config
@@ -42,6 +41,7 @@ from .ema import (
     shard_like,
     update_ema,
 )
+from .export import exported_transformer, gathered_state, gathered_trained_parameters
 from .hub import mark_export_stale, model_card_training_section
 from .objectives import (
     PixNerdTrainingModule,
@@ -51,6 +51,7 @@ from .objectives import (
     sample_sigmas,
 )
 from .optimizers import create_optimizer_and_schedule
+from .signals import StopSignals
 from .validation import (
     baseline_images,
     log_validation,
@@ -123,46 +124,52 @@ class TrainingRun:
         parameters = [p for p in model.parameters() if p.requires_grad]
         optimizer, lr_scheduler = create_optimizer_and_schedule(accelerator, args, parameters, self.max_train_steps)
         self.model, self.optimizer, self.lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
-        self.trained: PixNerdTrainingModule = accelerator.unwrap_model(self.model)
+        # The training module itself, without Accelerate's wrappers (DDP, compile): its parts are reached through it.
+        self.unwrapped: PixNerdTrainingModule = accelerator.unwrap_model(self.model)
         from accelerate.utils import DistributedType
 
         fsdp = accelerator.distributed_type == DistributedType.FSDP
         if lora and not fsdp:  # checkpoints hold the adapters and the projector, not a copy of the frozen base
-            register_adapter_checkpoint_hooks(accelerator, self.trained)  # (FSDP's sharded files hold them already)
+            register_adapter_checkpoint_hooks(accelerator, self.unwrapped)  # (FSDP's sharded files hold them already)
         self.lora_checkpoints = lora and not fsdp
         if fsdp and args.use_ema and args.ema_device == "cpu":
             raise ValueError("`--ema_device cpu` is not supported with FSDP (the EMA is sharded like the weights).")
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         # The EMA follows the trained transformer weights (not the projector, nor text encoder layers).
-        self.ema_parameters = [p for p in self.trained.transformer.parameters() if p.requires_grad]
-        if args.use_ema and args.ema_decay is None:
-            args.ema_decay = ema_decay_for_run(self.max_train_steps)
+        self.ema_parameters = [p for p in self.unwrapped.transformer.parameters() if p.requires_grad]
+        self.ema_decay = args.ema_decay if args.use_ema else None  # `--ema_decay`, else chosen from the run length
+        if args.use_ema and self.ema_decay is None:
+            self.ema_decay = ema_decay_for_run(self.max_train_steps)
             logger.info(
                 "EMA decay %.6g, chosen from the run length (%d steps): the export averages about the last %d steps.",
-                args.ema_decay,
+                self.ema_decay,
                 self.max_train_steps,
-                round(1 / max(1 - args.ema_decay, 1e-12)),
+                round(1 / max(1 - self.ema_decay, 1e-12)),
             )
         self.ema = self._new_ema() if args.use_ema else None
-        initial_share = 0.0 if args.ema_warmup else (args.ema_decay or 0.0) ** self.max_train_steps
+        initial_share = 0.0 if args.ema_warmup else (self.ema_decay or 0.0) ** self.max_train_steps
         if self.ema is not None and checkpoint is None and initial_share > EMA_MAX_INITIAL_SHARE:
             logger.warning(
                 "With the constant EMA decay %g, the starting weights (the base model when fine-tuning, the random "
                 "initialisation from scratch) still make up %.0f%% of the exported EMA after %d steps, so the export "
                 "stays close to them. Leave `--ema_decay` unset to choose it from the run length, or pass "
                 "`--ema_warmup` or `--no_use_ema`.",
-                args.ema_decay,
+                self.ema_decay,
                 100 * initial_share,
                 self.max_train_steps,
             )
         self.global_step, self.first_epoch, self.resume_batches = 0, 0, 0
-        self.saved_step, self.stop_signal, self.stopped_by = None, None, None
+        self.saved_step, self.stopped_by = None, None
         self.skipped_images = torch.zeros((), device=accelerator.device)
         self.downscaled_images, self.images_read, self.downscaled_reported = 0, 0, False  # `--image_preprocessing pad`
         self.logs: dict[str, float] = {}
         self._sums: dict[str, float] = {}
         # An export already in the folder comes from before this run: stale once this run saves a checkpoint.
         self.earlier_export = any(os.path.exists(os.path.join(args.output_dir, m)) for m in EXPORT_MARKERS)
+        # With `--overwrite_output_dir`, the earlier run's checkpoints: deleted once this run has committed its first.
+        self.stale_checkpoints = [path for _, path in list_checkpoints(args.output_dir)]
+        if not args.overwrite_output_dir:
+            self.stale_checkpoints = []
         if checkpoint is not None:
             self.load(checkpoint)
             self.saved_step = self.global_step
@@ -174,7 +181,7 @@ class TrainingRun:
                     self.global_step,
                     self.max_train_steps,
                 )
-        self._install_signal_handlers()
+        self.signals = StopSignals(accelerator)  # SIGINT, SIGTERM: stop after the step, with a checkpoint
         # Micro-batches before this step (they seed `generator()`): an epoch's last step may have fewer than
         # `gradient_accumulation_steps` of them when its batch count is not a multiple.
         self.micro_step = self.global_step * args.gradient_accumulation_steps
@@ -209,7 +216,9 @@ class TrainingRun:
     def _new_ema(self):
         """The float32 EMA of the trained transformer weights, on `--ema_device`, every `--ema_update_interval` steps."""
         args = self.args
-        return create_ema(self.ema_parameters, args.ema_decay, args.ema_warmup, args.ema_update_interval, self.ema_device)
+        return create_ema(
+            self.ema_parameters, self.ema_decay, args.ema_warmup, args.ema_update_interval, self.ema_device
+        )
 
     # ---- data
     def batches(self) -> Iterator[dict]:
@@ -278,7 +287,7 @@ class TrainingRun:
         inputs = {"pixels": pixels, "noise": noise, "sigmas": sigmas, "drop_mask": drop_mask}
         if repa_encoder is not None:
             # The C2I grid follows the image; the T2I grid is fixed (non-square images: non-square patches).
-            token_grid = self.trained.transformer.token_grid(*pixels.shape[-2:])[:2]
+            token_grid = self.unwrapped.transformer.token_grid(*pixels.shape[-2:])[:2]
             with self.accelerator.autocast():
                 inputs["repa_features"] = repa_target_features(repa_encoder, pixels, token_grid)
         return inputs
@@ -288,7 +297,7 @@ class TrainingRun:
         the step's logs."""
         values = self.accelerator.gather(torch.stack([v.detach().float() for v in losses.values()])[None])
         if not torch.isfinite(values).all():
-            self._restore_signal_handlers()
+            self.signals.restore()
             latest = list_checkpoints(self.args.output_dir)
             raise FloatingPointError(
                 f"Non-finite loss at step {self.global_step + 1} ({dict(zip(losses, values.T.tolist()))}): stopping "
@@ -319,10 +328,10 @@ class TrainingRun:
         self.log()
         if self.global_step % self.args.checkpointing_steps == 0 or self.global_step == self.max_train_steps:
             self.save()  # the last step is always checkpointed: a finished run can be continued
-        if self._stop_requested():
+        if self.signals.requested():
             if self.saved_step != self.global_step:
                 self.save()
-            self.stopped_by = self.stop_signal or signal.SIGTERM
+            self.stopped_by = self.signals.received or signal.SIGTERM
         return True
 
     def report_downscaled_images(self, when: str):
@@ -421,8 +430,8 @@ class TrainingRun:
                     json.dump(state, f, indent=2)
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                commit_checkpoint(temporary, args.checkpoints_total_limit, getattr(args, "stale_checkpoints", ()))
-                args.stale_checkpoints = []
+                commit_checkpoint(temporary, args.checkpoints_total_limit, self.stale_checkpoints)
+                self.stale_checkpoints = []
                 logger.info("Saved %s", final)
                 if self.earlier_export:
                     mark_export_stale(args.output_dir, final)
@@ -431,7 +440,7 @@ class TrainingRun:
             if not (getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error)):
                 raise
             shutil.rmtree(temporary, ignore_errors=True)
-            self._restore_signal_handlers()
+            self.signals.restore()
             latest = list_checkpoints(args.output_dir)
             raise OSError(
                 errno.ENOSPC,
@@ -501,7 +510,7 @@ class TrainingRun:
         self.progress.close()
         self.accelerator.wait_for_everyone()
         self.report_downscaled_images("during this run")  # if no epoch ended
-        self._restore_signal_handlers()
+        self.signals.restore()
         if self.stopped_by is not None:
             name = signal.Signals(self.stopped_by).name
             if self.accelerator.is_main_process:
@@ -517,45 +526,6 @@ class TrainingRun:
             raise SystemExit(128 + int(self.stopped_by))
         if self.global_step >= self.max_train_steps and self.accelerator.is_main_process:
             logger.info("Training done at step %d; the last checkpoint holds it.", self.global_step)
-
-    # ---- stopping on a signal
-    def _install_signal_handlers(self):
-        """SIGINT (Ctrl-C) and SIGTERM end the run after the current step, with a checkpoint; a second SIGINT stops at
-        once. Only in the main thread (signal handlers cannot be set elsewhere)."""
-        import threading
-
-        self._previous_handlers = {}
-        if threading.current_thread() is not threading.main_thread():
-            return
-
-        def request_stop(signum, frame):
-            self.stop_signal = signum
-            signal.signal(signal.SIGINT, self._previous_handlers.get(signal.SIGINT, signal.default_int_handler))
-            if self.accelerator.is_local_main_process:
-                logger.warning(
-                    "%s received: stopping after this step with a checkpoint (Ctrl-C again to stop at once).",
-                    signal.Signals(signum).name,
-                )
-
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            previous = signal.signal(signum, request_stop)
-            # A run in this process that died by an exception left its handler: put back the one from before it.
-            previous = getattr(previous, "previous_handlers", {}).get(signum, previous)
-            self._previous_handlers[signum] = previous
-        request_stop.previous_handlers = self._previous_handlers
-
-    def _restore_signal_handlers(self):
-        for signum, handler in getattr(self, "_previous_handlers", {}).items():
-            signal.signal(signum, handler)
-        self._previous_handlers = {}
-
-    def _stop_requested(self) -> bool:
-        """Whether any process got a stop signal (all processes stop at the same step)."""
-        flag = self.stop_signal or 0
-        if self.accelerator.num_processes > 1:
-            flag = int(self.accelerator.reduce(torch.tensor(flag, device=self.accelerator.device), "max").item())
-            self.stop_signal = self.stop_signal or (flag or None)
-        return bool(flag)
 
     # ---- validation and export
     def validation_images(
@@ -589,51 +559,23 @@ class TrainingRun:
         """The full state of the training module with the EMA weights in place, copied to the CPU of the main process
         (empty on the others). Every process must call it: FSDP gathers the shards."""
         with ema_weights(self.ema, self.ema_parameters):
-            state = self.accelerator.get_state_dict(self.model)
-            if not self.accelerator.is_main_process:
-                return {}
-            return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+            return gathered_state(self.accelerator, self.model)
 
     def export_trained_parameters(self, module: nn.Module) -> dict[str, torch.Tensor]:
         """The trained parameters of `module`, a part of the training module (the transformer with its LoRA adapters),
-        by name, with the EMA weights in place, whole and copied to the CPU of the main process (empty on the others).
-        Only what trains is gathered, not a frozen base. Every process must call it: FSDP gathers each parameter from
-        its shards."""
-        from torch.distributed.tensor import DTensor
-
-        state = {}
+        by name, with the EMA weights in place, whole on the CPU of the main process (`gathered_trained_parameters`).
+        Every process must call it."""
         with ema_weights(self.ema, self.ema_parameters):
-            for name, param in module.named_parameters():
-                if param.requires_grad:
-                    whole = param.full_tensor() if isinstance(param, DTensor) else param
-                    if self.accelerator.is_main_process:
-                        state[name] = whole.detach().to("cpu", copy=True)
-        return state
+            return gathered_trained_parameters(self.accelerator, module)
 
     def exported_transformer(self, state: dict[str, torch.Tensor]):
         """A fresh transformer (same config) holding the exported weights: no projector, no PEFT wrappers."""
-        config = self.trained.transformer.config
-        transformer = type(self.trained.transformer).from_config(config)
-        transformer.load_state_dict(sub_state_dict(state, "transformer"))
-        return transformer
+        return exported_transformer(self.unwrapped.transformer, state)
 
     def model_card(self, script: str, sample_paths: list[str]) -> str:
         """Markdown for the model card: how it was trained (the main settings), the final validation samples and, with
         `--validation_steps`, the step-0 ones beside them."""
         baseline = baseline_images(sample_paths, self.args.output_dir) if self.args.validation_steps else []
-        return model_card_training_section(self.args, script, self.global_step, sample_paths, baseline)
+        chosen = {"ema_decay": self.ema_decay}  # the decay used, also when chosen from the run length
+        return model_card_training_section(self.args, script, self.global_step, sample_paths, baseline, chosen)
 
-
-# ------------------------------------------------------------------------------------------------------ export
-
-
-def exported_module(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
-    """A new module of the class and config of `module` (a Transformers or Diffusers model) holding `state`, all its
-    weights. `module` itself cannot take them when its parameters are FSDP shards; the copy's are allocated empty,
-    then assigned the state's tensors (its buffers are built as usual)."""
-    from accelerate import init_empty_weights
-
-    with init_empty_weights(include_buffers=False):
-        copy = type(module)(module.config)
-    copy.load_state_dict(state, assign=True)
-    return copy

@@ -1,6 +1,6 @@
 # Copyright 2026 The diffusers-pixnerd authors. MIT License.
-"""What a training run is built from: the `Accelerator` (processes, seed, logging), the output folder (lock, resume
-or overwrite, Hub access), the REPA encoder and projector, the weight dtype."""
+"""What a training run is built from: the `Accelerator` (processes, logging), the seed, the output folder (lock, resume
+or overwrite), the REPA encoder and projector, the weight dtype."""
 
 import argparse
 import importlib.util
@@ -13,13 +13,11 @@ import torch.nn as nn
 from .checkpoints import (
     EXPORT_MARKERS,
     check_output_dir,
-    list_checkpoints,
     lock_output_dir,
     read_training_state,
     remove_temporary_checkpoints,
     resolve_checkpoint,
 )
-from .hub import check_hub_access
 from .objectives import (
     REPAProjector,
     load_repa_encoder,
@@ -29,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 
 def create_accelerator(args: argparse.Namespace):
-    """The `Accelerator` (project folders, seedable data order, trackers), the logging set-up and the seed.
+    """The `Accelerator` (project folders, seedable data order, trackers) and the logging set-up.
 
     Without a GPU it runs on the CPU (several processes then use gloo DDP); a launcher asking for more processes than
     the run really has (e.g. `--multi_gpu` on a machine Accelerate cannot use that way) is an error, not silent copies.
@@ -38,7 +36,7 @@ def create_accelerator(args: argparse.Namespace):
     import diffusers
     import transformers
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broadcast_object_list, set_seed
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -77,28 +75,29 @@ def create_accelerator(args: argparse.Namespace):
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
-
-    # One seed for the run: given, stored in the checkpoint being resumed, or drawn once and shared by all processes.
-    checkpoint = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
-    if args.seed is None and checkpoint is not None:
-        args.seed = read_training_state(checkpoint)["seed"]
-    if args.seed is None:
-        seed = [int.from_bytes(os.urandom(4), "little")]
-        if accelerator.num_processes > 1:
-            broadcast_object_list(seed)
-        args.seed = seed[0]
-    accelerator.dataloader_config.data_seed = args.seed
-    set_seed(args.seed)
     return accelerator
+
+
+def resolve_seed(accelerator, seed: int | None, checkpoint: str | None) -> int:
+    """The one seed of the run: `seed` (`--seed`) when given, else the one stored in the `checkpoint` being resumed
+    (so that a resumed run draws what the uninterrupted one would have), else one drawn once and shared by all
+    processes. Every process must call it."""
+    from accelerate.utils import broadcast_object_list
+
+    if seed is None and checkpoint is not None:
+        seed = read_training_state(checkpoint)["seed"]
+    if seed is None:
+        drawn = [int.from_bytes(os.urandom(4), "little")]
+        if accelerator.num_processes > 1:
+            broadcast_object_list(drawn)  # the main process's
+        seed = drawn[0]
+    return seed
 
 
 def prepare_output_dir(accelerator, args: argparse.Namespace) -> str | None:
     """Locks the folder, repairs interrupted saves, checks for an earlier run; returns the checkpoint to resume from
-    (`None`: a new run). With `--overwrite_output_dir` the earlier checkpoints are only listed in
-    `args.stale_checkpoints`: they are deleted once this run has committed its first checkpoint, so a run that fails
-    to start loses nothing."""
-    if args.push_to_hub:
-        args.hub_repo_id = check_hub_access(args)
+    (`None`: a new run). With `--overwrite_output_dir` the earlier checkpoints stay: `TrainingRun` deletes them once
+    it has committed its first checkpoint, so a run that fails to start loses nothing."""
     if accelerator.is_main_process:
         lock_output_dir(args.output_dir)
         remove_temporary_checkpoints(args.output_dir)
@@ -114,9 +113,6 @@ def prepare_output_dir(accelerator, args: argparse.Namespace) -> str | None:
                 "`--overwrite_output_dir` to train again from the start, or train on from the exported model with "
                 "`--pretrained_model_name_or_path` and another `--output_dir`."
             )
-    args.stale_checkpoints = (
-        [path for _, path in list_checkpoints(args.output_dir)] if args.overwrite_output_dir else []
-    )
     if args.resume_from_checkpoint is not None and checkpoint is None:
         logger.info("No checkpoint in %s: starting a new run.", args.output_dir)
     accelerator.wait_for_everyone()
