@@ -14,6 +14,21 @@ FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 # `make test-mixins DIFFUSERS_SRC=...` (see diffusers_mixins/conftest.py).
 collect_ignore = ["diffusers_mixins"]
 
+
+@pytest.fixture(autouse=True)
+def keeps_diffusers_attention_default():
+    """A test that leaves diffusers' global attention backend changed (`set_attention_backend` sets it) would make every
+    later in-process run compute differently from a fresh process: fail that test and put the default back."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    before = _AttentionBackendRegistry._active_backend
+    yield
+    after = _AttentionBackendRegistry._active_backend
+    if after != before:
+        _AttentionBackendRegistry._active_backend = before
+        pytest.fail(f"the test left diffusers' global attention backend at {after} (was {before})")
+
+
 # Tiny configurations of both variants (the shapes of the official-format fixtures in tests/fixtures/).
 TINY_C2I = dict(
     sample_size=16,

@@ -93,6 +93,10 @@ def test_attention_backend_really_switches_the_kernel(monkeypatch):
         attention_dispatch.AttentionBackendName._NATIVE_MATH,
         spy,
     )
+    # set_attention_backend also makes the backend diffusers' global default: put the default back after the test
+    # (left at the math kernel, later models in this process would compute differently from a fresh process).
+    registry = attention_dispatch._AttentionBackendRegistry
+    monkeypatch.setattr(registry, "_active_backend", registry._active_backend)
     model.set_attention_backend("_native_math")
     got = run(model, **kwargs)
     assert len(seen) == len(model.attn_processors)  # every attention went through the chosen kernel
