@@ -420,26 +420,30 @@ ABOUT_T2I = """## About this model
 
 A small text-to-image PixNerd trained from scratch on Fashion-MNIST (28x28 gray garments padded to 32x32 RGB) by
 `examples/train_pixnerd_t2i.py` of diffusers-pixnerd on 2 CPU cores: 6,000 steps on captions in 8 wordings x 3
-phrasings per class ("a photo of a sneaker", "a running shoe, white on a black background", ...), then 3,200 steps on
-captions in 400 wordings (`prepare --wordings varied`), so that it reads the class out of sentences it never saw. It
-is a demonstration and a test fixture, not a general text-to-image model: it draws the 10 Fashion-MNIST classes, in
-gray.
+phrasings per class ("a photo of a sneaker", "a running shoe, white on a black background", ...), 3,200 steps on
+captions in 400 wordings (`prepare --wordings varied`), then 2,000 steps on rich captions (`prepare --wordings rich`:
+bare nouns, plurals, style endings, upper and lower case) with the text encoder's layers trained too
+(`--train_text_encoder_layers 2`), so that it reads the class out of sentences it never saw. It is a demonstration
+and a test fixture, not a general text-to-image model: it draws the 10 Fashion-MNIST classes, in gray.
 
 **The text encoder is a stand-in.** The official PixNerd text-to-image model conditions on Qwen/Qwen3-1.7B, which
 could not be downloaded on the machine this model was trained on. `text_encoder/` is a Qwen3 of the same
-architecture at a tiny size (hidden 32, 2 layers, 4 heads), with random weights (seed 0, stored in float16, made by
-`python examples/fashion_mnist.py text-encoder`) that were never trained: the transformer learnt to read its hidden
-states. The tokenizer is the real Qwen3 one (151,669 tokens). With network access the same training command takes the
-real encoder: `--text_encoder_name_or_path Qwen/Qwen3-1.7B` (the transformer's `text_embed_dim` follows it).
+architecture at a tiny size (hidden 32, 2 layers, 4 heads), started from random weights (seed 0, made by
+`python examples/fashion_mnist.py text-encoder`); its two layers and final norm were trained in the last 2,000 steps,
+its token embeddings never were. The tokenizer is the real Qwen3 one (151,669 tokens). With network access the same
+training commands take the real encoder: `--text_encoder_name_or_path Qwen/Qwen3-1.7B` (the transformer's
+`text_embed_dim` follows it).
 
 How well it follows prompts worded unlike any training caption, and the commands that made it: `docs/results.md` of
-diffusers-pixnerd ("The bundled text-to-image model"). The transformer weights are stored in float16 (loaded as
-float32). Its saved sampler uses CFG 5.0, chosen on prompts apart from the evaluation ones."""
+diffusers-pixnerd ("The bundled text-to-image model"). The transformer and text encoder weights are stored in float16
+(loaded as float32 and float16). Its saved sampler uses CFG 5.0, chosen on prompts apart from the evaluation
+ones."""
 
 
 def bundle(args):
-    """The bundled text-to-image folder from a training export: the transformer stored in float16, the model card with
-    `ABOUT_T2I` before the training section, the sample images it shows."""
+    """The bundled text-to-image folder from a training export: the transformer and the text encoder (trained or the
+    stand-in) stored in float16, the model card with `ABOUT_T2I` before the training section, the sample images it
+    shows."""
     import shutil
 
     from diffusers_pixnerd import PixNerdT2IPipeline
@@ -448,6 +452,7 @@ def bundle(args):
     pipe = PixNerdT2IPipeline.from_pretrained(args.source)
     extra, images, _ = read_model_card_extra(args.source)
     pipe.transformer.to(torch.float16)
+    pipe.text_encoder.to(torch.float16)  # a run with --train_text_encoder_layers exports it in float32
     if args.guidance_scale is not None:  # the saved sampler's CFG scale
         pipe.scheduler.register_to_config(guidance_scale=args.guidance_scale)
     if os.path.exists(args.output):

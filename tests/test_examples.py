@@ -80,9 +80,10 @@ def test_bundled_model_draws_the_asked_classes(tmp_path):
 # ----------------------------------------------------------------------------- the bundled text-to-image model
 
 
-def write_prompts(path, num, seed=0, prefix=""):
+def write_prompts(path, num, seed=0, prefix="", prompt_set="heldout"):
+    rows = fashion_mnist.everyday_prompts(num, seed) if prompt_set == "everyday" else None
     with open(path, "w") as f:
-        for row in fashion_mnist.heldout_prompts(num, seed, prefix):
+        for row in rows or fashion_mnist.heldout_prompts(num, seed, prefix):
             f.write(json.dumps(row) + "\n")
     return str(path)
 
@@ -101,17 +102,20 @@ def test_bundled_t2i_model_is_a_complete_offline_pipeline():
     assert size < 32 * 2**20
 
 
-def test_bundled_t2i_model_follows_prompts_it_was_not_trained_on(tmp_path):
-    """Held-out wordings (never in a training caption), the saved sampler, the reference classifier; docs/results.md
-    has the figure on 1,000 samples."""
-    prompts = write_prompts(tmp_path / "prompts.jsonl", 30, seed=1000)
+# Measured here on these 30 samples: 1.00 and 0.90 (the previous bundle, before rich captions: 0.57 on the first set).
+@pytest.mark.parametrize("prompt_set, minimum", [("heldout", 0.8), ("everyday", 0.7)])
+def test_bundled_t2i_model_follows_prompts_it_was_not_trained_on(tmp_path, prompt_set, minimum):
+    """Both held-out prompt sets (wordings never in a training caption: the first file's sentence frames, and everyday
+    ones: bare nouns, plurals, style phrases), the saved sampler, the reference classifier; docs/results.md has the
+    figures on 1,000 samples each."""
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 30, seed=1000, prompt_set=prompt_set)
     args = evaluate.parse_args(
         ["--model", BUNDLED_T2I, "--prompt_file", prompts, "--num_samples", "30", "--batch_size", "30",
          "--seed", "1000", "--classifier", CLASSIFIER, "--output_dir", str(tmp_path)]
     )  # fmt: skip
     metrics = evaluate.main(args)
     assert metrics["num_samples"] == 30 and metrics["settings"]["num_inference_steps"] == 50
-    assert metrics["class_accuracy"] >= 0.4, metrics["per_class_accuracy"]  # 0.57 measured here, chance 0.1
+    assert metrics["class_accuracy"] >= minimum, metrics["per_class_accuracy"]
     # The accuracy is the classifier's on these very samples.
     samples = np.load(tmp_path / "samples.npz")
     pixels = torch.from_numpy(samples["arr_0"]).permute(0, 3, 1, 2).float() / 127.5 - 1
