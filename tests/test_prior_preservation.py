@@ -219,6 +219,9 @@ def test_a_resumed_run_with_a_reg_folder_ends_bit_identical(assets, tmp_path, ru
     args = reg_run_args(assets, full, "--reg_data_dir", assets / "captions_jsonl")
     a, b = run_and_resume(run_main, args, full, resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    card = (full / "README.md").read_text()  # the card names the regularisation, its folder by name
+    assert "| `reg_data_dir` | `captions_jsonl` |" in card and "| `reg_loss_weight` | `0.5` |" in card
+    assert "| `reg_ratio` | `2.0` |" in card and "num_reg_images" not in card
     # The regularisation changed the training: the same run without it ends elsewhere.
     plain = tmp_path / "plain"
     steps = ["--max_train_steps", 4, "--checkpointing_steps", 2]

@@ -52,6 +52,11 @@ MODEL_CARD_SETTINGS = {
     "lora_target_modules": lambda a: a.use_lora,
     "train_text_encoder_layers": lambda a: getattr(a, "train_text_encoder_layers", 0) > 0,
     "precompute_text_embeddings": lambda a: getattr(a, "precompute_text_embeddings", False),
+    "reg_data_dir": None,  # the regularisation flags: set (defaults filled) only in a regularised run
+    "reg_prompts_file": None,
+    "num_reg_images": None,
+    "reg_ratio": None,
+    "reg_loss_weight": None,
     "seed": None,
 }
 
