@@ -81,9 +81,12 @@ def test_bundled_model_draws_the_asked_classes(tmp_path):
 
 
 def write_prompts(path, num, seed=0, prefix="", prompt_set="heldout"):
-    rows = fashion_mnist.everyday_prompts(num, seed) if prompt_set == "everyday" else None
+    if prompt_set == "everyday":
+        rows = fashion_mnist.everyday_prompts(num, seed)
+    else:
+        rows = fashion_mnist.heldout_prompts(num, seed, prefix)
     with open(path, "w") as f:
-        for row in rows or fashion_mnist.heldout_prompts(num, seed, prefix):
+        for row in rows:
             f.write(json.dumps(row) + "\n")
     return str(path)
 
