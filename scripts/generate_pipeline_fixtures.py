@@ -38,6 +38,8 @@ RUNS = {
     "c2i_euler": dict(sampler="euler", num_steps=4, guidance=3.5, timeshift=1.0, interval=(0.1, 1.0)),
     "c2i_adams2": dict(sampler="adams", order=2, num_steps=5, guidance=4.0, timeshift=3.0, interval=(0.1, 1.0)),
     "t2i_adams2": dict(sampler="adams", order=2, num_steps=5, guidance=4.0, timeshift=3.0, interval=(0.0, 1.0)),
+    # Twice the trained size (32 px from the 16 px model): the official forward runs it on an 8x8 grid of 4 px patches.
+    "c2i_euler_32px": dict(sampler="euler", num_steps=4, guidance=3.5, timeshift=1.0, interval=(0.1, 1.0)),
 }
 C2I_LABELS = [3, 7]
 C2I_NULL_CLASS = C2I_KWARGS["num_classes"]
@@ -139,6 +141,11 @@ def main(args):
     uncondition = torch.full_like(condition, C2I_NULL_CLASS)
     for name in ("c2i_euler", "c2i_adams2"):
         tensors[f"{name}.samples"] = official_sampler(RUNS[name])(c2i, noise.clone(), condition, uncondition)
+    # ... and at another size than the trained one (noise drawn after the others, which stay as they were).
+    tensors["noise_32px"] = torch.randn(2, 3, 2 * IMAGE_SIZE, 2 * IMAGE_SIZE, generator=generator)
+    tensors["c2i_euler_32px.samples"] = official_sampler(RUNS["c2i_euler_32px"])(
+        c2i, tensors["noise_32px"].clone(), condition, uncondition
+    )
 
     # (b) Text-to-image (heavy decoder at its trained size, so the decoder patch scaling stays 1).
     t2i = load_ema(OfficialT2I, T2I_KWARGS, FIXTURES / "official_t2i_tiny.ckpt")

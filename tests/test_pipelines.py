@@ -102,8 +102,11 @@ def count_transformer_calls(pipe, monkeypatch) -> list[int]:
 # --------------------------------------------------------------------------------------- parity with the official code
 
 
-@pytest.mark.parametrize("run, solver_order", [("c2i_euler", 1), ("c2i_adams2", 2)])
-def test_c2i_sampling_matches_official_sampler(run, solver_order):
+@pytest.mark.parametrize(
+    "run, solver_order, noise", [("c2i_euler", 1, "noise"), ("c2i_adams2", 2, "noise"), ("c2i_euler_32px", 1, "noise_32px")]
+)
+def test_c2i_sampling_matches_official_sampler(run, solver_order, noise):
+    # c2i_euler_32px: twice the trained size (32 px from the 16 px model), on the official native grid by default.
     tensors, metadata = official_samples()
     settings = metadata["runs"][run]
     pipe = PixNerdPipeline.from_single_file(C2I_CKPT, sample_size=16)
@@ -114,11 +117,22 @@ def test_c2i_sampling_matches_official_sampler(run, solver_order):
         num_inference_steps=settings["num_steps"],
         guidance_scale=settings["guidance"],
         guidance_interval=tuple(settings["interval"]),
-        latents=tensors["noise"],
+        latents=tensors[noise],
         output_type="latent",
     ).images
-    assert images.dtype == torch.float32
+    assert images.dtype == torch.float32 and images.shape == tensors[noise].shape
     assert relative_error(images, tensors[f"{run}.samples"]) < TOLERANCE
+    if run == "c2i_euler_32px":  # the opt-in trained grid is another computation
+        trained = pipe(
+            tensors["class_labels"].tolist(),
+            num_inference_steps=settings["num_steps"],
+            guidance_scale=settings["guidance"],
+            guidance_interval=tuple(settings["interval"]),
+            latents=tensors[noise],
+            output_type="latent",
+            trained_grid=True,
+        ).images
+        assert relative_error(trained, tensors[f"{run}.samples"]) > 1e-2
 
 
 def test_t2i_sampling_from_prompt_embeds_matches_official_sampler():

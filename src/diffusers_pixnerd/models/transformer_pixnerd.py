@@ -340,7 +340,8 @@ class PixNerdTransformer2DModel(
         sample_size (`int`, defaults to `256`):
             The trained resolution. Other resolutions can be decoded with the backbone on the `sample_size` token
             grid and a neural field that renders larger or smaller patches (official `app.py`): always in the text
-            variant, with `trained_grid=True` in the class-conditional one (the pipelines pass it).
+            variant, with `trained_grid=True` in the class-conditional one (which by default runs other sizes on its
+            native grid of `patch_size` patches, as the official class-conditional sampler does).
         patch_size (`int`, defaults to `16`):
             The side of the square patches of the backbone.
         in_channels (`int`, defaults to `3`):
@@ -551,9 +552,15 @@ class PixNerdTransformer2DModel(
 
     @property
     def resolution_multiple(self) -> int:
-        """Heights and widths the pipelines take are multiples of this: the patch size and the trained token grid."""
+        """Heights and widths the pipelines take by default are multiples of this (`size_multiple()`): the patch size
+        for the class-conditional model, the patch size and the trained token grid for the text model."""
+        return self.size_multiple()
+
+    def size_multiple(self, trained_grid: bool | None = None) -> int:
+        """The granularity of image sizes: the patch size on the native grid; on the trained grid
+        (`uses_trained_grid(trained_grid)`) also a multiple of the trained grid's side, `sample_size / patch_size`."""
         p = self.config.patch_size
-        return math.lcm(p, self.config.sample_size // p)
+        return math.lcm(p, self.config.sample_size // p) if self.uses_trained_grid(trained_grid) else p
 
     def uses_trained_grid(self, trained_grid: bool | None = None) -> bool:
         """`trained_grid`, or by default whether the model always keeps its trained token grid (the text model)."""

@@ -84,17 +84,21 @@ def check_sampling_inputs(
     latents,
     output_type,
     callback_on_step_end_tensor_inputs,
+    trained_grid: bool | None = None,
 ) -> None:
     """The arguments of a call of `pipeline` that both pipelines take, for `batch_size` images: a `ValueError` naming
-    the first wrong one."""
+    the first wrong one. The image size must be a multiple of the transformer's `size_multiple(trained_grid)`."""
     height, width, num_inference_steps = settings.height, settings.width, settings.num_inference_steps
     if not is_integer(num_images_per_prompt) or num_images_per_prompt < 1:
         raise ValueError(f"`num_images_per_prompt` must be a positive integer, got {num_images_per_prompt!r}.")
     if not (is_integer(height) and is_integer(width)):
         raise ValueError(f"`height` and `width` must be integers, got ({height!r}, {width!r}).")
-    multiple = pipeline.transformer.resolution_multiple
+    multiple = pipeline.transformer.size_multiple(trained_grid)
     if height % multiple or width % multiple or height <= 0 or width <= 0:
-        raise ValueError(f"`height` and `width` must be positive multiples of {multiple}, got ({height}, {width}).")
+        grid = " with `trained_grid=True`" if trained_grid else ""
+        raise ValueError(
+            f"`height` and `width` must be positive multiples of {multiple}{grid}, got ({height}, {width})."
+        )
     if not is_integer(num_inference_steps) or num_inference_steps < 1:
         raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}.")
     check_generator(generator, batch_size)

@@ -149,6 +149,7 @@ class PixNerdPipeline(PixNerdBasePipeline):
         latents,
         output_type,
         callback_on_step_end_tensor_inputs,
+        trained_grid=False,
     ) -> tuple[SamplingSettings, int]:
         """The arguments of `__call__`: a `ValueError` naming the first wrong one. Returns the sampling settings, those
         left out filled in (`sampling_settings`), and the batch size."""
@@ -162,6 +163,8 @@ class PixNerdPipeline(PixNerdBasePipeline):
             guidance_interval=guidance_interval,
             latents=latents,
         )
+        if not isinstance(trained_grid, bool):
+            raise ValueError(f"`trained_grid` must be True or False, got {trained_grid!r}.")
         batch_size = len(self._class_ids(class_labels)) * num_images_per_prompt
         check_sampling_inputs(
             self,
@@ -172,6 +175,7 @@ class PixNerdPipeline(PixNerdBasePipeline):
             latents=latents,
             output_type=output_type,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            trained_grid=trained_grid,
         )
         return sampling, batch_size
 
@@ -194,6 +198,7 @@ class PixNerdPipeline(PixNerdBasePipeline):
         attention_kwargs: dict[str, Any] | None = None,
         callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        trained_grid: bool = False,
     ) -> ImagePipelineOutput | tuple:
         r"""
         Generates images of the given classes.
@@ -206,7 +211,8 @@ class PixNerdPipeline(PixNerdBasePipeline):
             height (`int`, *optional*):
                 Image height in pixels, a multiple of `transformer.resolution_multiple` (16 for the official model);
                 defaults to the height of `latents` if given, else to the model's `sample_size`. Other sizes than the
-                trained one are decoded by the neural field from the trained token grid.
+                trained one run on their own grid of `patch_size` patches (more or fewer tokens), as the official
+                sampler does; see `trained_grid`.
             width (`int`, *optional*):
                 Image width in pixels; defaults to the width of `latents` if given, else to the model's `sample_size`.
             num_inference_steps (`int`, *optional*):
@@ -240,6 +246,11 @@ class PixNerdPipeline(PixNerdBasePipeline):
                 return `{"latents": ...}` to replace the latents.
             callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`):
                 The tensors passed in `callback_kwargs`.
+            trained_grid (`bool`, defaults to `False`):
+                Opt-in: keep the trained token grid (`sample_size / patch_size` per side) at every size and let the
+                neural field decode larger or smaller patches (as the official text-to-image demo does). Sizes must
+                then be multiples of `transformer.size_multiple(True)`. On the bundled Fashion-MNIST model at twice
+                its size this is the worse choice (docs/pipelines.md#other-sizes).
 
         Examples:
 
@@ -260,8 +271,10 @@ class PixNerdPipeline(PixNerdBasePipeline):
             latents=latents,
             output_type=output_type,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            trained_grid=trained_grid,
         )
         self._guidance_scale = sampling.guidance_scale
+        self._trained_grid = trained_grid
         self._attention_kwargs = attention_kwargs
         self._interrupt = False
         device = self._execution_device

@@ -79,6 +79,7 @@ class PixNerdBasePipeline(FromOfficialPipelineMixin, DiffusionPipeline, PixNerdL
         # The state of the running (or last) call, for callbacks; see the properties below.
         self._guidance_scale, self._num_timesteps, self._interrupt = None, None, False
         self._attention_kwargs, self._current_timestep = None, None
+        self._trained_grid = None  # the token grid of the running call (`None`: the transformer's own rule)
 
     @property
     def guidance_scale(self) -> float | None:
@@ -141,8 +142,8 @@ class PixNerdBasePipeline(FromOfficialPipelineMixin, DiffusionPipeline, PixNerdL
         """The denoising loop over `timesteps` (see `retrieve_timesteps`): where guidance is active (`guidance_active`)
         the batch is `[uncond, cond]`, elsewhere cond alone. While the transformer has a cache enabled
         (`enable_cache`), each branch is a separate call in its own cache context. At any image size the transformer
-        keeps its trained token grid (`trained_grid=True`): other sizes are decoded by the neural field in larger or
-        smaller patches, in both variants.
+        runs on the token grid of `self._trained_grid` (`None`: the model's own rule, the trained grid for the text model
+        and the native grid of `patch_size` patches for the class-conditional one, as the official samplers do).
 
         `callback_on_step_end(self, step, timestep, callback_kwargs)` may read and replace `latents`, and in the
         text-to-image pipeline `prompt_embeds` and `negative_prompt_embeds`: the branches' `encoder_hidden_states`.
@@ -211,7 +212,7 @@ class PixNerdBasePipeline(FromOfficialPipelineMixin, DiffusionPipeline, PixNerdL
             class_labels=condition.class_labels,
             encoder_hidden_states=condition.encoder_hidden_states,
             attention_kwargs=attention_kwargs,
-            trained_grid=True,
+            trained_grid=self._trained_grid,
         ).sample.float()
 
     def _predict_in_context(self, name, step_index, t, latents, condition, attention_kwargs) -> torch.Tensor:
