@@ -1,27 +1,35 @@
-"""Pipeline sampling time with diffusers' caches and torch.compile, side by side in one process.
+"""Pipeline sampling time with diffusers' caches, torch.compile, other samplers and few-step LoRAs, side by side in
+one process.
 
     python benchmarks/benchmark_sampling.py --model models/pixnerd-fashion-mnist --batch_size 10 --repeats 3 \
         --variants none cache=first_block:threshold=0.2 cache=taylorseer:cache_interval=3 compile=regional
+
+    python benchmarks/benchmark_sampling.py --model models/pixnerd-t2i-fashion-mnist --batch_size 40 --variants none \
+        preset=t2i lora=models/pixnerd-t2i-fashion-mnist-turbo-lora lora=models/pixnerd-t2i-fashion-mnist-turbo-lora+steps=2
 
 Every variant is its own copy of the pipeline (compiling and caching change the transformer in place) and samples
 the same labels (or prompts) with the same seeds and the saved sampler. The variants' timed runs alternate (these
 machines are noisy) and the minimum is reported, with the speed-up over the first variant and the largest and mean
 pixel difference from its images (0-255 scale). The first call of each variant is timed apart (for `compile=` it
-includes the compilation), then `--warmup` untimed calls. A variant is `none`, `cache=NAME[:key=value,...]` (the
-`cache` of `load_pipeline`), `compile=regional|full`, or both joined by `+`
-(`cache=first_block:threshold=0.2+compile=regional`). `--device cuda` samples on the GPU (timings wait for it).
+includes the compilation), then `--warmup` untimed calls. A variant is `none` or parts joined by `+`:
+`cache=NAME[:key=value,...]` (the `cache` of `load_pipeline`), `compile=regional|full`, `lora=PATH` (a few-step
+LoRA's sampler becomes the default, as in `load_pipeline`), `preset=NAME` (an official sampler,
+`PixNerdFlowMatchScheduler.from_official_preset`), `steps=N`, `guidance=G` (the call's `num_inference_steps`,
+`guidance_scale`), e.g. `cache=first_block:threshold=0.2+compile=regional`. Each row also counts the transformer
+calls of one sampling and the images they were batched over. `--device cuda` samples on the GPU (timings wait for it).
 Quality at scale (class accuracy, FID on >= 1,000 samples) is `examples/evaluate.py --cache ...`.
 `benchmarks/gpu_checks.py` runs it on random pipelines of the official sizes (`build(args, device, make_pipeline)`).
 """
 
 import argparse
+import functools
 import json
 import os
 
 import torch
 from benchmark_transformer import timed  # beside this script
 
-from diffusers_pixnerd import PixNerdT2IPipeline, load_pipeline
+from diffusers_pixnerd import PixNerdFlowMatchScheduler, PixNerdT2IPipeline, load_pipeline
 from diffusers_pixnerd.models import cache_config
 from diffusers_pixnerd.pipelines import compile_transformer
 
@@ -37,15 +45,29 @@ PROMPTS = [
 ]
 
 
+VARIANT_PARTS = ("cache", "compile", "lora", "preset", "steps", "guidance")
+
+
 def variant_options(variant: str) -> dict:
-    """`none`, `cache=SPEC`, `compile=MODE` or both joined by `+`, as `{"cache": SPEC, "compile": MODE}`."""
+    """`none` or parts `KIND=VALUE` joined by `+` (`VARIANT_PARTS`), as `{"cache": SPEC, "steps": "4", ...}`."""
     options = {}
     for part in filter(lambda p: p != "none", variant.split("+")):
         kind, sep, value = part.partition("=")
-        if kind not in ("cache", "compile") or not sep:
-            raise ValueError(f"`--variants`: {part!r} is not none, cache=SPEC or compile=MODE.")
+        if kind not in VARIANT_PARTS or not sep:
+            raise ValueError(f"`--variants`: {part!r} is not none or one of {', '.join(k + '=...' for k in VARIANT_PARTS)}.")
         options[kind] = value
     return options
+
+
+def call_options(variant: str) -> dict:
+    """The call arguments a variant sets: `steps=` and `guidance=`."""
+    options = variant_options(variant)
+    kwargs = {}
+    if "steps" in options:
+        kwargs["num_inference_steps"] = int(options["steps"])
+    if "guidance" in options:
+        kwargs["guidance_scale"] = float(options["guidance"])
+    return kwargs
 
 
 def build(args, device: str = "cpu", make_pipeline=None) -> dict:
@@ -54,43 +76,64 @@ def build(args, device: str = "cpu", make_pipeline=None) -> dict:
     pipes = {}
     for variant in args.variants:
         options = variant_options(variant)
+        preset = options.pop("preset", None)
+        load_options = {k: v for k, v in options.items() if k in ("cache", "compile", "lora")}
         if make_pipeline is None:
-            pipe = load_pipeline(args.model, dtype=torch.float32, device=device, **options)
+            pipe = load_pipeline(args.model, dtype=torch.float32, device=device, **load_options)
         else:
             pipe = make_pipeline().to(device)
             if "cache" in options:
                 pipe.transformer.enable_cache(cache_config(options["cache"], pipe))
             compile_transformer(pipe.transformer, options.get("compile"))
+        if preset is not None:
+            pipe.scheduler = PixNerdFlowMatchScheduler.from_official_preset(preset)
         pipe.set_progress_bar_config(disable=True)
         pipes[variant] = pipe
     return pipes
 
 
-def sample(pipe, batch_size: int, num_inference_steps: int | None) -> torch.Tensor:
+def sample(pipe, batch_size: int, **call_kwargs) -> torch.Tensor:
     generators = [torch.Generator().manual_seed(i) for i in range(batch_size)]
     if isinstance(pipe, PixNerdT2IPipeline):
         condition = {"prompt": [PROMPTS[i % len(PROMPTS)] for i in range(batch_size)]}
     else:
         condition = {"class_labels": [i % pipe.transformer.config.num_classes for i in range(batch_size)]}
-    images = pipe(**condition, generator=generators, num_inference_steps=num_inference_steps, output_type="pt")
+    images = pipe(**condition, generator=generators, output_type="pt", **call_kwargs)
     return (images.images * 255).round()
+
+
+def count_calls(pipe, run) -> tuple[int, int]:
+    """(transformer calls, images they were batched over) of one `run()`."""
+    batches = []
+    handle = pipe.transformer.register_forward_pre_hook(lambda module, inputs: batches.append(inputs[0].shape[0]))
+    try:
+        run()
+    finally:
+        handle.remove()
+    return len(batches), sum(batches)
 
 
 def benchmark(args, pipes: dict | None = None, device: str = "cpu") -> list[dict]:
     """The rows of the variants' `pipes` (default: `build(args, device)`), timed on `device`."""
     pipes = pipes or build(args, device)
-    first_call, images = {}, {}
-    run = lambda pipe: sample(pipe, args.batch_size, args.num_inference_steps)  # noqa: E731
+    first_call, images, calls = {}, {}, {}
+    runs = {
+        variant: functools.partial(
+            sample, pipe, args.batch_size, **{"num_inference_steps": args.num_inference_steps, **call_options(variant)}
+        )
+        for variant, pipe in pipes.items()
+    }
     for variant, pipe in pipes.items():
         output = []
-        first_call[variant] = timed(lambda: output.append(run(pipe)), device)
+        first_call[variant] = timed(lambda: output.append(runs[variant]()), device)
         images[variant] = output[0].cpu()
         for _ in range(args.warmup):  # e.g. a compiled model's one recompile once diffusers has added its hook registry
-            run(pipe)
+            runs[variant]()
+        calls[variant] = count_calls(pipe, runs[variant])
     times = {variant: [] for variant in pipes}
     for _ in range(args.repeats):
-        for variant, pipe in pipes.items():
-            times[variant].append(timed(lambda: run(pipe), device))
+        for variant in pipes:
+            times[variant].append(timed(runs[variant], device))
     baseline = args.variants[0]
     rows = []
     for variant in pipes:
@@ -103,6 +146,8 @@ def benchmark(args, pipes: dict | None = None, device: str = "cpu") -> list[dict
                 speedup=round(min(times[baseline]) / min(times[variant]), 3),
                 max_pixel_diff=difference.max().item(),
                 mean_pixel_diff=round(difference.mean().item(), 3),
+                transformer_calls=calls[variant][0],
+                images_through_transformer=calls[variant][1],
             )
         )
     return rows
@@ -126,11 +171,15 @@ def main(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = benchmark(args, device=args.device)
-    print(f"{'variant':48s} {'first call s':>12s} {'min s':>8s} {'speed-up':>9s} {'max diff':>9s} {'mean diff':>9s}")
+    print(
+        f"{'variant':48s} {'first call s':>12s} {'min s':>8s} {'speed-up':>9s} {'max diff':>9s} {'mean diff':>9s} "
+        f"{'calls':>6s} {'images':>7s}"
+    )
     for row in rows:
         print(
             f"{row['variant']:48s} {row['first_call_s']:12.2f} {row['min_s']:8.3f} {row['speedup']:8.3f}x "
-            f"{row['max_pixel_diff']:9.0f} {row['mean_pixel_diff']:9.3f}"
+            f"{row['max_pixel_diff']:9.0f} {row['mean_pixel_diff']:9.3f} {row['transformer_calls']:6d} "
+            f"{row['images_through_transformer']:7d}"
         )
     if args.output:
         with open(args.output, "w") as f:

@@ -3,6 +3,11 @@
     python benchmarks/benchmark_training_memory.py --preset PixNerd-XXL/16-T2I --method lora --resolution 256 \
         --batch_size 1 [--optimizer adamw8bit] [--no_gradient_checkpointing] [--ema_device accelerator] [--json FILE]
 
+`--method distill` is LoRA few-step distillation (`train_pixnerd_t2i.py --distill --use_lora`): its training step is
+the LoRA step (the teacher's noise and the sampler's sigmas change no shape), and before it the base model samples
+the teacher images, guided (the batch doubled) and without gradients, `--teacher_batch_size` at a time. Both phases
+are measured and the larger peak reported (`teacher_peak_gib`, `training_peak_gib`).
+
 Builds the model of `--preset` with random weights (the text-to-image one sees random prompt embeddings of the
 preset's text width, 2048 for Qwen3-1.7B, as with `--precompute_text_embeddings`: Qwen3 is not loaded), sets it up
 as the training scripts do (the same package functions: LoRA adapters, bfloat16 weights for `adamw_bf16`, the
@@ -58,7 +63,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="PixNerd-XXL/16-T2I", choices=sorted(PIXNERD_PRESETS))
     parser.add_argument("--config_json", default=None, help="Model arguments on top of the preset (tests: a tiny one).")
-    parser.add_argument("--method", choices=("lora", "full"), default="lora")
+    parser.add_argument("--method", choices=("lora", "full", "distill"), default="lora")
+    parser.add_argument("--teacher_batch_size", type=int, default=1, help="distill: images per teacher call.")
+    parser.add_argument("--teacher_steps", type=int, default=2, help="distill: guided sampling steps measured.")
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--batch_size", type=int, default=1)
     parser.add_argument("--steps", type=int, default=2, help="Optimizer steps measured for memory.")
@@ -90,7 +97,7 @@ def build(args, device: str):
     config.update(json.loads(args.config_json or "{}"))
     transformer = PixNerdTransformer2DModel(**config)
     autocast_dtype = torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32
-    if args.method == "lora":
+    if args.method in ("lora", "distill"):
         add_lora_adapters(transformer, args.lora_rank, target_modules=LORA_TARGETS, base_dtype=autocast_dtype)
     else:
         transformer.to(trained_weights_dtype(args.optimizer))
@@ -139,6 +146,36 @@ def build(args, device: str):
         return batch
 
     return module, optimizer, ema, make_batch, [encoder] if encoder is not None else []
+
+
+@torch.no_grad()
+def teacher_steps(args, transformer, device: str) -> None:
+    """What the teacher phase of a distillation run holds on the accelerator: `--teacher_steps` guided sampling steps
+    of the base model (adapters off) on `[uncond, cond]`, `--teacher_batch_size` images, as the pipeline runs them."""
+    config = transformer.config
+    autocast_dtype = torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32
+    generator = torch.Generator().manual_seed(0)
+    size = (args.teacher_batch_size, 3, args.resolution, args.resolution)
+    latents = torch.randn(size, generator=generator).to(device)
+    text = torch.randn(2 * size[0], config.text_max_length, config.text_embed_dim, generator=generator)
+    text = text.to(device, autocast_dtype)
+    transformer.eval()
+    transformer.disable_adapters()  # the teacher: the base weights
+    try:
+        for step in range(args.teacher_steps):
+            sigma = 1.0 - step / max(args.teacher_steps, 1)
+            timestep = torch.full((2 * size[0],), sigma * 1000, device=device)
+            with torch.autocast(torch.device(device).type, dtype=autocast_dtype, enabled=args.mixed_precision != "no"):
+                velocity = transformer(latents.to(autocast_dtype).repeat(2, 1, 1, 1), timestep,
+                                       encoder_hidden_states=text).sample.float()
+            uncond, cond = velocity.chunk(2)
+            latents = latents - (uncond + 4.0 * (cond - uncond)) / args.teacher_steps
+            del velocity, uncond, cond
+    finally:
+        transformer.enable_adapters()
+    transformer.train()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def train_steps(args, module, optimizer, ema, make_batch, device: str, tracker=None) -> list[float]:
@@ -234,11 +271,27 @@ def eager_torch_compile():
         torch.compile = compile_
 
 
+def teacher_peak(args, module, device: str) -> tuple[int, dict]:
+    """The peak bytes (and breakdown) of the teacher phase of a distillation run."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        teacher_steps(args, module.transformer, device)
+        return torch.cuda.max_memory_allocated(), {}
+    tracker = PeakMemoryTracker()
+    tracker.label(module.parameters(), "weights")
+    tracker.label(module.buffers(), "weights")
+    with tracker:
+        teacher_steps(args, module.transformer, device)
+    return tracker.peak, tracker.breakdown()
+
+
 def measure(args) -> dict:
     device = args.device
     module, optimizer, ema, make_batch, frozen = build(args, device)
     ema_bytes = sum(p.numel() * p.element_size() for p in ema.shadow_params) if ema is not None else 0
     ema_on_accelerator = ema is not None and args.ema_device == "accelerator"
+    teacher = teacher_peak(args, module, device) if args.method == "distill" else None
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -261,7 +314,16 @@ def measure(args) -> dict:
         times = train_steps(Namespace(**{**vars(args), "steps": args.timing_steps}), module, optimizer, ema,
                             make_batch, device)
     trained = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    phases = {}
+    if teacher is not None:
+        phases = {
+            "teacher_peak_gib": teacher[0] / GIB,
+            "teacher_breakdown_gib": {k: v / GIB for k, v in teacher[1].items()},
+            "training_peak_gib": peak / GIB,
+        }
+        peak = max(peak, teacher[0])
     return {
+        **phases,
         "accelerator_peak_gib": peak / GIB,
         "seconds_per_step": min(times) if times else None,
         "breakdown_gib": {k: v / GIB for k, v in breakdown.items()},
@@ -288,6 +350,10 @@ def main(argv=None):
     print(f"  accelerator peak {result['accelerator_peak_gib']:.2f} GiB, {result['seconds_per_step'] or 0:.2f} s/step "
           f"on {s['device_name']}; host (EMA) {result['host_gib']['ema']:.2f} GiB")
     print("  " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(result["breakdown_gib"].items())))
+    if args.method == "distill":
+        print(f"  teacher phase (batch {args.teacher_batch_size}, guided) {result['teacher_peak_gib']:.2f} GiB: "
+              + ", ".join(f"{k} {v:.2f}" for k, v in sorted(result["teacher_breakdown_gib"].items()))
+              + f"; training phase {result['training_peak_gib']:.2f} GiB")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=2)

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from diffusers_pixnerd import PixNerdT2IPipeline, load_pipeline
 from diffusers_pixnerd.models import cache_config
-from diffusers_pixnerd.pipelines import compile_transformer
+from diffusers_pixnerd.pipelines import apply_few_step_sampler, compile_transformer
 
 CLASSIFIER_SIZE = 32  # the input side of the Fashion-MNIST classifier (fashion_mnist.py `FashionClassifier`)
 
@@ -218,7 +218,13 @@ def parse_args(input_args=None):
         help="A training checkpoint folder: its (EMA) weights replace the model's; a LoRA run's adds its (EMA) "
         "adapters to `--model`, the base it was trained on.",
     )
-    parser.add_argument("--lora", default=None, help="LoRA weights (folder or file) loaded first.")
+    parser.add_argument(
+        "--lora",
+        nargs="+",
+        default=None,
+        help="LoRA weights (folders or files) loaded first, several stacked (`set_adapters`, each at weight 1); a "
+        "few-step LoRA's sampler becomes the default, as in `load_pipeline`.",
+    )
     parser.add_argument("--lora_scale", type=float, default=1.0, help='The LoRA scale (`attention_kwargs["scale"]`).')
     parser.add_argument(
         "--cache", default=None, help="A diffusers cache on the transformer, NAME[:key=value,...] as in generate.py."
@@ -242,7 +248,11 @@ def load_weights(pipe, args) -> dict:
         loaded = load_checkpoint_weights(pipe.transformer, args.checkpoint, text_encoder=text_encoder)
         print(f"Weights of {args.checkpoint}: {loaded}{f' LoRA adapters on {args.model}' if lora_checkpoint else ''}")
     if args.lora:
-        pipe.load_lora_weights(args.lora)
+        names = [f"lora_{i}" for i in range(len(args.lora))]
+        for lora, name in zip(args.lora, names):
+            pipe.load_lora_weights(lora, adapter_name=name)
+        pipe.set_adapters(names, [1.0] * len(names))
+        apply_few_step_sampler(pipe)  # a distilled LoRA's steps, guidance, solver and shift
     return {"attention_kwargs": {"scale": args.lora_scale}} if args.lora or lora_checkpoint else {}
 
 

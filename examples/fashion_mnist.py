@@ -382,19 +382,28 @@ def everyday_prompts(num: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+def training_prompts(num: int, seed: int = 0) -> list[dict]:
+    """`num` prompts in the rich training wordings (`rich_caption`), class i % 10 for prompt i: prompts for
+    distillation, in the wordings the model was trained on and apart from both held-out sets."""
+    rng = np.random.default_rng(seed)
+    return [{"prompt": rich_caption(i % 10, rng), "label": i % 10, "name": f"{i:05d}"} for i in range(num)]
+
+
 def write_prompts(args):
     import json
 
-    if args.set == "everyday" and args.prefix:
+    if args.set != "heldout" and args.prefix:
         raise ValueError("`--prefix` applies to `--set heldout` only.")
     if args.set == "everyday":
         rows = everyday_prompts(args.num, args.seed)
+    elif args.set == "training":
+        rows = training_prompts(args.num, args.seed)
     else:
         rows = heldout_prompts(args.num, args.seed, args.prefix)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+        for row in rows:  # a .txt file: the prompts alone, one a line (a trainer's prompts file)
+            f.write((row["prompt"] if args.output.endswith(".txt") else json.dumps(row)) + "\n")
     print(f"Wrote {args.num} prompts to {args.output}")
 
 
@@ -574,10 +583,11 @@ def parse_args(input_args=None):
     q.add_argument("--prefix", default="", help='A word before each noun, e.g. "red" (`--set heldout` only).')
     q.add_argument(
         "--set",
-        choices=["heldout", "everyday"],
+        choices=["heldout", "everyday", "training"],
         default="heldout",
         help="`heldout`: HELDOUT_TEMPLATES with the class phrases; `everyday`: the second held-out set "
-        "(EVERYDAY_TEMPLATES with plurals, bare nouns, ...).",
+        "(EVERYDAY_TEMPLATES with plurals, bare nouns, ...); `training`: the rich training wordings (prompts for "
+        "distillation). An --output ending in .txt gets the prompts alone, one a line.",
     )
     r = sub.add_parser("red", help="Write red-tinted training images captioned with 'red' (the LoRA example).")
     r.add_argument("--output_dir", default="data/fashion-mnist-red")

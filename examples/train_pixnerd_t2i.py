@@ -12,6 +12,11 @@ train one from scratch (`--model_config`, a Qwen3 text encoder and tokenizer by 
     accelerate launch examples/train_pixnerd_t2i.py --model_config PixNerd-XXL/16-T2I \\
         --text_encoder_name_or_path Qwen/Qwen3-1.7B --train_data_dir /data/captioned --output_dir pixnerd-t2i-new
 
+Few-step distillation (`--distill`, a LoRA that samples in 1-8 steps without guidance; docs/training.md#few-step):
+
+    accelerate launch examples/train_pixnerd_t2i.py --pretrained_model_name_or_path MCG-NJU/PixNerd-XXL-P16-T2I \
+        --distill --distill_prompts_file prompts.txt --use_lora --output_dir pixnerd-t2i-turbo-lora
+
 The official SFT (`configs_t2i/sft_res512.yaml`): logit-normal timesteps with shift 4 at 512 (2 at 256), 10% empty
 prompts, REPA at block 6, AdamW lr 1e-5 betas (0.9, 0.999), clipping 1.0, EMA 0.9999; Qwen3 frozen. See
 docs/training.md.
@@ -65,6 +70,19 @@ from diffusers_pixnerd.training import (
     trained_weights_dtype,
     validation_prompts,
     weight_dtype,
+)
+from diffusers_pixnerd.training.distill import (
+    add_distill_arguments,
+    check_distill_arguments,
+    check_distill_model,
+    few_step_sampler,
+    few_step_scheduler,
+    load_teacher_samples,
+    prepare_teacher_samples,
+    save_few_step_sampler,
+    sigma_choices,
+    teacher_noise,
+    teacher_settings,
 )
 from diffusers_pixnerd.training.prior import (
     add_prior_arguments,
@@ -175,8 +193,10 @@ def parse_args(input_args=None):
         max_grad_norm=1.0,
         output_dir="pixnerd-t2i",
         tracker_project_name="pixnerd-t2i",
+        condition_dropout=None,
     )
     add_prior_arguments(parser)
+    add_distill_arguments(parser)
     args = parser.parse_args(input_args)
     if (args.pretrained_model_name_or_path is None) == (args.model_config is None):
         raise ValueError(
@@ -200,8 +220,13 @@ def parse_args(input_args=None):
     if args.use_ema is None:
         args.use_ema = not args.use_lora
     args.lora_alpha = args.lora_alpha or args.lora_rank
-    check_training_arguments(args)
+    if args.condition_dropout is None:
+        args.condition_dropout = 0.0 if args.distill else 0.1  # a distilled model samples without guidance
+    if args.distill and args.model_config is not None:
+        raise ValueError("`--distill` distills a trained model: pass `--pretrained_model_name_or_path`.")
+    check_training_arguments(args, needs_data=not args.distill)
     check_prior_arguments(args)
+    check_distill_arguments(args)
     prompts, prompts_file = args.validation_prompts, args.validation_prompts_file
     args.validation_prompts = validation_prompts(prompts, prompts_file, VALIDATION_PROMPTS)
     if args.train_text_encoder_layers < 0:
@@ -260,17 +285,22 @@ def main(args):
     repa_encoder = create_repa_encoder(accelerator, args)  # first: a missing encoder stops before anything loads
     device, dtype = accelerator.device, weight_dtype(accelerator)
 
-    # 1. The data (captioned images, checked before anything loads), and the pipeline to fine-tune.
-    dataset, _ = load_training_dataset(
-        args.train_data_dir,
-        args.dataset_name,
-        args.dataset_config_name,
-        args.dataset_split,
-        args.image_column,
-        caption_column=args.caption_column,
-        streaming=args.streaming,
-        cache_dir=args.cache_dir,
-    )
+    # 1. The data (captioned images, checked before anything loads; with --distill the teacher's samples, made in 2.),
+    # and the pipeline to fine-tune.
+    dataset = None
+    if not args.distill:
+        dataset, _ = load_training_dataset(
+            args.train_data_dir,
+            args.dataset_name,
+            args.dataset_config_name,
+            args.dataset_split,
+            args.image_column,
+            caption_column=args.caption_column,
+            streaming=args.streaming,
+            cache_dir=args.cache_dir,
+        )
+    if args.distill:
+        check_distill_model(args)  # a text-to-image model
     pipeline = new_pipeline(args) if args.model_config else load_pipeline(args)
     transformer, scheduler = pipeline.transformer, pipeline.scheduler
     text_encoder, tokenizer = pipeline.text_encoder, pipeline.tokenizer
@@ -308,6 +338,14 @@ def main(args):
     null_embeds = None if train_text_encoder else encode([""])
     # Regularisation images (`--reg_data_dir`, or the base model's for `--reg_prompts_file`), before any adapter.
     reg_images = prepare_regularisation_images(accelerator, args, transformer, scheduler, encode)
+    # Distillation: the base model's guided samples are the data; the student's sampler visits `distill_sigmas`.
+    distill_sigmas, sampler = None, None
+    if args.distill:
+        teacher_folder = prepare_teacher_samples(accelerator, args, transformer, scheduler, encode)
+        dataset = load_teacher_samples(teacher_folder)
+        sampler = few_step_sampler(args, scheduler)
+        scheduler = few_step_scheduler(scheduler, sampler)  # validation and the export sample as the student will
+        distill_sigmas = sigma_choices(few_step_scheduler(scheduler, sampler), args.distill_steps)
     prompt_cache = None
     if args.precompute_text_embeddings:  # each process encodes its share of the captions, then Qwen3 leaves
         captions = sorted(set(stream_captions(dataset)).union(reg_images.captions if reg_images else ()))
@@ -365,7 +403,10 @@ def main(args):
             if reg_images is not None:  # the regularisation images after the batch's own, with their loss weight
                 pixels, captions = reg_images.extend(pixels, captions, run.micro_step)
                 reg_kwargs = reg_images.loss_kwargs
-            inputs = run.step_inputs(pixels, repa_encoder)
+            noise = None
+            if args.distill:  # each teacher sample's own noise: the pair the student learns to join
+                noise = teacher_noise(batch["noise_seed"], pixels.shape[1:])
+            inputs = run.step_inputs(pixels, repa_encoder, noise=noise, sigma_choices=distill_sigmas)
             if train_text_encoder:  # encoded inside the module, so that DDP sees the encoder's forward
                 condition = {"prompts": captions}
             elif prompt_cache is not None:
@@ -392,13 +433,17 @@ def main(args):
     # Every process gathers (FSDP holds shards); the main one writes.
     state = run.export_trained_parameters(unwrapped.transformer) if args.use_lora else run.export_state()
     if accelerator.is_main_process and args.use_lora:
+        teacher = teacher_settings(args, pipeline.scheduler) if args.distill else None
         save_lora_adapters(unwrapped.transformer, args.output_dir, state_dict=state)
-        write_model_card(args.output_dir, lora_model_card(args, card, repo_id))
+        write_model_card(args.output_dir, lora_model_card(args, card, repo_id, sampler, teacher))
+        if args.distill:
+            save_few_step_sampler(args.output_dir, sampler, teacher)
     elif accelerator.is_main_process:
         if train_text_encoder:
             text_encoder = exported_module(text_encoder, sub_state_dict(state, "text_encoder"))  # FSDP: shards
         else:
             text_encoder = exported_text_encoder.to("cpu", dtype=text_encoder_dtype)
+        teacher = teacher_settings(args, pipeline.scheduler) if args.distill else None
         pipeline = PixNerdT2IPipeline(run.exported_transformer(state), scheduler, text_encoder, tokenizer)
         pipeline.save_pretrained(
             args.output_dir,
@@ -406,6 +451,8 @@ def main(args):
             base_model=hub_model_id(args.pretrained_model_name_or_path),
             model_card_extra=card,
         )
+        if args.distill:
+            save_few_step_sampler(args.output_dir, sampler, teacher)
     if accelerator.is_main_process:
         logger.info("Saved the %s to %s", "LoRA weights" if args.use_lora else "pipeline", args.output_dir)
         if args.push_to_hub:

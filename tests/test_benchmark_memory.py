@@ -73,3 +73,17 @@ def test_lora_trains_float32_adapters_on_a_bfloat16_base(full_adamw):
     assert bytes_of(lora, "weights") == 2 * base + 4 * s["trained_parameters"] + buffers  # float32 buffers
     assert bytes_of(lora, "gradients") <= 4 * s["trained_parameters"]
     assert lora["accelerator_peak_gib"] < 0.5 * full_adamw["accelerator_peak_gib"]
+
+
+def test_distillation_reports_the_teacher_phase_and_its_larger_batches_cost_more():
+    one = measure("--method", "distill", "--lora_rank", "4", "--teacher_batch_size", "1")
+    four = measure("--method", "distill", "--lora_rank", "4", "--teacher_batch_size", "4")
+    lora = measure("--method", "lora", "--lora_rank", "4")
+    # The training phase is the LoRA step; the reported peak is the larger of the two phases.
+    assert one["training_peak_gib"] == pytest.approx(lora["accelerator_peak_gib"], rel=1e-9)
+    for result in (one, four):
+        assert result["accelerator_peak_gib"] == max(result["teacher_peak_gib"], result["training_peak_gib"])
+        # The teacher holds the same weights (bf16 base, float32 adapters) as the training phase.
+        assert result["teacher_breakdown_gib"]["weights"] == pytest.approx(lora["breakdown_gib"]["weights"], rel=1e-9)
+    activations = [r["teacher_breakdown_gib"].get("activations_and_temporaries", 0) for r in (one, four)]
+    assert 2.5 * activations[0] < activations[1]  # guided: 2 and 8 images through the model

@@ -3,6 +3,7 @@
 
 import inspect
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -116,6 +117,31 @@ def check_sampling_inputs(
     unknown = set(callback_on_step_end_tensor_inputs or []) - set(allowed)
     if unknown:
         raise ValueError(f"`callback_on_step_end_tensor_inputs` must be in {allowed}, got {sorted(unknown)}.")
+    few_step_warnings(pipeline, settings)
+
+
+def few_step_warnings(pipeline, settings: SamplingSettings) -> None:
+    """Warns when a call with a few-step (distilled) adapter active leaves the sampler it was made for: guidance on
+    (the guidance is baked in; CFG doubles the calls and over-saturates), or a step count it was not trained for."""
+    found = pipeline.active_few_step_sampler() if hasattr(pipeline, "active_few_step_sampler") else None
+    if found is None:
+        return
+    name, sampler = found
+    if settings.guidance_scale > 1.0:
+        warnings.warn(
+            f"The few-step LoRA {name!r} was distilled with the guidance baked in, to sample with "
+            f"`guidance_scale=1.0`; this call guides with {settings.guidance_scale} (twice the transformer calls, "
+            "over-guided images).",
+            UserWarning,
+            stacklevel=4,
+        )
+    if settings.num_inference_steps not in sampler["distilled_steps"]:
+        warnings.warn(
+            f"The few-step LoRA {name!r} was trained for {sampler['distilled_steps']} steps; this call runs "
+            f"{settings.num_inference_steps} (`num_inference_steps`), which it was not trained for.",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def check_guidance_interval_pair(guidance_interval) -> tuple[float, float]:

@@ -11,6 +11,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from ..loaders import check_local_path, official_pipeline_folder
+from ..loaders.lora_pipeline import FEW_STEP_SCHEDULER_KEYS
 from ..models.cache import cache_config, parse_cache_spec
 from .official import convert_official_pipeline
 from .pipeline_pixnerd import PixNerdPipeline
@@ -66,6 +67,18 @@ def pipeline_class(model: str | os.PathLike, **kwargs) -> type[PixNerdPipeline] 
     return PIPELINE_CLASSES[class_name]
 
 
+def apply_few_step_sampler(pipe) -> bool:
+    """With a few-step (distilled) LoRA active, its sampler (`few_step_sampler.json`: steps, guidance scale, solver,
+    shift) becomes the defaults of `pipe`'s scheduler; a call's arguments still override them. Returns whether one
+    was applied."""
+    found = pipe.active_few_step_sampler()
+    if found is None:
+        return False
+    settings = {k: found[1][k] for k in FEW_STEP_SCHEDULER_KEYS}
+    pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **settings)
+    return True
+
+
 def check_load_inputs(model, lora, lora_scale, cache, compile) -> None:
     """The arguments of `load_pipeline` that can be checked before anything is loaded."""
     if not isinstance(model, (str, os.PathLike)):
@@ -113,7 +126,9 @@ def load_pipeline(
         device (`str` or `torch.device`, *optional*):
             Where the pipeline is moved after loading; by default it stays on the CPU.
         lora (`str`, `os.PathLike` or `dict`, *optional*):
-            LoRA weights (folder, file, Hub repo or state dict) loaded with `load_lora_weights`.
+            LoRA weights (folder, file, Hub repo or state dict) loaded with `load_lora_weights`. A few-step
+            (distilled) LoRA's folder holds the sampler it was made for (`few_step_sampler.json`): it becomes the
+            scheduler's default (steps, guidance scale, solver, shift), which a call's arguments still override.
         lora_scale (`float`, *optional*):
             The scale of `lora` (`set_adapters`), 1 by default.
         cache (`str` or a diffusers cache config, *optional*):
@@ -144,6 +159,7 @@ def load_pipeline(
         pipe.load_lora_weights(lora)
         if lora_scale is not None:
             pipe.set_adapters(pipe.get_active_adapters(), lora_scale)
+        apply_few_step_sampler(pipe)
     if device is not None:
         pipe.to(device)
     if cache is not None:

@@ -81,7 +81,13 @@ def add_training_arguments(parser: argparse.ArgumentParser, **defaults) -> argpa
     model.add_argument("--mode_scale", type=float, default=1.29, help="Scale of `mode` timestep sampling (SD3).")
     model.add_argument("--shift", type=float, default=defaults["shift"], help="Time shift of the sampled sigmas.")
     model.add_argument("--weighting_scheme", choices=LOSS_WEIGHTING, default="none", help="Per-sample loss weight.")
-    model.add_argument("--condition_dropout", type=float, default=0.1, help="Probability of the null condition (CFG).")
+    dropout_default = defaults.get("condition_dropout", 0.1)
+    model.add_argument(
+        "--condition_dropout",
+        type=float,
+        default=dropout_default,
+        help="Probability of the null condition (CFG)" + (" (default 0.1; 0 with --distill)." if dropout_default is None else "."),
+    )
     model.add_argument(
         "--gradient_checkpointing", action="store_true", help="Recompute activations in backward: less memory, slower."
     )
@@ -241,10 +247,11 @@ def require_training_extra(*modules: str):
         )
 
 
-def check_training_arguments(args: argparse.Namespace):
-    """Flag combinations that cannot work, reported before anything loads."""
+def check_training_arguments(args: argparse.Namespace, needs_data: bool = True):
+    """Flag combinations that cannot work, reported before anything loads. `needs_data=False`: the run makes its own
+    data (distillation) and takes no data flags (its own checks refuse them)."""
     require_training_extra("datasets", *(["peft"] if getattr(args, "use_lora", False) else []))
-    if (args.train_data_dir is None) == (args.dataset_name is None):
+    if needs_data and (args.train_data_dir is None) == (args.dataset_name is None):
         raise ValueError("Pass exactly one of `--train_data_dir` (a local folder) and `--dataset_name`.")
     if args.streaming and args.max_train_steps is None:
         raise ValueError("`--streaming` datasets have no length: pass `--max_train_steps`.")

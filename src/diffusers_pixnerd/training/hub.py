@@ -31,10 +31,11 @@ MODEL_CARD_SETTINGS = {
     "adam_weight_decay": None,
     "max_grad_norm": lambda a: a.max_grad_norm > 0,
     "mixed_precision": None,
-    "timestep_sampling": None,
-    "logit_mean": lambda a: a.timestep_sampling == "logit_normal",
-    "logit_std": lambda a: a.timestep_sampling == "logit_normal",
-    "shift": None,
+    # A distillation run draws its sigmas from its sampler's grid (`distill_steps`, `distill_shift`) instead.
+    "timestep_sampling": lambda a: not getattr(a, "distill", False),
+    "logit_mean": lambda a: a.timestep_sampling == "logit_normal" and not getattr(a, "distill", False),
+    "logit_std": lambda a: a.timestep_sampling == "logit_normal" and not getattr(a, "distill", False),
+    "shift": lambda a: not getattr(a, "distill", False),
     "weighting_scheme": None,
     "condition_dropout": None,
     "use_repa": None,
@@ -57,6 +58,14 @@ MODEL_CARD_SETTINGS = {
     "num_reg_images": None,
     "reg_ratio": None,
     "reg_loss_weight": None,
+    "distill": lambda a: getattr(a, "distill", False),  # the distillation flags: filled only in a distillation run
+    "distill_prompts_file": None,
+    "num_distill_samples": None,
+    "distill_steps": None,
+    "distill_shift": None,
+    "distill_num_inference_steps": None,
+    "teacher_guidance_scale": None,
+    "teacher_num_inference_steps": None,
     "seed": None,
 }
 
@@ -281,7 +290,10 @@ license: mit
 
 LoRA weights (rank {rank}, on the modules {targets}) for the PixNerd text-to-image pipeline {base}, in diffusers'
 format.
+{usage}
+{extra}"""
 
+LORA_USAGE = """
 ```py
 from diffusers_pixnerd import PixNerdT2IPipeline
 
@@ -289,8 +301,21 @@ pipe = PixNerdT2IPipeline.from_pretrained({base_id}){base_note}
 pipe.load_lora_weights({repo}){repo_note}
 image = pipe({prompt}).images[0]  # attention_kwargs={{"scale": 0.5}} for half the effect
 ```
+"""
 
-{extra}"""
+FEW_STEP_LORA_USAGE = """
+**A few-step LoRA**: distilled from the base model to sample in {steps} steps (trained for {distilled} steps) with
+the guidance baked in: Euler steps at shift {shift}, `guidance_scale=1.0`, one transformer call per step. The teacher
+was the base model's own sampler ({teacher}) on {num_samples} samples of the prompts of `{prompts_file}`.
+`load_pipeline` applies these settings (`few_step_sampler.json`); a call's arguments override them.
+
+```py
+from diffusers_pixnerd import load_pipeline
+
+pipe = load_pipeline({base_id}, lora={repo}){repo_note}
+image = pipe({prompt}, num_inference_steps={steps}, guidance_scale=1.0).images[0]
+```
+"""
 
 
 def local_folder_note(name_or_path: str, what: str) -> str:
@@ -299,11 +324,36 @@ def local_folder_note(name_or_path: str, what: str) -> str:
     return f"  # {what}: a local folder" + (" (its name; give its path)" if os.path.isabs(name_or_path) else "")
 
 
-def lora_model_card(args, extra: str, repo_id: str | None = None) -> str:
+def lora_model_card(
+    args, extra: str, repo_id: str | None = None, sampler: dict | None = None, teacher: dict | None = None
+) -> str:
     """The LoRA card: `base_model` only when the base is a Hub repo; the usage loads the base as the run named it (a
-    Hub id, or the path given, see `shown_path`) and the LoRA from `repo_id` when pushed, else from this folder."""
+    Hub id, or the path given, see `shown_path`) and the LoRA from `repo_id` when pushed, else from this folder. A
+    few-step LoRA (`sampler` and `teacher`, see `training/distill.py`) states its step count and settings."""
     base = args.pretrained_model_name_or_path
     base_id = hub_model_id(base)
+    names = {
+        "base_id": json.dumps(base_id or shown_path(base)),
+        "base_note": "" if base_id else local_folder_note(base, "the base pipeline"),
+        "repo": json.dumps(repo_id or shown_path(args.output_dir)),
+        "repo_note": "" if repo_id else local_folder_note(args.output_dir, "this folder"),
+        "prompt": json.dumps(args.validation_prompts[0], ensure_ascii=False),
+    }
+    if sampler is None:
+        usage = LORA_USAGE.format(**names)
+    else:
+        solver = "Adams-2" if teacher["solver_order"] == 2 else "Euler"
+        low, high = teacher["guidance_interval"]
+        usage = FEW_STEP_LORA_USAGE.format(
+            steps=sampler["num_inference_steps"],
+            distilled=", ".join(map(str, sampler["distilled_steps"])),
+            shift=sampler["shift"],
+            teacher=f"{solver}, {teacher['num_inference_steps']} steps, shift {teacher['shift']}, CFG "
+            f"{teacher['guidance_scale']} on {low} < t < {high}",
+            num_samples=args.num_distill_samples,
+            prompts_file=os.path.basename(args.distill_prompts_file),
+            **names,
+        )
     return LORA_MODEL_CARD.format(
         marker=CARD_MARKER,
         base_model_line=f"base_model: {base_id}\n" if base_id else "",
@@ -311,11 +361,7 @@ def lora_model_card(args, extra: str, repo_id: str | None = None) -> str:
         rank=args.lora_rank,
         targets=", ".join(f"`{name.strip()}`" for name in args.lora_target_modules.split(",")),
         base=f"[{base_id}](https://huggingface.co/{base_id})" if base_id else f"`{shown_path(base)}` (a local folder)",
-        base_id=json.dumps(base_id or shown_path(base)),
-        base_note="" if base_id else local_folder_note(base, "the base pipeline"),
-        repo=json.dumps(repo_id or shown_path(args.output_dir)),
-        repo_note="" if repo_id else local_folder_note(args.output_dir, "this folder"),
-        prompt=json.dumps(args.validation_prompts[0], ensure_ascii=False),
+        usage=usage,
         extra=extra,
     )
 

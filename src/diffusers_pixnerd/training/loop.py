@@ -265,24 +265,38 @@ class TrainingRun:
         return torch.Generator(device).manual_seed(seed)
 
     # ---- the step
-    def step_inputs(self, pixels: torch.Tensor, repa_encoder: nn.Module | None = None) -> dict:
+    def step_inputs(
+        self,
+        pixels: torch.Tensor,
+        repa_encoder: nn.Module | None = None,
+        noise: torch.Tensor | None = None,
+        sigma_choices: torch.Tensor | None = None,
+    ) -> dict:
         """The random part of a step, from `generator()`: optional flips, noise, sigmas (sampled and shifted), the
-        condition-dropout mask; plus the REPA targets of the (flipped) clean images on the transformer's token grid."""
+        condition-dropout mask; plus the REPA targets of the (flipped) clean images on the transformer's token grid.
+        Distillation (`training/distill.py`) gives the `noise` of each image and draws the sigmas uniformly from
+        `sigma_choices` (the sigmas its sampler visits)."""
         args, generator = self.args, self.generator()
         if args.random_flip:
             pixels = random_flip(pixels, generator)
         batch_size, device = pixels.shape[0], pixels.device
-        noise = torch.randn(pixels.shape, generator=generator, device=generator.device).to(device, pixels.dtype)
-        sigmas = sample_sigmas(
-            batch_size,
-            args.timestep_sampling,
-            args.shift,
-            args.logit_mean,
-            args.logit_std,
-            args.mode_scale,
-            generator=generator,
-            device=generator.device,
-        ).to(device)
+        if noise is None:
+            noise = torch.randn(pixels.shape, generator=generator, device=generator.device)
+        noise = noise.to(device, pixels.dtype)
+        if sigma_choices is not None:
+            picks = torch.randint(len(sigma_choices), (batch_size,), generator=generator, device=generator.device)
+            sigmas = sigma_choices.to(generator.device)[picks].to(device)
+        else:
+            sigmas = sample_sigmas(
+                batch_size,
+                args.timestep_sampling,
+                args.shift,
+                args.logit_mean,
+                args.logit_std,
+                args.mode_scale,
+                generator=generator,
+                device=generator.device,
+            ).to(device)
         drop_mask = condition_drop_mask(batch_size, args.condition_dropout, generator).to(device)
         inputs = {"pixels": pixels, "noise": noise, "sigmas": sigmas, "drop_mask": drop_mask}
         if repa_encoder is not None:
