@@ -14,7 +14,6 @@ import PIL.Image
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_prior_preservation import OneProcess
 from test_train_scripts import ROOT, T2I_SCRIPT, assets, run_main, t2i_args  # noqa: F401
 
 from diffusers_pixnerd import PixNerdFlowMatchScheduler, PixNerdT2IPipeline, load_pipeline
@@ -95,11 +94,27 @@ class RecordingPipeline:
         return type("Output", (), {"images": images})
 
 
+class Process:
+    """Stands in for the accelerator of process `rank` of `world` (the barriers are no-ops: run the processes one after
+    the other, the main one last)."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, rank=0, world=1):
+        self.process_index, self.num_processes, self.is_main_process = rank, world, rank == 0
+
+    def wait_for_everyone(self):
+        pass
+
+    def autocast(self):
+        return torch.autocast("cpu", enabled=False)
+
+
 TEACHER = {"num_inference_steps": 3, "guidance_scale": 4.0, "guidance_interval": (0.1, 1.0), "shift": 1, "solver_order": 2}
 
 
-def read_teacher_folder(folder):
-    rows = [json.loads(line) for line in open(os.path.join(folder, "metadata.jsonl"))]
+def read_teacher_folder(folder, metadata="metadata.jsonl"):
+    rows = [json.loads(line) for line in open(os.path.join(folder, metadata))]
     return [(row["text"], row["noise_seed"], np.asarray(PIL.Image.open(os.path.join(folder, row["file_name"])))) for row in rows]
 
 
@@ -108,10 +123,11 @@ def test_teacher_samples_are_coupled_to_their_noise_and_survive_a_kill(tmp_path)
     folder = str(tmp_path / f"{TEACHER_SAMPLES_PREFIX}abc")
     teacher = RecordingPipeline(fail_on_call=1)
     with pytest.raises(KeyboardInterrupt):  # Ctrl-C during the second batch
-        generate_teacher_samples(OneProcess(), teacher, encode, PROMPTS, 7, folder, 8, 3, TEACHER, batch_size=3)
-    assert len(read_teacher_folder(folder + ".tmp")) == 3 and not os.path.exists(folder)
+        generate_teacher_samples(Process(), teacher, encode, PROMPTS, 7, folder, 8, 3, TEACHER, batch_size=3)
+    (shard,) = [name for name in os.listdir(folder + ".tmp") if name.startswith("metadata-")]
+    assert len(read_teacher_folder(folder + ".tmp", shard)) == 3 and not os.path.exists(folder)
     resumed = RecordingPipeline()
-    generate_teacher_samples(OneProcess(), resumed, encode, PROMPTS, 7, folder, 8, 3, TEACHER, batch_size=3)
+    generate_teacher_samples(Process(), resumed, encode, PROMPTS, 7, folder, 8, 3, TEACHER, batch_size=3)
     assert len(resumed.calls) == 2  # only what was missing: 3 + 1 images
     assert resumed.calls[0][1] == {k: TEACHER[k] for k in ("num_inference_steps", "guidance_scale", "guidance_interval")}
     rows = read_teacher_folder(folder)
@@ -122,11 +138,19 @@ def test_teacher_samples_are_coupled_to_their_noise_and_survive_a_kill(tmp_path)
         noise = teacher_noise(torch.tensor([seed]), (3, 8, 8))
         assert np.array_equal(image[..., 0], ((noise[0, 0] > 0).numpy() * 255).astype(np.uint8))
     uninterrupted = str(tmp_path / "other")
-    generate_teacher_samples(OneProcess(), RecordingPipeline(), encode, PROMPTS, 7, uninterrupted, 8, 3, TEACHER, 7)
+    generate_teacher_samples(Process(), RecordingPipeline(), encode, PROMPTS, 7, uninterrupted, 8, 3, TEACHER, 7)
     assert all(a[:2] == b[:2] and np.array_equal(a[2], b[2]) for a, b in zip(rows, read_teacher_folder(uninterrupted)))
+    # Two processes share the images (each its own shard); the main one merges them: the same folder.
+    shared = str(tmp_path / "shared")
+    second, first = RecordingPipeline(), RecordingPipeline()
+    generate_teacher_samples(Process(1, 2), second, encode, PROMPTS, 7, shared, 8, 3, TEACHER, batch_size=2)
+    assert not os.path.exists(shared)  # not the main process: it leaves the merge to it
+    generate_teacher_samples(Process(0, 2), first, encode, PROMPTS, 7, shared, 8, 3, TEACHER, batch_size=2)
+    assert [len(latents) for latents, _ in second.calls] == [2, 1] and [len(x) for x, _ in first.calls] == [2, 2]
+    assert all(a[:2] == b[:2] and np.array_equal(a[2], b[2]) for a, b in zip(rows, read_teacher_folder(shared)))
     # Complete: reused without a call.
     again = RecordingPipeline()
-    generate_teacher_samples(OneProcess(), again, encode, PROMPTS, 7, folder, 8, 3, TEACHER, batch_size=3)
+    generate_teacher_samples(Process(), again, encode, PROMPTS, 7, folder, 8, 3, TEACHER, batch_size=3)
     assert again.calls == []
 
 

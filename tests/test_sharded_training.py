@@ -24,6 +24,7 @@ What is compared, and how exactly:
 """
 
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -317,6 +318,28 @@ def test_lora_under_fsdp_as_shipped(assets, tmp_path):
     base_keys = {k: k.replace(".base_layer", "") for k in trained if k.startswith("transformer.") and "lora_" not in k}
     assert len(base_keys) == len(base_weights)
     assert all(torch.equal(trained[k], base_weights[name[len("transformer.") :]]) for k, name in base_keys.items())
+
+
+def test_lora_distillation_under_fsdp_shares_the_teacher_samples(assets, tmp_path):
+    """`--distill --use_lora` with `fsdp.yaml` as shipped: the two processes sample their halves of the teacher images
+    (before the model is sharded), the main one merges them; the student trains sharded and exports a few-step LoRA."""
+    from test_distillation import distill_args
+
+    from diffusers_pixnerd import load_pipeline
+    from diffusers_pixnerd.training.distill import TEACHER_SAMPLES_PREFIX
+
+    out = tmp_path / "turbo"
+    args = distill_args(assets, tmp_path, out, "--max_train_steps", 2, "--checkpointing_steps", 2)
+    log = launch_sharded(FSDP_CONFIG, T2I_SCRIPT, args, tmp_path)
+    assert "Processes: 2 (DistributedType.FSDP)" in log and "Saved the LoRA weights" in log
+    (folder,) = out.glob(f"{TEACHER_SAMPLES_PREFIX}*")
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    assert [row["index"] for row in rows] == list(range(6)) and not list(folder.glob("metadata-*"))
+    assert all((folder / row["file_name"]).is_file() for row in rows)
+    pipe = load_pipeline(assets / "t2i_pipeline", lora=out)
+    assert pipe.scheduler.config.num_inference_steps == 4 and pipe.scheduler.config.guidance_scale == 1.0
+    before = sample(load_pipeline(assets / "t2i_pipeline"), "a cat")
+    assert (sample(pipe, "a cat") - before).abs().max() > 1e-3
 
 
 # ------------------------------------------------------------------------------------------------------- in process

@@ -240,6 +240,19 @@ def teacher_samples_folder(output_dir: str, key) -> str:
     return os.path.join(output_dir, f"{TEACHER_SAMPLES_PREFIX}{digest}")
 
 
+def read_metadata_lines(path: str) -> list[str]:
+    """The complete lines of a metadata file being written (a line cut by a kill is dropped, and cut off the file)."""
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    lines = [line for line in text.split("\n")[:-1] if line.strip()]
+    if not text.endswith("\n"):
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in lines))
+    return lines
+
+
 def generate_teacher_samples(
     accelerator,
     pipeline,
@@ -254,55 +267,75 @@ def generate_teacher_samples(
 ) -> str:
     """Samples `num_samples` images with the base `pipeline` (the `teacher` settings) for the `prompts` (image `i`
     for prompt `i % len`, from the noise of seed `seed * 1_000_003 + i`) into the captioned `folder` (PNGs and
-    `metadata.jsonl` with `text` and `noise_seed`). The main process writes into `folder.tmp`, each image before its
-    metadata line, and renames the folder when complete: a killed run leaves the images it finished, which the next
-    run keeps. `encode` turns prompts into embeddings. Returns `folder`."""
+    `metadata.jsonl` with `text` and `noise_seed`). The processes share the images (process `r` of `n` samples those
+    with `i % n == r`, each into `folder.tmp`, an image before its line in the process's own metadata shard); the main
+    process merges the shards and renames the folder when all are complete. A killed run leaves the images it
+    finished, which the next run keeps (with any number of processes). `encode` turns prompts into embeddings.
+    Returns `folder`."""
     from tqdm.auto import tqdm
 
-    if accelerator.is_main_process and not os.path.isdir(folder):
-        temporary = folder + ".tmp"
-        os.makedirs(temporary, exist_ok=True)
-        metadata_path = os.path.join(temporary, "metadata.jsonl")
-        done = 0
-        if os.path.isfile(metadata_path):  # left by a stopped run: keep its complete lines
-            with open(metadata_path, encoding="utf-8") as f:
-                lines = [line for line in f.read().split("\n")[:-1] if line.strip()]
-            done = len(lines)
-            with open(metadata_path, "w", encoding="utf-8") as f:
-                f.write("".join(line + "\n" for line in lines))
-        if done:
-            logger.info("Going on with the teacher samples in %s: %d of %d there", temporary, done, num_samples)
-        else:
-            logger.info("Generating %d teacher samples with the base model into %s", num_samples, folder)
-        device = accelerator.device
-        pipeline.set_progress_bar_config(disable=True)
-        null = encode([""])
-        sampling = {k: teacher[k] for k in ("num_inference_steps", "guidance_scale", "guidance_interval")}
-        with open(metadata_path, "a", encoding="utf-8") as metadata, tqdm(
-            total=num_samples, initial=done, desc="teacher samples"
-        ) as progress:
-            for start in range(done, num_samples, batch_size):
-                indices = range(start, min(start + batch_size, num_samples))
-                captions = [prompts[i % len(prompts)] for i in indices]
-                noise_seeds = [seed * 1_000_003 + i for i in indices]
-                latents = teacher_noise(noise_seeds, (3, resolution, resolution))
-                with torch.no_grad(), accelerator.autocast():
-                    images = pipeline(
-                        prompt_embeds=encode(captions),
-                        negative_prompt_embeds=null.expand(len(captions), -1, -1),
-                        latents=latents.to(device),
-                        **sampling,
-                    ).images
-                for i, image, caption, noise_seed in zip(indices, images, captions, noise_seeds):
-                    name = f"{i:06d}.png"
-                    image.save(os.path.join(temporary, name + ".tmp"), format="PNG")
-                    os.replace(os.path.join(temporary, name + ".tmp"), os.path.join(temporary, name))
-                    metadata.write(json.dumps({"file_name": name, "text": caption, "noise_seed": noise_seed}) + "\n")
-                metadata.flush()
-                progress.update(len(indices))
+    if os.path.isdir(folder):
+        if accelerator.is_main_process:
+            logger.info("Reusing the teacher samples in %s", folder)
+        return folder
+    temporary = folder + ".tmp"
+    rank, world = accelerator.process_index, accelerator.num_processes
+    os.makedirs(temporary, exist_ok=True)
+    accelerator.wait_for_everyone()  # every process sees the folder, and its shards as they were before this run
+    shards = sorted(name for name in os.listdir(temporary) if name.startswith("metadata-"))
+    done = {json.loads(line)["index"] for name in shards for line in read_metadata_lines(os.path.join(temporary, name))}
+    mine = [i for i in range(rank, num_samples, world) if i not in done]
+    if accelerator.is_main_process:
+        logger.info(
+            "Generating %d teacher samples with the base model into %s%s",
+            num_samples - len(done),
+            folder,
+            f" ({len(done)} there from a stopped run)" if done else "",
+        )
+    accelerator.wait_for_everyone()  # all have read the shards before any writes to them
+    device = accelerator.device
+    pipeline.set_progress_bar_config(disable=True)
+    null = encode([""])
+    sampling = {k: teacher[k] for k in ("num_inference_steps", "guidance_scale", "guidance_interval")}
+    shard = os.path.join(temporary, f"metadata-{rank:05d}.jsonl")
+    with open(shard, "a", encoding="utf-8") as metadata, tqdm(
+        total=len(mine), desc="teacher samples", disable=not accelerator.is_main_process
+    ) as progress:
+        for start in range(0, len(mine), batch_size):
+            indices = mine[start : start + batch_size]
+            captions = [prompts[i % len(prompts)] for i in indices]
+            noise_seeds = [seed * 1_000_003 + i for i in indices]
+            latents = teacher_noise(noise_seeds, (3, resolution, resolution))
+            with torch.no_grad(), accelerator.autocast():
+                images = pipeline(
+                    prompt_embeds=encode(captions),
+                    negative_prompt_embeds=null.expand(len(captions), -1, -1),
+                    latents=latents.to(device),
+                    **sampling,
+                ).images
+            for i, image, caption, noise_seed in zip(indices, images, captions, noise_seeds):
+                name = f"{i:06d}.png"
+                image.save(os.path.join(temporary, name + ".tmp"), format="PNG")
+                os.replace(os.path.join(temporary, name + ".tmp"), os.path.join(temporary, name))
+                row = {"index": i, "file_name": name, "text": caption, "noise_seed": noise_seed}
+                metadata.write(json.dumps(row) + "\n")
+            metadata.flush()
+            progress.update(len(indices))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        names = sorted(name for name in os.listdir(temporary) if name.startswith("metadata-"))
+        rows = {}
+        for name in names:
+            for line in read_metadata_lines(os.path.join(temporary, name)):
+                row = json.loads(line)
+                rows[row["index"]] = row
+        if sorted(rows) != list(range(num_samples)):
+            raise RuntimeError(f"{temporary}: {num_samples - len(rows)} teacher samples are missing after generation.")
+        with open(os.path.join(temporary, "metadata.jsonl"), "w", encoding="utf-8") as f:
+            f.write("".join(json.dumps(rows[i]) + "\n" for i in range(num_samples)))
+        for name in names:
+            os.remove(os.path.join(temporary, name))
         os.replace(temporary, folder)
-    elif accelerator.is_main_process:
-        logger.info("Reusing the teacher samples in %s", folder)
     accelerator.wait_for_everyone()
     return folder
 
