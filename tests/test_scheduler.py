@@ -384,3 +384,17 @@ def test_step_returns_tuple_without_return_dict():
     output = scheduler.step(torch.ones(1), scheduler.timesteps[0], torch.ones(1), return_dict=False)
     assert isinstance(output, tuple) and output[0].item() == pytest.approx(0.5) and output[1].item() == 0.0
     assert PixNerdFlowMatchSchedulerOutput(prev_sample=output[0]).pred_original_sample is None
+
+
+def test_a_string_step_count_and_a_begin_index_past_the_end_are_named_with_their_values():
+    scheduler = PixNerdFlowMatchScheduler()
+    with pytest.raises(ValueError, match=r"`num_inference_steps` must be a positive integer, got '3'\."):
+        scheduler.set_timesteps("3")
+    scheduler.set_timesteps(4)
+    with pytest.raises(ValueError, match=r"`begin_index` 4 is past the end of the schedule: its 4 steps have the "
+                       r"indices 0 to 3\."):
+        scheduler.set_begin_index(4)
+    with pytest.raises(ValueError, match=r"`begin_index` must be a non-negative integer, got '1'\."):
+        scheduler.set_begin_index("1")
+    scheduler.set_begin_index(3)
+    assert scheduler.begin_index == 3

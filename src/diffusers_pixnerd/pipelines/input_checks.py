@@ -103,6 +103,10 @@ def check_sampling_inputs(
     if not is_integer(num_inference_steps) or num_inference_steps < 1:
         raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}.")
     check_generator(generator, batch_size)
+    if latents is not None and not isinstance(latents, torch.Tensor):
+        raise ValueError(
+            f"`latents` must be a torch.Tensor (e.g. `torch.from_numpy(array)`), got {type(latents).__name__}."
+        )
     expected = (batch_size, pipeline.transformer.config.in_channels, height, width)
     if latents is not None and tuple(latents.shape) != expected:
         raise ValueError(

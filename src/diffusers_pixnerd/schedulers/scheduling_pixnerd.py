@@ -234,8 +234,15 @@ class PixNerdFlowMatchScheduler(SchedulerMixin, ConfigMixin):
 
         Args:
             begin_index (`int`, defaults to `0`):
-                The index in `timesteps` of the first step.
+                The index in `timesteps` of the first step: within the schedule set by `set_timesteps`.
         """
+        if not is_integer(begin_index) or begin_index < 0:
+            raise ValueError(f"`begin_index` must be a non-negative integer, got {begin_index!r}.")
+        if self.num_inference_steps is not None and begin_index >= self.num_inference_steps:
+            raise ValueError(
+                f"`begin_index` {begin_index!r} is past the end of the schedule: its {self.num_inference_steps} steps "
+                f"have the indices 0 to {self.num_inference_steps - 1}."
+            )
         self._begin_index = begin_index
 
     def set_timesteps(
@@ -263,7 +270,7 @@ class PixNerdFlowMatchScheduler(SchedulerMixin, ConfigMixin):
         if sigmas is None:
             n = self.config.num_inference_steps if num_inference_steps is None else num_inference_steps
             if not is_integer(n) or n < 1:
-                raise ValueError(f"`num_inference_steps` must be a positive integer, got {n}.")
+                raise ValueError(f"`num_inference_steps` must be a positive integer, got {n!r}.")
             # Built in t and in float32 as EulerSampler/AdamLMSampler do, so the interval test sees the same t values.
             times = torch.cat([torch.linspace(0.0, 1.0 - 1.0 / n, n), torch.ones(1)])
             times = times / (times + (1 - times) * shift)

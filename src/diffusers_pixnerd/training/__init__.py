@@ -18,6 +18,8 @@
   prompt files), shared across processes, saved and logged.
 - `prior`: regularisation images (prior preservation): `--reg_data_dir` or base-model images for `--reg_prompts_file`,
   mixed into every micro-batch in an order fixed by (seed, process, micro-batch), their own loss weight (T2I).
+- `distill`: few-step distillation (`--distill`): teacher samples of the base model (shared across processes,
+  resumable), the student's sampler and sigmas, `few_step_sampler.json`.
 - `cli`: the flags both scripts share and their checks, the model config from the flags.
 - `hub`: the model card's training section and the upload to the Hub.
 - `run_setup`: what a run is built from: the `Accelerator`, the seed, the output folder, REPA, LoRA adapters.
