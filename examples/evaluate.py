@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from diffusers_pixnerd import PixNerdT2IPipeline, load_pipeline
 from diffusers_pixnerd.models import cache_config
+from diffusers_pixnerd.loaders.lora_pipeline import few_step_sampler_settings
 from diffusers_pixnerd.pipelines import apply_few_step_sampler, compile_transformer
 
 CLASSIFIER_SIZE = 32  # the input side of the Fashion-MNIST classifier (fashion_mnist.py `FashionClassifier`)
@@ -247,6 +248,10 @@ def load_weights(pipe, args) -> dict:
         text_encoder = getattr(pipe, "text_encoder", None)  # a run that also trained the last Qwen3 layers
         loaded = load_checkpoint_weights(pipe.transformer, args.checkpoint, text_encoder=text_encoder)
         print(f"Weights of {args.checkpoint}: {loaded}{f' LoRA adapters on {args.model}' if lora_checkpoint else ''}")
+        # A distillation run's checkpoint samples with the run's few-step sampler (beside the checkpoints).
+        sampler = few_step_sampler_settings(os.path.dirname(os.path.abspath(args.checkpoint)))
+        if sampler is not None:
+            apply_few_step_sampler(pipe, sampler)
     if args.lora:
         names = [f"lora_{i}" for i in range(len(args.lora))]
         for lora, name in zip(args.lora, names):

@@ -344,6 +344,8 @@ def main(args):
         teacher_folder = prepare_teacher_samples(accelerator, args, transformer, scheduler, encode)
         dataset = load_teacher_samples(teacher_folder)
         sampler = few_step_sampler(args, scheduler)
+        if accelerator.is_main_process:  # beside the checkpoints too: `evaluate.py --checkpoint` samples with it
+            save_few_step_sampler(args.output_dir, sampler, teacher_settings(args, scheduler))
         scheduler = few_step_scheduler(scheduler, sampler)  # validation and the export sample as the student will
         distill_sigmas = sigma_choices(few_step_scheduler(scheduler, sampler), args.distill_steps)
     prompt_cache = None

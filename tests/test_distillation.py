@@ -201,6 +201,13 @@ def test_a_resumed_distillation_ends_bit_identical_and_exports_a_few_step_lora(a
     assert sampler["num_inference_steps"] == 4 and sampler["distilled_steps"] == [1, 2, 4]
     assert sampler["guidance_scale"] == 1.0 and sampler["solver_order"] == 1
     assert sampler["teacher"]["num_inference_steps"] == 3 and sampler["teacher"]["guidance_scale"] == 3.0
+    # evaluate.py --checkpoint samples a checkpoint of the run with the run's few-step sampler.
+    import evaluate
+
+    pipe = load_pipeline(assets / "t2i_pipeline")
+    evaluate.load_weights(pipe, evaluate.parse_args(["--model", "m", "--checkpoint", str(full / "checkpoint-2")]))
+    assert (pipe.scheduler.config.num_inference_steps, pipe.scheduler.config.solver_order) == (4, 1)
+    assert any("lora_A" in name for name, _ in pipe.transformer.named_parameters())
     card = (full / "README.md").read_text()
     assert "to sample in 4 steps (trained for 1, 2, 4 steps)" in card
     assert "num_inference_steps=4, guidance_scale=1.0" in card and "| `num_distill_samples` | `6` |" in card

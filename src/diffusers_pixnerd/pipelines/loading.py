@@ -67,14 +67,16 @@ def pipeline_class(model: str | os.PathLike, **kwargs) -> type[PixNerdPipeline] 
     return PIPELINE_CLASSES[class_name]
 
 
-def apply_few_step_sampler(pipe) -> bool:
+def apply_few_step_sampler(pipe, sampler: dict | None = None) -> bool:
     """With a few-step (distilled) LoRA active, its sampler (`few_step_sampler.json`: steps, guidance scale, solver,
-    shift) becomes the defaults of `pipe`'s scheduler; a call's arguments still override them. Returns whether one
-    was applied."""
-    found = pipe.active_few_step_sampler()
-    if found is None:
-        return False
-    settings = {k: found[1][k] for k in FEW_STEP_SCHEDULER_KEYS}
+    shift) becomes the defaults of `pipe`'s scheduler; a call's arguments still override them. `sampler`: these
+    settings given (e.g. a distillation run's, for one of its checkpoints). Returns whether one was applied."""
+    if sampler is None:
+        found = pipe.active_few_step_sampler()
+        if found is None:
+            return False
+        sampler = found[1]
+    settings = {k: sampler[k] for k in FEW_STEP_SCHEDULER_KEYS}
     pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **settings)
     return True
 
