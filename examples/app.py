@@ -68,6 +68,8 @@ def generate(pipe, condition: dict, settings: dict) -> tuple[Image.Image, str]:
         return {}
 
     seed = int(settings.pop("seed"))
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"The seed must be a whole number from 0 to 2**63 - 1 ({2**63 - 1}), got {seed}.")
     latents = pipe(
         **condition,
         **settings,

@@ -1,4 +1,5 @@
 import os
+import shutil
 import subprocess
 import sys
 from unittest import mock
@@ -311,3 +312,11 @@ def test_torch_dtype_still_works_with_a_deprecation_warning():
 def test_bad_dtype_arguments_are_named(kwargs, error, match):
     with pytest.raises(error, match=match):
         PixNerdTransformer2DModel.from_single_file(C2I_CKPT, **kwargs)
+
+
+def test_converting_a_directory_says_so_and_what_to_pass(tmp_path):
+    (tmp_path / "official").mkdir()
+    shutil.copy(C2I_CKPT, tmp_path / "official" / "model.ckpt")
+    with pytest.raises(IsADirectoryError, match=r"'.*official' is a directory \(it holds model.ckpt\): pass the official "
+                       r"checkpoint file inside it"):
+        convert_official_checkpoint(str(tmp_path / "official"))

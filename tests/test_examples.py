@@ -310,6 +310,9 @@ def test_web_demo_shows_the_pipelines_message_enforces_its_caps_and_cleans_up(tm
             app.run_request(pipe, {"class_labels": "Sneaker"}, {**values, **bad}, max_size=128)
     with pytest.raises(gr.Error, match="min <= max"):
         app.run_request(pipe, {"class_labels": "Sneaker"}, {**values, "guidance_interval": (0.9, 0.1)}, max_size=128)
+    for seed in (10**30, -1):  # torch's manual_seed would say "Overflow when unpacking long long"
+        with pytest.raises(gr.Error, match=rf"seed must be a whole number from 0 to 2\*\*63 - 1 .*got {seed}"):
+            app.run_request(pipe, {"class_labels": "Sneaker"}, {**values, "seed": seed}, max_size=128)
     # Old trajectories go; a recent one stays until the browser had time to fetch it.
     os.utime(gif, (time.time() - app.KEEP_FILES_SECONDS - 1,) * 2)
     _, recent = app.run_request(pipe, {"class_labels": "Bag"}, dict(values), max_size=128)

@@ -260,6 +260,13 @@ def resolve_checkpoint_file(path_or_hub_file: str, **hub_kwargs) -> str:
     path_or_hub_file = os.path.expanduser(path_or_hub_file)  # `~/file.ckpt` is local, as the error below says
     if os.path.isfile(path_or_hub_file):
         return path_or_hub_file
+    if os.path.isdir(path_or_hub_file):
+        found = sorted(name for name in os.listdir(path_or_hub_file) if name.endswith((".ckpt", ".safetensors")))
+        hint = f" (it holds {', '.join(found[:3])})" if found else ""
+        raise IsADirectoryError(
+            f"`checkpoint` {path_or_hub_file!r} is a directory{hint}: pass the official checkpoint file inside it "
+            "(a Lightning .ckpt or .safetensors), or load the folder with `PixNerdPipeline.from_pretrained`."
+        )
     if not path_or_hub_file.startswith("https://") and _looks_local(path_or_hub_file):
         raise FileNotFoundError(f"`checkpoint` {path_or_hub_file!r}: no such local file.")
     m = re.match(r"(?:https://huggingface\.co/)?([^/]+/[^/]+)/(?:(?:blob|resolve)/([^/]+)/)?(.+)$", path_or_hub_file)
