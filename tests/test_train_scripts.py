@@ -582,6 +582,21 @@ def test_a_finished_run_continues_from_its_last_step(assets, tmp_path, run_main,
     assert json.loads((out / "checkpoint-5" / "training_state.json").read_text())["global_step"] == 5
 
 
+def test_resuming_a_checkpoint_whose_ema_file_is_missing_names_it_and_the_earlier_ones(assets, tmp_path, run_main):
+    out = tmp_path / "out"
+    args = c2i_args(assets, out, "--max_train_steps", 4, "--checkpointing_steps", 2, "--no_use_repa", "--use_ema")
+    run_main(C2I_SCRIPT, args)
+    assert json.loads((out / "checkpoint-4" / "training_state.json").read_text())["ema"] is True
+    os.remove(out / "checkpoint-4" / "ema.safetensors")
+    args[args.index("--max_train_steps") + 1] = 6
+    with pytest.raises(FileNotFoundError, match=r"checkpoint-4/ema.safetensors is missing: the run that wrote .* "
+                       r"trained with an EMA.*earlier checkpoint \(.*checkpoint-2\)"):
+        run_main(C2I_SCRIPT, [*args, "--resume_from_checkpoint", "latest"])
+    # The earlier checkpoint, named there, resumes.
+    run_main(C2I_SCRIPT, [*args, "--resume_from_checkpoint", out / "checkpoint-2"])
+    assert json.loads((out / "checkpoint-6" / "training_state.json").read_text())["global_step"] == 6
+
+
 def test_resuming_an_export_without_checkpoints_is_an_error(assets, tmp_path, run_main):
     out = tmp_path / "out"
     args = c2i_args(assets, out, "--max_train_steps", 1, "--no_use_repa")

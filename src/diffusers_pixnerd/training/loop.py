@@ -439,6 +439,7 @@ class TrainingRun:
                     "train_batch_size": args.train_batch_size,
                     "gradient_accumulation_steps": args.gradient_accumulation_steps,
                     "steps_per_epoch": self.steps_per_epoch,
+                    "ema": self.ema is not None,  # a resume then knows an EMA file is missing, not absent
                 }
                 with open(os.path.join(temporary, TRAINING_STATE_FILE), "w", encoding="utf-8") as f:
                     json.dump(state, f, indent=2)
@@ -499,6 +500,14 @@ class TrainingRun:
                 shard_like(self.ema, self.ema_parameters, found)  # this process's shards become DTensors again
             else:
                 self.ema.to(self.ema_device, dtype=torch.float32)
+        elif ema_file is not None and state.get("ema"):
+            earlier = [path for _, path in list_checkpoints(os.path.dirname(os.path.abspath(checkpoint)))]
+            earlier = [path for path in earlier if os.path.abspath(path) != os.path.abspath(checkpoint)]
+            raise FileNotFoundError(
+                f"{os.path.join(checkpoint, ema_file)} is missing: the run that wrote {checkpoint} trained with an EMA, "
+                "and resuming without it would start a different EMA. Restore the file, or resume from an earlier "
+                f"checkpoint ({', '.join(earlier) if earlier else 'there is none'})."
+            )
         elif ema_file is not None:
             logger.warning("%s has no EMA (trained without it): the EMA starts from its weights.", checkpoint)
             self.ema = self._new_ema()
