@@ -216,7 +216,7 @@ def parse_args(input_args=None):
     if args.learning_rate is None:
         args.learning_rate = 1e-4 if args.use_lora or args.model_config else 1e-5
     if args.use_repa is None:
-        args.use_repa = not args.use_lora
+        args.use_repa = not (args.use_lora or args.distill)
     if args.use_ema is None:
         args.use_ema = not args.use_lora
     args.lora_alpha = args.lora_alpha or args.lora_rank

@@ -214,6 +214,22 @@ def test_a_resumed_distillation_ends_bit_identical_and_exports_a_few_step_lora(a
     assert "timestep_sampling" not in card  # the distillation draws its own sigmas
 
 
+def test_a_full_distillation_exports_a_pipeline_that_samples_in_few_steps(assets, tmp_path, run_main):
+    out = tmp_path / "full"
+    args = distill_args(assets, tmp_path, out, "--max_train_steps", 2)
+    args.remove("--use_lora")
+    run_main(T2I_SCRIPT, args)
+    pipe = load_pipeline(out)  # the whole pipeline: its scheduler is the few-step sampler
+    config = pipe.scheduler.config
+    assert (config.num_inference_steps, config.guidance_scale, config.solver_order) == (4, 1.0, 1)
+    assert json.loads((out / FEW_STEP_SAMPLER_FILE).read_text())["distilled_steps"] == [1, 2, 4]
+    base = load_pipeline(assets / "t2i_pipeline")
+    changed = [
+        name for name, p in pipe.transformer.named_parameters() if not torch.equal(p, base.transformer.get_parameter(name))
+    ]
+    assert changed  # trained (with the EMA of a full run swapped in)
+
+
 def test_load_pipeline_applies_the_few_step_sampler_and_calls_that_leave_it_warn(assets, tmp_path, run_main):
     out = tmp_path / "turbo"
     run_main(T2I_SCRIPT, distill_args(assets, tmp_path, out, "--max_train_steps", 2))
