@@ -287,8 +287,10 @@ def main(args):
 
     # 1. The data (captioned images, checked before anything loads; with --distill the teacher's samples, made in 2.),
     # and the pipeline to fine-tune.
-    dataset = None
-    if not args.distill:
+    if args.distill:
+        dataset = None  # the teacher's samples, made in 2.
+        check_distill_model(args)  # a text-to-image model
+    else:
         dataset, _ = load_training_dataset(
             args.train_data_dir,
             args.dataset_name,
@@ -299,8 +301,6 @@ def main(args):
             streaming=args.streaming,
             cache_dir=args.cache_dir,
         )
-    if args.distill:
-        check_distill_model(args)  # a text-to-image model
     pipeline = new_pipeline(args) if args.model_config else load_pipeline(args)
     transformer, scheduler = pipeline.transformer, pipeline.scheduler
     text_encoder, tokenizer = pipeline.text_encoder, pipeline.tokenizer

@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.join(ROOT, "examples"))
 BUNDLED = os.path.join(ROOT, "models", "pixnerd-fashion-mnist")
 BUNDLED_T2I = os.path.join(ROOT, "models", "pixnerd-t2i-fashion-mnist")
 BUNDLED_LORA = os.path.join(ROOT, "models", "pixnerd-t2i-fashion-mnist-red-lora")
+BUNDLED_TURBO = os.path.join(ROOT, "models", "pixnerd-t2i-fashion-mnist-turbo-lora")
 CLASSIFIER = os.path.join(ROOT, "models", "fashion-mnist-classifier.safetensors")
 
 import evaluate  # noqa: E402
@@ -145,6 +146,44 @@ def test_bundled_lora_teaches_a_colour_the_base_cannot_draw(tmp_path):
     full, half = red(), red(attention_kwargs={"scale": 0.5})
     assert base < 0.05 and full > 0.3, (base, full)
     assert base < half < full, (base, half, full)
+
+
+@pytest.mark.parametrize("prompt_set", ["heldout", "everyday"])
+def test_bundled_turbo_lora_follows_prompts_in_4_and_2_steps_without_guidance(tmp_path, prompt_set):
+    """The distilled LoRA on both held-out sets, with the sampler its folder carries (Euler, no CFG), against the
+    base model at the same steps without CFG on the same prompts and seeds; docs/results.md has 1,000 samples each."""
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 60, seed=2000, prompt_set=prompt_set)
+    common = ["--model", BUNDLED_T2I, "--prompt_file", prompts, "--num_samples", "60", "--batch_size", "60",
+              "--seed", "2000", "--classifier", CLASSIFIER]  # fmt: skip
+    accuracy = {}
+    for steps in (4, 2):
+        for name, extra in (("turbo", ["--lora", BUNDLED_TURBO]), ("base", ["--guidance_scale", "1"])):
+            args = [*common, *extra, "--num_inference_steps", str(steps), "--output_dir", str(tmp_path / name)]
+            metrics = evaluate.main(evaluate.parse_args(args))
+            accuracy[name, steps] = metrics["class_accuracy"]
+            if name == "turbo":  # the folder's sampler: Euler, one call a step, no guidance
+                settings = metrics["settings"]
+                assert (settings["solver_order"], settings["guidance_scale"]) == (1, 1.0), settings
+    assert accuracy["turbo", 4] >= 0.8 and accuracy["turbo", 2] >= 0.75, accuracy
+    assert accuracy["turbo", 4] > accuracy["base", 4] + 0.1 and accuracy["turbo", 2] > accuracy["base", 2] + 0.1, accuracy
+
+
+def test_bundled_turbo_lora_stacks_with_the_red_lora():
+    pipe = load_pipeline(BUNDLED_T2I, lora=BUNDLED_TURBO)
+    pipe.load_lora_weights(BUNDLED_LORA, adapter_name="red")
+    pipe.set_adapters(["default_0", "red"], [1.0, 1.0])
+    pipe.set_progress_bar_config(disable=True)
+    prompts = [row["prompt"] for row in fashion_mnist.heldout_prompts(16, seed=5, prefix="red")]
+
+    def red(**kwargs):
+        generators = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
+        images = pipe(prompts, generator=generators, output_type="np", **kwargs).images  # 4 steps, no CFG
+        return fashion_mnist.redness(np.round(images * 255).astype(np.uint8))
+
+    stacked = red()
+    pipe.set_adapters(["default_0"])
+    turbo_alone = red()
+    assert stacked > 0.3 and turbo_alone < 0.05, (stacked, turbo_alone)
 
 
 def test_demo_writes_text_to_image_grids_with_and_without_the_lora(tmp_path, capsys):

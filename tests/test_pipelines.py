@@ -112,26 +112,18 @@ def test_c2i_sampling_matches_official_sampler(run, solver_order, noise):
     pipe = PixNerdPipeline.from_single_file(C2I_CKPT, sample_size=16)
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = PixNerdFlowMatchScheduler(shift=settings["timeshift"], solver_order=solver_order)
-    images = pipe(
-        tensors["class_labels"].tolist(),
+    call = dict(
         num_inference_steps=settings["num_steps"],
         guidance_scale=settings["guidance"],
         guidance_interval=tuple(settings["interval"]),
         latents=tensors[noise],
         output_type="latent",
-    ).images
+    )
+    images = pipe(tensors["class_labels"].tolist(), **call).images
     assert images.dtype == torch.float32 and images.shape == tensors[noise].shape
     assert relative_error(images, tensors[f"{run}.samples"]) < TOLERANCE
     if run == "c2i_euler_32px":  # the opt-in trained grid is another computation
-        trained = pipe(
-            tensors["class_labels"].tolist(),
-            num_inference_steps=settings["num_steps"],
-            guidance_scale=settings["guidance"],
-            guidance_interval=tuple(settings["interval"]),
-            latents=tensors[noise],
-            output_type="latent",
-            trained_grid=True,
-        ).images
+        trained = pipe(tensors["class_labels"].tolist(), **call, trained_grid=True).images
         assert relative_error(trained, tensors[f"{run}.samples"]) > 1e-2
 
 
