@@ -125,7 +125,7 @@ def benchmark(args, pipes: dict | None = None, device: str = "cpu") -> list[dict
     }
     for variant, pipe in pipes.items():
         output = []
-        first_call[variant] = timed(lambda: output.append(runs[variant]()), device)
+        first_call[variant] = timed(lambda output=output, run=runs[variant]: output.append(run()), device)
         images[variant] = output[0].cpu()
         for _ in range(args.warmup):  # e.g. a compiled model's one recompile once diffusers has added its hook registry
             runs[variant]()

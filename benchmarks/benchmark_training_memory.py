@@ -41,7 +41,6 @@ from torch.distributed._tools.common_utils import get_untyped_storages
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from diffusers_pixnerd import PIXNERD_PRESETS, PixNerdTransformer2DModel
-from diffusers_pixnerd.training.cli import add_switch
 from diffusers_pixnerd.training import (
     OPTIMIZERS,
     PixNerdTrainingModule,
@@ -52,6 +51,7 @@ from diffusers_pixnerd.training import (
     trained_weights_dtype,
     update_ema,
 )
+from diffusers_pixnerd.training.cli import add_switch
 
 GIB = 2**30
 # The script's default LoRA targets (examples/train_pixnerd_t2i.py LORA_TARGET_MODULES; tests/test_loading.py checks).

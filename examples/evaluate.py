@@ -37,8 +37,8 @@ import torch
 from tqdm.auto import tqdm
 
 from diffusers_pixnerd import PixNerdT2IPipeline, load_pipeline
-from diffusers_pixnerd.models import cache_config
 from diffusers_pixnerd.loaders.lora_pipeline import few_step_sampler_settings
+from diffusers_pixnerd.models import cache_config
 from diffusers_pixnerd.pipelines import apply_few_step_sampler, compile_transformer
 
 CLASSIFIER_SIZE = 32  # the input side of the Fashion-MNIST classifier (fashion_mnist.py `FashionClassifier`)

@@ -87,7 +87,7 @@ def side_by_side(left: Image.Image, right: Image.Image, gap: int = 24) -> Image.
 
 
 def sampler_title(pipe, kwargs: dict, seconds: float, count: int) -> str:
-    """"4 steps, no CFG, Euler: 0.4 s for 20 images": the call's settings, else the scheduler's defaults."""
+    """ "4 steps, no CFG, Euler: 0.4 s for 20 images": the call's settings, else the scheduler's defaults."""
     config = pipe.scheduler.config
     steps = kwargs.get("num_inference_steps") or config.get("num_inference_steps")
     guidance = kwargs.get("guidance_scale") or config.get("guidance_scale")
@@ -163,11 +163,14 @@ def main(args):
         num_images_per_prompt=per_label,
         generator=generator,
     )
+
     def render(pipe, **call_kwargs) -> tuple[Image.Image, float]:
         """The labelled grid of one call (fresh generators: the same seeds) and its sampling time."""
         call_kwargs["generator"] = [torch.Generator().manual_seed(args.seed + i) for i in range(len(generator))]
         start = time.perf_counter()
-        images = (pipe(prompt=conditions, **call_kwargs) if text else pipe(class_labels=conditions, **call_kwargs)).images
+        images = (
+            pipe(prompt=conditions, **call_kwargs) if text else pipe(class_labels=conditions, **call_kwargs)
+        ).images
         seconds = time.perf_counter() - start
         # Columns: the images of one label; rows: labels.
         columns_first = [images[row * per_label + col] for col in range(per_label) for row in range(len(conditions))]

@@ -27,14 +27,14 @@ CLASSIFIER = "models/fashion-mnist-classifier.safetensors"
 def rows(args) -> list[dict]:
     """Every row: its name, the evaluate.py flags and the prompt set."""
     table = []
-    for set_name, prompts in SETS.items():  # the base model first (the LoRA may still be training)
+    for set_name in SETS:  # the base model first (the LoRA may still be training)
         table.append(dict(name="default sampler (Adams-2, 50 steps, CFG 5)", set=set_name, flags=[]))
         for steps in args.steps:
             for guidance in (5.0, 1.0):
                 cfg = "CFG 5" if guidance > 1 else "no CFG"
                 flags = ["--num_inference_steps", steps, "--guidance_scale", guidance]
                 table.append(dict(name=f"undistilled, Adams-2, {steps} steps, {cfg}", set=set_name, flags=flags))
-    for set_name, prompts in SETS.items():
+    for set_name in SETS:
         for steps in args.steps:
             flags = ["--lora", args.turbo, "--num_inference_steps", steps]
             table.append(dict(name=f"turbo LoRA, Euler, {steps} steps, no CFG", set=set_name, flags=flags))

@@ -109,9 +109,7 @@ def test_c2i_pipeline_sizes_are_multiples_of_the_patch_or_of_the_trained_grid_wh
     assert sample(pipe, [1], height=36, width=32).shape == (1, 3, 36, 32)
     with pytest.raises(ValueError, match=r"`height` and `width` must be positive multiples of 4, got \(34, 32\)"):
         sample(pipe, [1], height=34, width=32)
-    with pytest.raises(
-        ValueError, match=r"must be positive multiples of 8 with `trained_grid=True`, got \(36, 32\)"
-    ):
+    with pytest.raises(ValueError, match=r"must be positive multiples of 8 with `trained_grid=True`, got \(36, 32\)"):
         sample(pipe, [1], height=36, width=32, trained_grid=True)
     with pytest.raises(ValueError, match="`trained_grid` must be True or False, got 'yes'"):
         sample(pipe, [1], trained_grid="yes")

@@ -110,10 +110,14 @@ def test_latents_with_nan_or_inf_are_an_error():
 
 def test_latents_as_a_numpy_array_are_named():
     pipe = tiny_c2i_pipeline()
-    with pytest.raises(ValueError, match=r"`latents` must be a torch.Tensor \(e.g. `torch.from_numpy\(array\)`\), got ndarray"):
+    with pytest.raises(
+        ValueError, match=r"`latents` must be a torch.Tensor \(e.g. `torch.from_numpy\(array\)`\), got ndarray"
+    ):
         sample(pipe, class_labels=[1], latents=np.zeros((1, 3, 16, 16), np.float32))
     latents = torch.zeros(1, 3, 16, 16)
-    assert torch.equal(sample(pipe, class_labels=[1], latents=latents), sample(pipe, class_labels=[1], latents=latents))
+    assert torch.equal(
+        sample(pipe, class_labels=[1], latents=latents), sample(pipe, class_labels=[1], latents=latents)
+    )
 
 
 @pytest.mark.parametrize("name", ["prompt_embeds", "negative_prompt_embeds"])

@@ -317,6 +317,9 @@ def test_bad_dtype_arguments_are_named(kwargs, error, match):
 def test_converting_a_directory_says_so_and_what_to_pass(tmp_path):
     (tmp_path / "official").mkdir()
     shutil.copy(C2I_CKPT, tmp_path / "official" / "model.ckpt")
-    with pytest.raises(IsADirectoryError, match=r"'.*official' is a directory \(it holds model.ckpt\): pass the official "
-                       r"checkpoint file inside it"):
+    with pytest.raises(
+        IsADirectoryError,
+        match=r"'.*official' is a directory \(it holds model.ckpt\): pass the official "
+        r"checkpoint file inside it",
+    ):
         convert_official_checkpoint(str(tmp_path / "official"))

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from test_train_scripts import ROOT, T2I_SCRIPT, assets, run_main, t2i_args  # noqa: F401
 
-from diffusers_pixnerd import PixNerdFlowMatchScheduler, PixNerdT2IPipeline, load_pipeline
+from diffusers_pixnerd import PixNerdFlowMatchScheduler, load_pipeline
 from diffusers_pixnerd.loaders.lora_pipeline import FEW_STEP_SAMPLER_FILE
 from diffusers_pixnerd.training.distill import (
     TEACHER_SAMPLES_PREFIX,
@@ -110,12 +110,21 @@ class Process:
         return torch.autocast("cpu", enabled=False)
 
 
-TEACHER = {"num_inference_steps": 3, "guidance_scale": 4.0, "guidance_interval": (0.1, 1.0), "shift": 1, "solver_order": 2}
+TEACHER = {
+    "num_inference_steps": 3,
+    "guidance_scale": 4.0,
+    "guidance_interval": (0.1, 1.0),
+    "shift": 1,
+    "solver_order": 2,
+}
 
 
 def read_teacher_folder(folder, metadata="metadata.jsonl"):
     rows = [json.loads(line) for line in open(os.path.join(folder, metadata))]
-    return [(row["text"], row["noise_seed"], np.asarray(PIL.Image.open(os.path.join(folder, row["file_name"])))) for row in rows]
+    return [
+        (row["text"], row["noise_seed"], np.asarray(PIL.Image.open(os.path.join(folder, row["file_name"]))))
+        for row in rows
+    ]
 
 
 def test_teacher_samples_are_coupled_to_their_noise_and_survive_a_kill(tmp_path):
@@ -129,7 +138,9 @@ def test_teacher_samples_are_coupled_to_their_noise_and_survive_a_kill(tmp_path)
     resumed = RecordingPipeline()
     generate_teacher_samples(Process(), resumed, encode, PROMPTS, 7, folder, 8, 3, TEACHER, batch_size=3)
     assert len(resumed.calls) == 2  # only what was missing: 3 + 1 images
-    assert resumed.calls[0][1] == {k: TEACHER[k] for k in ("num_inference_steps", "guidance_scale", "guidance_interval")}
+    assert resumed.calls[0][1] == {
+        k: TEACHER[k] for k in ("num_inference_steps", "guidance_scale", "guidance_interval")
+    }
     rows = read_teacher_folder(folder)
     assert [text for text, _, _ in rows] == [PROMPTS[i % 3] for i in range(7)]
     assert [seed for _, seed, _ in rows] == [3 * 1_000_003 + i for i in range(7)]
@@ -171,7 +182,7 @@ def test_a_distillation_step_joins_each_teacher_sample_to_its_own_noise(assets, 
     run_main(T2I_SCRIPT, distill_args(assets, tmp_path, out, "--max_train_steps", 3))
     (folder,) = out.glob(f"{TEACHER_SAMPLES_PREFIX}*")
     samples = {}
-    for text, seed, image in read_teacher_folder(folder):
+    for _, seed, image in read_teacher_folder(folder):
         samples[seed] = torch.from_numpy(image).permute(2, 0, 1).float() / 127.5 - 1
     allowed = sigma_choices(PixNerdFlowMatchScheduler(solver_order=1), [1, 2, 4])
     assert len(seen) == 3
@@ -225,7 +236,9 @@ def test_a_full_distillation_exports_a_pipeline_that_samples_in_few_steps(assets
     assert json.loads((out / FEW_STEP_SAMPLER_FILE).read_text())["distilled_steps"] == [1, 2, 4]
     base = load_pipeline(assets / "t2i_pipeline")
     changed = [
-        name for name, p in pipe.transformer.named_parameters() if not torch.equal(p, base.transformer.get_parameter(name))
+        name
+        for name, p in pipe.transformer.named_parameters()
+        if not torch.equal(p, base.transformer.get_parameter(name))
     ]
     assert changed  # trained (with the EMA of a full run swapped in)
 
@@ -250,7 +263,11 @@ def test_load_pipeline_applies_the_few_step_sampler_and_calls_that_leave_it_warn
     base.scheduler = PixNerdFlowMatchScheduler.from_config(base.scheduler.config, solver_order=1)
     base.set_progress_bar_config(disable=True)
     expected = base(
-        "a cat", num_inference_steps=4, guidance_scale=1.0, generator=torch.Generator().manual_seed(0), output_type="latent"
+        "a cat",
+        num_inference_steps=4,
+        guidance_scale=1.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="latent",
     ).images
     torch.testing.assert_close(images, expected, rtol=0, atol=0)
     with pytest.warns(UserWarning, match=r"baked in, to sample with `guidance_scale=1.0`; this call guides with 3.0"):

@@ -103,7 +103,8 @@ def count_transformer_calls(pipe, monkeypatch) -> list[int]:
 
 
 @pytest.mark.parametrize(
-    "run, solver_order, noise", [("c2i_euler", 1, "noise"), ("c2i_adams2", 2, "noise"), ("c2i_euler_32px", 1, "noise_32px")]
+    "run, solver_order, noise",
+    [("c2i_euler", 1, "noise"), ("c2i_adams2", 2, "noise"), ("c2i_euler_32px", 1, "noise_32px")],
 )
 def test_c2i_sampling_matches_official_sampler(run, solver_order, noise):
     # c2i_euler_32px: twice the trained size (32 px from the 16 px model), on the official native grid by default.

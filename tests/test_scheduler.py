@@ -391,8 +391,11 @@ def test_a_string_step_count_and_a_begin_index_past_the_end_are_named_with_their
     with pytest.raises(ValueError, match=r"`num_inference_steps` must be a positive integer, got '3'\."):
         scheduler.set_timesteps("3")
     scheduler.set_timesteps(4)
-    with pytest.raises(ValueError, match=r"`begin_index` 4 is past the end of the schedule: its 4 steps have the "
-                       r"indices 0 to 3\."):
+    with pytest.raises(
+        ValueError,
+        match=r"`begin_index` 4 is past the end of the schedule: its 4 steps have the "
+        r"indices 0 to 3\.",
+    ):
         scheduler.set_begin_index(4)
     with pytest.raises(ValueError, match=r"`begin_index` must be a non-negative integer, got '1'\."):
         scheduler.set_begin_index("1")

@@ -589,8 +589,11 @@ def test_resuming_a_checkpoint_whose_ema_file_is_missing_names_it_and_the_earlie
     assert json.loads((out / "checkpoint-4" / "training_state.json").read_text())["ema"] is True
     os.remove(out / "checkpoint-4" / "ema.safetensors")
     args[args.index("--max_train_steps") + 1] = 6
-    with pytest.raises(FileNotFoundError, match=r"checkpoint-4/ema.safetensors is missing: the run that wrote .* "
-                       r"trained with an EMA.*earlier checkpoint \(.*checkpoint-2\)"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"checkpoint-4/ema.safetensors is missing: the run that wrote .* "
+        r"trained with an EMA.*earlier checkpoint \(.*checkpoint-2\)",
+    ):
         run_main(C2I_SCRIPT, [*args, "--resume_from_checkpoint", "latest"])
     # The earlier checkpoint, named there, resumes.
     run_main(C2I_SCRIPT, [*args, "--resume_from_checkpoint", out / "checkpoint-2"])

@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 
 import torch
 
@@ -283,7 +282,9 @@ def generate_teacher_samples(
     os.makedirs(temporary, exist_ok=True)
     accelerator.wait_for_everyone()  # every process sees the folder, and its shards as they were before this run
     shards = sorted(name for name in os.listdir(temporary) if name.startswith("metadata-"))
-    done = {json.loads(line)["index"] for name in shards for line in read_metadata_lines(os.path.join(temporary, name))}
+    done = {
+        json.loads(line)["index"] for name in shards for line in read_metadata_lines(os.path.join(temporary, name))
+    }
     mine = [i for i in range(rank, num_samples, world) if i not in done]
     if accelerator.is_main_process:
         logger.info(
@@ -298,9 +299,10 @@ def generate_teacher_samples(
     null = encode([""])
     sampling = {k: teacher[k] for k in ("num_inference_steps", "guidance_scale", "guidance_interval")}
     shard = os.path.join(temporary, f"metadata-{rank:05d}.jsonl")
-    with open(shard, "a", encoding="utf-8") as metadata, tqdm(
-        total=len(mine), desc="teacher samples", disable=not accelerator.is_main_process
-    ) as progress:
+    with (
+        open(shard, "a", encoding="utf-8") as metadata,
+        tqdm(total=len(mine), desc="teacher samples", disable=not accelerator.is_main_process) as progress,
+    ):
         for start in range(0, len(mine), batch_size):
             indices = mine[start : start + batch_size]
             captions = [prompts[i % len(prompts)] for i in indices]
@@ -347,7 +349,11 @@ def load_teacher_samples(folder: str):
     with open(os.path.join(folder, "metadata.jsonl"), encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
     features = datasets.Features(
-        {"image": datasets.Image(decode=False), "caption": datasets.Value("string"), "noise_seed": datasets.Value("int64")}
+        {
+            "image": datasets.Image(decode=False),
+            "caption": datasets.Value("string"),
+            "noise_seed": datasets.Value("int64"),
+        }
     )
     data = {
         "image": [os.path.join(folder, row["file_name"]) for row in rows],
