@@ -341,6 +341,8 @@ def main(args):
     # Distillation: the base model's guided samples are the data; the student's sampler visits `distill_sigmas`.
     distill_sigmas, sampler = None, None
     if args.distill:
+        if args.use_lora:  # the frozen base is cast to the mixed-precision dtype below anyway: already for the teacher
+            transformer.to(dtype)
         teacher_folder = prepare_teacher_samples(accelerator, args, transformer, scheduler, encode)
         dataset = load_teacher_samples(teacher_folder)
         sampler = few_step_sampler(args, scheduler)
