@@ -176,6 +176,24 @@ def reference_images(reference: str, num: int) -> np.ndarray:
     return np.load(reference)["arr_0"][:num]
 
 
+def reference_features(features, reference: str, num: int, cache_dir: str | None = None) -> tuple:
+    """The Inception features (pool, spatial) of the first `num` reference images, read from `cache_dir` if an earlier
+    run stored them there (keyed by the reference and `num`), else computed (and stored)."""
+    if cache_dir is None:
+        return features(reference_images(reference, num))
+    name = "".join(c if c.isalnum() else "_" for c in os.path.basename(reference))
+    path = os.path.join(cache_dir, f"{name}-{num}.npz")
+    if os.path.isfile(path):
+        stored = np.load(path)
+        return stored["pool"], stored["spatial"]
+    pool, spatial = features(reference_images(reference, num))
+    os.makedirs(cache_dir, exist_ok=True)
+    temporary = path + ".tmp.npz"
+    np.savez(temporary, pool=pool, spatial=spatial)
+    os.replace(temporary, path)
+    return pool, spatial
+
+
 def class_accuracy(classifier_path: str, images: np.ndarray, labels: list[int], names: dict | None = None) -> dict:
     """The share of samples the classifier puts in their class: overall, and per class (by name when known)."""
     from fashion_mnist import CLASS_NAMES, load_classifier, predict
@@ -203,6 +221,11 @@ def parse_args(input_args=None):
     parser.add_argument("--guidance_interval", type=float, nargs=2, default=None, metavar=("MIN", "MAX"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reference", default=None, help='"fashion-mnist-test" or an ADM .npz of real images.')
+    parser.add_argument(
+        "--reference_cache",
+        default=None,
+        help="A folder for the reference images' Inception features: computed once, read by later runs.",
+    )
     parser.add_argument("--classifier", default=None, help="Classifier weights for class accuracy (Fashion-MNIST).")
     parser.add_argument("--prompt_file", default=None, help="Text-to-image prompts: .txt, GenEval .jsonl, DPG folder.")
     parser.add_argument("--images_per_prompt", type=int, default=4)
@@ -310,7 +333,7 @@ def main(args):
         metrics.update(class_accuracy(args.classifier, images, labels, pipe.config.get("id2label")))
     if args.reference:
         features = InceptionFeatures(args.device)
-        real_pool, real_spatial = features(reference_images(args.reference, len(images)))
+        real_pool, real_spatial = reference_features(features, args.reference, len(images), args.reference_cache)
         fake_pool, fake_spatial = features(images)
         precision, recall = precision_recall(real_pool, fake_pool)
         metrics.update(
