@@ -70,12 +70,15 @@ def labelled_grid(images: list[Image.Image], captions: list[str], columns: int, 
 
 
 def headed(grid: Image.Image, title: str) -> Image.Image:
-    """`grid` under a line of text."""
-    font = caption_font(18)
+    """`grid` under a line of text (its font made smaller until the line fits)."""
     band = 34
     out = Image.new("RGB", (grid.width, grid.height + band), "white")
     out.paste(grid, (0, band))
-    ImageDraw.Draw(out).text((grid.width / 2, band / 2), title, fill="black", font=font, anchor="mm")
+    draw = ImageDraw.Draw(out)
+    size = 18
+    while size > 8 and draw.textlength(title, font=caption_font(size)) > grid.width - 8:
+        size -= 1
+    draw.text((grid.width / 2, band / 2), title, fill="black", font=caption_font(size), anchor="mm")
     return out
 
 
@@ -187,8 +190,8 @@ def main(args):
         base_grid, base_seconds = render(base, **default)
         count = len(generator)
         grid = side_by_side(
-            headed(base_grid, "without the LoRA, " + sampler_title(base, default, base_seconds, count)),
-            headed(grid, "with it, " + sampler_title(pipe, kwargs, seconds, count)),
+            headed(base_grid, "model alone: " + sampler_title(base, default, base_seconds, count)),
+            headed(grid, "with the LoRA: " + sampler_title(pipe, kwargs, seconds, count)),
         )
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     grid.save(args.output)
