@@ -152,7 +152,10 @@ def test_two_processes_share_the_images_and_draw_the_same_ones(assets, t2i_run, 
     launch(T2I_SCRIPT, args, tmp_path, num_processes=2)
     one, two = images_in(t2i_run / "validation" / "step-0"), images_in(out / "validation" / "step-0")
     assert sorted(two) == sorted(T2I_NAMES)
-    assert all(np.array_equal(one[name], two[name]) for name in T2I_NAMES)
+    # The same images, up to float rounding between processes (seen on some CPUs: 2 pixels one level apart in one
+    # image); another seed or prompt would differ everywhere.
+    differences = [np.abs(one[name].astype(int) - two[name].astype(int)) for name in T2I_NAMES]
+    assert all(d.max() <= 1 and d.mean() < 0.01 for d in differences), [(d.max(), d.mean()) for d in differences]
     assert sorted(os.listdir(out / "validation" / "final")) == sorted(T2I_NAMES)
 
 
