@@ -14,7 +14,8 @@ pixel difference from its images (0-255 scale). The first call of each variant i
 includes the compilation), then `--warmup` untimed calls. A variant is `none` or parts joined by `+`:
 `cache=NAME[:key=value,...]` (the `cache` of `load_pipeline`), `compile=regional|full`, `lora=PATH` (a few-step
 LoRA's sampler becomes the default, as in `load_pipeline`), `preset=NAME` (an official sampler,
-`PixNerdFlowMatchScheduler.from_official_preset`), `steps=N`, `guidance=G` (the call's `num_inference_steps`,
+`PixNerdFlowMatchScheduler.from_official_preset`), `fuse=1` (`fuse_lora()`: the LoRA folded into the weights),
+`steps=N`, `guidance=G` (the call's `num_inference_steps`,
 `guidance_scale`), e.g. `cache=first_block:threshold=0.2+compile=regional`. Each row also counts the transformer
 calls of one sampling and the images they were batched over. `--device cuda` samples on the GPU (timings wait for it).
 Quality at scale (class accuracy, FID on >= 1,000 samples) is `examples/evaluate.py --cache ...`.
@@ -45,7 +46,7 @@ PROMPTS = [
 ]
 
 
-VARIANT_PARTS = ("cache", "compile", "lora", "preset", "steps", "guidance")
+VARIANT_PARTS = ("cache", "compile", "lora", "fuse", "preset", "steps", "guidance")
 
 
 def variant_options(variant: str) -> dict:
@@ -77,6 +78,7 @@ def build(args, device: str = "cpu", make_pipeline=None) -> dict:
     for variant in args.variants:
         options = variant_options(variant)
         preset = options.pop("preset", None)
+        fuse = options.pop("fuse", None) == "1"
         load_options = {k: v for k, v in options.items() if k in ("cache", "compile", "lora")}
         if make_pipeline is None:
             pipe = load_pipeline(args.model, dtype=torch.float32, device=device, **load_options)
@@ -87,6 +89,8 @@ def build(args, device: str = "cpu", make_pipeline=None) -> dict:
             compile_transformer(pipe.transformer, options.get("compile"))
         if preset is not None:
             pipe.scheduler = PixNerdFlowMatchScheduler.from_official_preset(preset)
+        if fuse:
+            pipe.fuse_lora()
         pipe.set_progress_bar_config(disable=True)
         pipes[variant] = pipe
     return pipes

@@ -64,7 +64,12 @@ def run(row, args) -> dict:
         command += ["--num_samples", row.get("num_samples", args.num_samples), "--batch_size", 50]
         command += ["--classifier", CLASSIFIER, "--output_dir", folder, *row["flags"]]
         if row.get("fid", True):
-            command += ["--reference", "fashion-mnist-test", "--reference_cache", os.path.join(args.output_dir, "reference")]
+            command += [
+                "--reference",
+                "fashion-mnist-test",
+                "--reference_cache",
+                os.path.join(args.output_dir, "reference"),
+            ]
         print(" ".join(map(str, command)), flush=True)
         subprocess.run([str(c) for c in command], check=True, cwd=ROOT)
     with open(metrics) as f:
@@ -72,7 +77,7 @@ def run(row, args) -> dict:
 
 
 def main(args):
-    results = [(row, run(row, args)) for row in rows(args)]
+    results = [(row, run(row, args)) for row in rows(args) if args.only is None or row["set"] == args.only]
     print("| sampling | set | class accuracy | FID | seconds (1 thread) |")
     print("|---|---|---|---|---|")
     for row, m in results:
@@ -92,6 +97,7 @@ def parse_args(input_args=None):
     parser.add_argument("--red_prompts", default="data/red_prompts.jsonl")
     parser.add_argument("--num_samples", type=int, default=1000)
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--only", default=None, help='Only the rows of one set: "set 1", "set 2" or "red".')
     return parser.parse_args(input_args)
 
 
