@@ -78,15 +78,29 @@ def run(row, args) -> dict:
 
 def main(args):
     results = [(row, run(row, args)) for row in rows(args) if args.only is None or row["set"] == args.only]
-    print("| sampling | set | class accuracy | FID | seconds (1 thread) |")
-    print("|---|---|---|---|---|")
+    by_name = {}
     for row, m in results:
-        fid = f"{m['fid']:.1f}" if "fid" in m else "-"
-        extra = f", redness {m['redness']:.3f}" if row["set"] == "red" else ""
-        print(
-            f"| {row['name']} | {row['set']} | {100 * m['class_accuracy']:.1f}%{extra} | {fid} | "
-            f"{m['sampling_seconds']} |"
-        )
+        by_name.setdefault(row["name"], {})[row["set"]] = m
+    print("| sampling | set 1 accuracy | set 1 FID | set 2 accuracy | set 2 FID |")
+    print("|---|---|---|---|---|")
+    for name, sets in by_name.items():
+        if "red" in sets:
+            continue
+        cells = []
+        for set_name in SETS:
+            m = sets.get(set_name)
+            cells += (
+                ["-", "-"]
+                if m is None
+                else [f"{100 * m['class_accuracy']:.1f}%", f"{m['fid']:.1f}" if "fid" in m else "-"]
+            )
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    print()
+    print("| sampling (red prompts) | redness | class accuracy |")
+    print("|---|---|---|")
+    for name, sets in by_name.items():
+        if "red" in sets:
+            print(f"| {name} | {sets['red']['redness']:.3f} | {100 * sets['red']['class_accuracy']:.1f}% |")
 
 
 def parse_args(input_args=None):
