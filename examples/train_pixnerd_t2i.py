@@ -339,17 +339,17 @@ def main(args):
     # Regularisation images (`--reg_data_dir`, or the base model's for `--reg_prompts_file`), before any adapter.
     reg_images = prepare_regularisation_images(accelerator, args, transformer, scheduler, encode)
     # Distillation: the base model's guided samples are the data; the student's sampler visits `distill_sigmas`.
-    distill_sigmas, sampler = None, None
+    distill_sigmas, sampler, teacher = None, None, None
     if args.distill:
         if args.use_lora:  # the frozen base is cast to the mixed-precision dtype below anyway: already for the teacher
             transformer.to(dtype)
         teacher_folder = prepare_teacher_samples(accelerator, args, transformer, scheduler, encode)
         dataset = load_teacher_samples(teacher_folder)
-        sampler = few_step_sampler(args, scheduler)
+        sampler, teacher = few_step_sampler(args, scheduler), teacher_settings(args, scheduler)
         if accelerator.is_main_process:  # beside the checkpoints too: `evaluate.py --checkpoint` samples with it
-            save_few_step_sampler(args.output_dir, sampler, teacher_settings(args, scheduler))
+            save_few_step_sampler(args.output_dir, sampler, teacher)
         scheduler = few_step_scheduler(scheduler, sampler)  # validation and the export sample as the student will
-        distill_sigmas = sigma_choices(few_step_scheduler(scheduler, sampler), args.distill_steps)
+        distill_sigmas = sigma_choices(scheduler, args.distill_steps)
     prompt_cache = None
     if args.precompute_text_embeddings:  # each process encodes its share of the captions, then Qwen3 leaves
         captions = sorted(set(stream_captions(dataset)).union(reg_images.captions if reg_images else ()))
@@ -437,7 +437,6 @@ def main(args):
     # Every process gathers (FSDP holds shards); the main one writes.
     state = run.export_trained_parameters(unwrapped.transformer) if args.use_lora else run.export_state()
     if accelerator.is_main_process and args.use_lora:
-        teacher = teacher_settings(args, pipeline.scheduler) if args.distill else None
         save_lora_adapters(unwrapped.transformer, args.output_dir, state_dict=state)
         write_model_card(args.output_dir, lora_model_card(args, card, repo_id, sampler, teacher))
         if args.distill:
@@ -447,7 +446,6 @@ def main(args):
             text_encoder = exported_module(text_encoder, sub_state_dict(state, "text_encoder"))  # FSDP: shards
         else:
             text_encoder = exported_text_encoder.to("cpu", dtype=text_encoder_dtype)
-        teacher = teacher_settings(args, pipeline.scheduler) if args.distill else None
         pipeline = PixNerdT2IPipeline(run.exported_transformer(state), scheduler, text_encoder, tokenizer)
         pipeline.save_pretrained(
             args.output_dir,
