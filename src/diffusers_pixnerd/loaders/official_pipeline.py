@@ -71,8 +71,9 @@ class FromOfficialPipelineMixin:
         transformer = transformer_class.from_single_file(
             pretrained_model_link_or_path, ema=ema, sample_size=sample_size, dtype=dtype, **kwargs
         )
-        expected = "PixNerdT2IPipeline" if transformer.is_text_conditional else "PixNerdPipeline"
-        if expected != cls.__name__:
+        # The text pipelines (generation and editing) are those with a text encoder.
+        if transformer.is_text_conditional != ("text_encoder" in cls._get_signature_keys(cls)[0]):
+            expected = "PixNerdT2IPipeline" if transformer.is_text_conditional else "PixNerdPipeline"
             raise ValueError(f"{pretrained_model_link_or_path!r} is a checkpoint for {expected}, not {cls.__name__}.")
         unknown = sorted(set(components) - set(cls._optional_components))
         if unknown:

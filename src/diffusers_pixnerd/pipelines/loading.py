@@ -15,9 +15,23 @@ from ..loaders.lora_pipeline import FEW_STEP_SCHEDULER_KEYS
 from ..models.cache import cache_config, parse_cache_spec
 from .official import convert_official_pipeline
 from .pipeline_pixnerd import PixNerdPipeline
+from .pipeline_pixnerd_img2img import PixNerdImg2ImgPipeline
+from .pipeline_pixnerd_inpaint import PixNerdInpaintPipeline
 from .pipeline_pixnerd_t2i import PixNerdT2IPipeline
+from .pipeline_pixnerd_t2i_img2img import PixNerdT2IImg2ImgPipeline
+from .pipeline_pixnerd_t2i_inpaint import PixNerdT2IInpaintPipeline
 
-PIPELINE_CLASSES = {cls.__name__: cls for cls in (PixNerdPipeline, PixNerdT2IPipeline)}
+PIPELINE_CLASSES = {
+    cls.__name__: cls
+    for cls in (
+        PixNerdPipeline,
+        PixNerdT2IPipeline,
+        PixNerdImg2ImgPipeline,
+        PixNerdInpaintPipeline,
+        PixNerdT2IImg2ImgPipeline,
+        PixNerdT2IInpaintPipeline,
+    )
+}
 COMPILE_MODES = (None, "none", "regional", "full")
 # The `from_pretrained` options that decide where an official repo's conversion is cached.
 OFFICIAL_REPO_OPTIONS = ("checkpoint_name", "ema", "sample_size", "cache_dir", "token", "revision")

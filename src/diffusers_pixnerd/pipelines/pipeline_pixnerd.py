@@ -134,6 +134,16 @@ class PixNerdPipeline(PixNerdBasePipeline):
                 )
         return ids
 
+    def encode_class_labels(
+        self, class_labels, num_images_per_prompt: int, device: torch.device
+    ) -> tuple[Conditioning, Conditioning]:
+        """The conditioning of both guidance branches: the class ids, each `num_images_per_prompt` times, and the null
+        class `num_classes` for the unconditional branch."""
+        labels = torch.tensor(self._class_ids(class_labels), device=device).repeat_interleave(num_images_per_prompt)
+        return Conditioning(class_labels=labels), Conditioning(
+            class_labels=torch.full_like(labels, self.transformer.config.num_classes)
+        )
+
     def check_inputs(
         self,
         *,
@@ -280,9 +290,7 @@ class PixNerdPipeline(PixNerdBasePipeline):
         device = self._execution_device
 
         # 2. Encode the class labels; the null class `num_classes` conditions the unconditional branch.
-        labels = torch.tensor(self._class_ids(class_labels), device=device).repeat_interleave(num_images_per_prompt)
-        condition = Conditioning(class_labels=labels)
-        uncondition = Conditioning(class_labels=torch.full_like(labels, self.transformer.config.num_classes))
+        condition, uncondition = self.encode_class_labels(class_labels, num_images_per_prompt, device)
 
         # 3. Prepare latents (the initial noise).
         latents = self.prepare_latents(batch_size, sampling.height, sampling.width, generator, latents, device)

@@ -25,6 +25,14 @@ class Conditioning(NamedTuple):
     encoder_hidden_states: torch.Tensor | None = None  # (B, text_max_length, text_embed_dim) text embeddings
 
 
+class KeepRegion(NamedTuple):
+    """The input pixels an inpainting call keeps, as the denoising loop blends them in after each step."""
+
+    pixels: torch.Tensor  # (B, 3, H, W) in [-1, 1]: the input on the canvas
+    mask: torch.Tensor  # (B, 1, H, W) in [0, 1]: 1 = repaint, 0 = keep, in between a blend
+    noise: torch.Tensor  # (B, 3, H, W): the noise of the initial latents, which the kept region keeps using
+
+
 def concat_branches(uncondition: Conditioning, condition: Conditioning) -> Conditioning:
     """Both branches in one batch, `[uncond, cond]`: the conditioning of a guided step's single transformer call."""
     return Conditioning(*(None if u is None else torch.cat([u, c]) for u, c in zip(uncondition, condition)))
@@ -138,6 +146,7 @@ class PixNerdBasePipeline(FromOfficialPipelineMixin, DiffusionPipeline, PixNerdL
         attention_kwargs: dict[str, Any] | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        keep: KeepRegion | None = None,
     ) -> torch.Tensor:
         """The denoising loop over `timesteps` (see `retrieve_timesteps`): where guidance is active (`guidance_active`)
         the batch is `[uncond, cond]`, elsewhere cond alone. While the transformer has a cache enabled
@@ -147,6 +156,10 @@ class PixNerdBasePipeline(FromOfficialPipelineMixin, DiffusionPipeline, PixNerdL
 
         `callback_on_step_end(self, step, timestep, callback_kwargs)` may read and replace `latents`, and in the
         text-to-image pipeline `prompt_embeds` and `negative_prompt_embeds`: the branches' `encoder_hidden_states`.
+
+        With `keep` (inpainting), after each step the latents are `(1 - mask) * known + mask * latents`, `known` the
+        input noised with `keep.noise` to the next step's sigma (`scheduler.scale_noise`), and after the last step the
+        input itself: where the mask is 0 the result is the input's pixels exactly.
         """
         self._num_timesteps = len(timesteps)
         guided = concat_branches(uncondition, condition)  # reused by every guided step, until a callback replaces it
@@ -176,6 +189,11 @@ class PixNerdBasePipeline(FromOfficialPipelineMixin, DiffusionPipeline, PixNerdL
                     else:
                         noise_pred = self._predict(latents, t, condition, attention_kwargs)
                     latents = self.scheduler.step(noise_pred, t, latents).prev_sample
+                    if keep is not None:
+                        known = keep.pixels
+                        if i + 1 < len(timesteps):
+                            known = self.scheduler.scale_noise(keep.pixels, timesteps[i + 1 : i + 2], keep.noise)
+                        latents = (1 - keep.mask) * known + keep.mask * latents
 
                     if callback_on_step_end is not None:
                         callback_kwargs = {
