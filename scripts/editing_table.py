@@ -4,7 +4,8 @@ reference classifier.
 
 Rows, each for both models, on the test images `--first` to `--first + --num - 1` (each with its own label):
 - inpaint half: one half of the image (left, right, top or bottom, in turn) repainted as the image's own class.
-- repaint interior: the central 20x20 pixels repainted as another class (label + 1 + i % 9, never the image's own).
+- repaint interior: the central 24x24 (and 20x20) pixels repainted as another class (label + 1 + i % 9, never the
+  image's own); the border kept (4 or 6 pixels: the 2-pixel padding and 2 or 4 pixels of the 28x28 image).
 - img2img: strength 0.2 ... 1.0 towards another class (as above); change from the input and both classes' accuracy.
 - outpaint: the image widened to 64x32 (kept on the left), the new right half painted as the image's class.
 Text prompts use the held-out wordings (`fashion_mnist.HELDOUT_TEMPLATES`, none of them a training caption). Sample i is
@@ -51,9 +52,11 @@ def half_mask(i: int) -> np.ndarray:
     return mask
 
 
-def interior_mask() -> np.ndarray:
+def interior_mask(side: int) -> np.ndarray:
+    """The central `side` x `side` pixels (1 = repaint)."""
     mask = np.zeros((SIZE, SIZE), np.float32)
-    mask[6:26, 6:26] = 1
+    border = (SIZE - side) // 2
+    mask[border : border + side, border : border + side] = 1
     return mask
 
 
@@ -109,10 +112,10 @@ def measure(row: str, kind: str, pipe, images, labels, classifier, args) -> tupl
             "accuracy of the inputs, half erased": accuracy(classifier, erased, labels),
             "kept half byte-identical": f"{sum(kept)}/{n}",
         }, out
-    if row == "repaint interior":
+    if row.startswith("repaint interior"):
         edit = PixNerdInpaintPipeline if kind == "class-conditional" else PixNerdT2IInpaintPipeline
         targets = [other_label(c, i) for i, c in enumerate(labels)]
-        mask = interior_mask()
+        mask = interior_mask(int(row.split()[-1].split("x")[0]))
         out = run_batches(edit.from_pipe(pipe), kind, images, targets, args.batch_size, mask_image=mask)
         kept = [bool((out[i][mask == 0] == inputs_rgb[i][mask == 0]).all()) for i in range(n)]
         return {
@@ -162,7 +165,13 @@ def main(args):
     images, labels = fashion_mnist.load_split("test", args.data_dir)
     images, labels = images[args.first : args.first + args.num], labels[args.first : args.first + args.num].tolist()
     classifier = fashion_mnist.load_classifier(os.path.join(ROOT, CLASSIFIER))
-    rows = ["inpaint half", "repaint interior", *(f"img2img {s}" for s in STRENGTHS), "outpaint 64x32"]
+    rows = [
+        "inpaint half",
+        "repaint interior 24x24",
+        "repaint interior 20x20",
+        *(f"img2img {s}" for s in STRENGTHS),
+        "outpaint 64x32",
+    ]
     results, sweep = {}, {}
     for kind, model in MODELS.items():
         pipe = load_pipeline(os.path.join(ROOT, model), dtype=torch.float32)
@@ -189,7 +198,7 @@ def main(args):
         masks = np.stack([half_mask(i) for i in range(args.grid)])[..., None]
         save_grid(
             os.path.join(args.image_dir, f"editing_{slug}_inpaint.png"),
-            [inputs, (inputs * (1 - masks)).astype(np.uint8), outs["inpaint half"], outs["repaint interior"]],
+            [inputs, (inputs * (1 - masks)).astype(np.uint8), outs["inpaint half"], outs["repaint interior 24x24"]],
         )
         outpaint = outs["outpaint 64x32"]
         save_grid(os.path.join(args.image_dir, f"editing_{slug}_outpaint.png"), [outpaint])

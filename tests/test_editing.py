@@ -170,6 +170,20 @@ def test_img2img_at_strength_1_is_generation_from_the_same_noise(kind):
     torch.testing.assert_close(edited.images, generated.images, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("kind", ["c2i", "t2i"])
+def test_inpainting_with_everything_masked_is_img2img(kind):
+    img2img = editing(kind, "img2img")
+    inpaint = (PixNerdInpaintPipeline if kind == "c2i" else PixNerdT2IInpaintPipeline).from_pipe(img2img)
+    kwargs = dict(**condition(kind), image=every_byte_image(), strength=0.6, output_type="latent")
+    everything = np.ones((SIZE, SIZE), np.float32)
+    torch.testing.assert_close(
+        inpaint(**kwargs, mask_image=everything, generator=gen()).images,
+        img2img(**kwargs, generator=gen()).images,
+        rtol=0,
+        atol=0,
+    )
+
+
 def test_img2img_changes_the_image_more_at_higher_strength():
     pipe = editing("t2i", "img2img", steps=10)
     image = every_byte_image()

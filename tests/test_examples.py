@@ -203,7 +203,10 @@ def test_demo_puts_the_turbo_grid_beside_the_default_one_with_their_times(tmp_pa
     base, turbo = load_pipeline(BUNDLED_T2I), load_pipeline(BUNDLED_T2I, lora=BUNDLED_TURBO)
     assert generate.sampler_title(base, {}, 9.87, 20) == "50 steps, CFG 5, Adams-2: 9.9 s for 20 images"
     assert generate.sampler_title(turbo, {}, 0.42, 20) == "4 steps, no CFG, Euler: 0.4 s for 20 images"
-    assert generate.sampler_title(turbo, {"num_inference_steps": 2}, 0.2, 5) == "2 steps, no CFG, Euler: 0.2 s for 5 images"
+    assert (
+        generate.sampler_title(turbo, {"num_inference_steps": 2}, 0.2, 5)
+        == "2 steps, no CFG, Euler: 0.2 s for 5 images"
+    )
     with pytest.raises(ValueError, match="`--beside_default` compares a LoRA's grid"):
         generate.main(generate.parse_args(["--model", BUNDLED_T2I, "--beside_default", "--output", str(out)]))
 
@@ -337,8 +340,19 @@ def test_web_demo_generates_an_image_in_chromium(tmp_path):
             page.fill("#prompt-t2i textarea", "a photo of a handbag")
             page.click("#generate-t2i")
             t2i_src = page.wait_for_selector("#image-t2i img", timeout=60_000).get_attribute("src")
+            # The edit tab: pick a sample image and a preset mask, repaint it from a prompt.
+            page.get_by_role("tab", name="Edit").click()
+            page.click("#edit-sample input")
+            page.get_by_role("option", name="coat").click()
+            page.wait_for_selector("#edit-image canvas", timeout=30_000)
+            page.locator("#edit-mask").get_by_text("right half").click()
+            page.fill("#prompt-edit textarea", "a photo of a sneaker")
+            page.click("#generate-edit")
+            edit_src = page.wait_for_selector("#image-edit img", timeout=60_000).get_attribute("src")
+            page.wait_for_selector("#mask-edit img", timeout=30_000)
+            page.screenshot(path=str(tmp_path / "edit.png"), full_page=True)
             browser.close()
-        for source in (src, t2i_src):
+        for source in (src, t2i_src, edit_src):
             assert source and ("/file=" in source or "gradio_api/file" in source or source.startswith("data:image"))
         shot = Image.open(tmp_path / "app.png")
         assert shot.width > 300 and shot.height > 300
@@ -384,6 +398,40 @@ def test_web_demo_shows_the_pipelines_message_enforces_its_caps_and_cleans_up(tm
     assert (queue.max_size, queue.default_concurrency_limit) == (app.MAX_QUEUE, 1)
 
 
+def test_web_demo_edit_tab_keeps_the_unpainted_pixels_and_names_what_is_missing():
+    import app
+    import gradio as gr
+
+    from diffusers_pixnerd import PixNerdT2IInpaintPipeline
+
+    pipe = PixNerdT2IInpaintPipeline.from_pipe(load_pipeline(BUNDLED_T2I))
+    pipe.set_progress_bar_config(disable=True)
+    image = Image.open(app.edit_samples()["coat"]).convert("RGB")
+    painted = Image.new("RGBA", image.size, (0, 0, 0, 0))
+    painted.paste((255, 255, 255, 255), (16, 0, 32, 32))  # the right half painted over
+    values = dict(num_inference_steps=4, guidance_scale=5.0, strength=1.0, seed=0)
+    prompt = {"prompt": "a photo of a sneaker"}
+    out, mask = app.run_edit(pipe, prompt, {"background": image, "layers": [painted]}, "painted", values, 128)
+    assert out.size == mask.size == (256, 256)  # shown 8x larger
+    small = np.asarray(out.resize(image.size, Image.NEAREST))
+    np.testing.assert_array_equal(small[:, :16], np.asarray(image)[:, :16])
+    assert np.abs(small[:, 16:].astype(int) - np.asarray(image)[:, 16:]).mean() > 5
+    np.testing.assert_array_equal(np.asarray(mask.resize(image.size, Image.NEAREST))[:, 16:], 255)
+    wide, _ = app.run_edit(pipe, prompt, {"background": image, "layers": []}, "outpaint: twice as wide", values, 128)
+    assert wide.size == (256, 128)
+    np.testing.assert_array_equal(np.asarray(wide.resize((64, 32), Image.NEAREST))[:, :32], np.asarray(image))
+    for editor, choice, message in (
+        (None, "right half", "Upload an image or pick a sample"),
+        ({"background": image, "layers": []}, "painted", "Paint over the part of the image to repaint"),
+    ):
+        with pytest.raises(gr.Error, match=message):
+            app.run_edit(pipe, prompt, editor, choice, values, 128)
+    with pytest.raises(gr.Error, match="at most 48 pixels"):
+        app.run_edit(pipe, prompt, {"background": image, "layers": []}, "outpaint: twice as wide", values, 48)
+    with pytest.raises(gr.Error, match=r"seed must be a whole number"):
+        app.run_edit(pipe, prompt, {"background": image, "layers": []}, "right half", {**values, "seed": -1}, 128)
+
+
 def test_training_wordings_never_use_a_held_out_wording():
     """The held-out prompts test new sentences: no training wording (basic or varied) contains a held-out one's
     distinctive words."""
@@ -402,11 +450,11 @@ def test_rich_captions_and_the_everyday_prompts_are_apart():
     rng = np.random.default_rng(0)
     rich = [fashion_mnist.rich_caption(i % 10, rng) for i in range(20000)]
     assert len(set(rich)) > 15000
-    assert {"coats", "a coat", "the coat", "two coats", "coat"} <= {fashion_mnist.noun_form(4, rng) for _ in range(200)}
+    assert {"coats", "a coat", "the coat", "two coats", "coat"} <= {
+        fashion_mnist.noun_form(4, rng) for _ in range(200)
+    }
     assert any(c[0].isupper() for c in rich) and any(c.endswith(".") for c in rich)
-    fragments = [
-        p.strip(" ,:.") for t in fashion_mnist.EVERYDAY_TEMPLATES for p in t.split("{}") if p.strip(" ,:.")
-    ]
+    fragments = [p.strip(" ,:.") for t in fashion_mnist.EVERYDAY_TEMPLATES for p in t.split("{}") if p.strip(" ,:.")]
     assert len(fragments) == 10  # every template but the bare "{}" has its own words (the long ones two)
     training = rich + fashion_mnist.VARIED_TEMPLATES + fashion_mnist.CAPTION_TEMPLATES
     assert not [(f, c) for f in fragments for c in training if f.lower() in c.lower()]
