@@ -402,3 +402,16 @@ def test_the_red_lora_turns_a_gray_garment_red_in_img2img():
     pipe.load_lora_weights(RED_LORA)
     red = redness()
     assert base < 0.05 and red > 0.3, (base, red)
+
+
+def test_the_readme_inpainting_example_runs_and_keeps_the_left_half(monkeypatch):
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        blocks = [b.removeprefix("py\n") for b in f.read().split("```")[1::2] if "PixNerdT2IInpaintPipeline" in b]
+    assert len(blocks) == 1
+    monkeypatch.chdir(ROOT)
+    namespace = {}
+    exec(blocks[0], namespace)
+    coat = np.asarray(namespace["coat"].convert("RGB"))
+    image = np.asarray(namespace["image"])
+    np.testing.assert_array_equal(image[:, :16], coat[:, :16])
+    assert np.abs(image[:, 16:].astype(int) - coat[:, 16:]).mean() > 5
