@@ -33,7 +33,7 @@ setup(
         "optimizers": ["bitsandbytes>=0.48", "prodigyopt>=1.1", "torchao>=0.12"],
         "test": ["pytest>=8", "peft>=0.17", "datasets>=3.0", "tensorboard", "bitsandbytes>=0.48", "prodigyopt>=1.1"],
         "quantization": ["torchao>=0.12"],  # quantization_config loading (tests: `make test` installs it)
-        "demo": ["gradio>=5"],
+        "demo": ["gradio>=5", "peft>=0.17"],  # the web demo; LoRA loading (the demo's LoRA grids)
     },
     entry_points={"console_scripts": ["pixnerd-convert=diffusers_pixnerd.convert:main"]},
 )
