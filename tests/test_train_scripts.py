@@ -759,10 +759,20 @@ def test_a_kill_while_replacing_a_checkpoint_leaves_a_complete_one(assets, tmp_p
     assert (out / "checkpoint-4" / "model.safetensors").read_bytes() == old_state
 
 
-def test_a_full_disk_names_the_checkpoint_and_the_run_resumes_to_the_same_end(assets, tmp_path, run_main, monkeypatch):
-    import errno
-
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(28, "No space left on device"),  # 28: ENOSPC
+        # torch's zip writer on a full disk; only the free space tells it from another write error
+        RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1088 vs 1024"),
+    ],
+)
+def test_a_full_disk_names_the_checkpoint_and_the_run_resumes_to_the_same_end(
+    assets, tmp_path, run_main, monkeypatch, error
+):
     from accelerate import Accelerator
+
+    from diffusers_pixnerd.training import checkpoints
 
     reference, out = tmp_path / "reference", tmp_path / "out"
     run_main(
@@ -775,17 +785,38 @@ def test_a_full_disk_names_the_checkpoint_and_the_run_resumes_to_the_same_end(as
         if str(output_dir).endswith("checkpoint-4.tmp"):
             os.makedirs(output_dir, exist_ok=True)
             (tmp_path / "out" / "checkpoint-4.tmp" / "model.safetensors").write_bytes(b"half written")
-            raise OSError(errno.ENOSPC, "No space left on device")
+            raise error
         return save_state(self, output_dir, **kwargs)
 
     monkeypatch.setattr(Accelerator, "save_state", disk_full_at_step_4)
-    with pytest.raises(OSError, match=r"The disk is full: could not write .*checkpoint-4 .*checkpoint-2, is intact"):
+    monkeypatch.setattr(checkpoints, "free_space", lambda folder: 1024)  # 1 KiB left
+    message = (
+        r"The disk is full: could not write .*checkpoint-4 .*The disk holding .*out has 0.0 MiB free; a checkpoint of "
+        r"this run takes about \d+\.\d MiB\. The last complete checkpoint, .*checkpoint-2, is intact"
+    )
+    with pytest.raises(OSError, match=message):
         run_main(C2I_SCRIPT, args)
     assert sorted(os.listdir(out)) == ["checkpoint-2"]
     monkeypatch.setattr(Accelerator, "save_state", save_state)
     run_main(C2I_SCRIPT, [*args, "--resume_from_checkpoint", "latest"])
     resumed, uninterrupted = exported_weights(out), exported_weights(reference)
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+
+
+def test_a_write_error_with_room_on_the_disk_is_not_called_a_full_disk(tmp_path, monkeypatch):
+    from diffusers_pixnerd.training import checkpoints
+
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "checkpoint-2" / "training_state.json").write_text("{}")
+    (tmp_path / "checkpoint-2" / "model.safetensors").write_bytes(b"x" * 4096)
+    monkeypatch.setattr(checkpoints, "free_space", lambda folder: 2**30)
+    writer = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1088 vs 1024")
+    temporary = str(tmp_path / "checkpoint-4.tmp")
+    assert checkpoints.disk_full_error(writer, temporary, str(tmp_path)) is None
+    assert checkpoints.disk_full_error(PermissionError(13, "Permission denied"), temporary, str(tmp_path)) is None
+    monkeypatch.setattr(checkpoints, "free_space", lambda folder: 1024)
+    full = checkpoints.disk_full_error(writer, temporary, str(tmp_path))
+    assert full.errno == 28 and "0.0 MiB free" in str(full) and "checkpoint-2, is intact" in str(full)
 
 
 def test_overwrite_keeps_the_old_checkpoints_until_the_new_run_has_one(assets, tmp_path, run_main):

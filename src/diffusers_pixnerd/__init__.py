@@ -1,7 +1,7 @@
 """PixNerd (Pixel Neural Field Diffusion) for HuggingFace Diffusers."""
 
 import diffusers
-from diffusers.pipelines import auto_pipeline
+from transformers.utils import logging as transformers_logging
 
 from .models import PIXNERD_PRESETS, PixNerdTransformer2DModel
 from .pipelines import (
@@ -34,6 +34,14 @@ for _cls in (PixNerdTransformer2DModel, PixNerdFlowMatchScheduler, *(c for row i
 # module-level tables (by the `_class_name` of a folder, or the class of a pipeline given to `from_pipe`); adding our
 # rows to them is all a registration is. The class-conditional pipeline sits in the text-to-image table, the
 # generation task's (`AutoPipelineForText2Image` gives `PixNerdPipeline` for a class-conditional folder).
+# Importing that module imports every diffusers pipeline, and with them transformers' image processors, which warn
+# when torchvision is missing: nothing PixNerd uses, so transformers' warnings are held back during that import.
+_verbosity = transformers_logging.get_verbosity()
+transformers_logging.set_verbosity_error()
+try:
+    from diffusers.pipelines import auto_pipeline
+finally:
+    transformers_logging.set_verbosity(_verbosity)
 for _name, _row in PIPELINES.items():
     for _table, _cls in zip(
         (

@@ -4,6 +4,7 @@ listed, resolved for `--resume_from_checkpoint`, checked, cleaned up after an in
 `--output_dir`; what a LoRA run's checkpoints hold (the adapters, not the frozen base); and loading the transformer
 weights (EMA or trained) of a checkpoint."""
 
+import errno
 import json
 import logging
 import os
@@ -133,6 +134,37 @@ def commit_checkpoint(temporary: str, total_limit: int | None = None, stale: Ite
             logger.info("Removing %s (checkpoints_total_limit=%d)", old, total_limit)
             shutil.rmtree(old)
     return final
+
+
+def folder_size(folder: str) -> int:
+    """Bytes in the files under `folder` (0 if it does not exist)."""
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(folder) for f in files)
+
+
+def free_space(folder: str) -> int:
+    """Bytes free on the disk that holds `folder`."""
+    return shutil.disk_usage(folder).free
+
+
+def disk_full_error(error: Exception, temporary: str, output_dir: str) -> OSError | None:
+    """The error to raise when writing the checkpoint `temporary` failed for want of disk space, else `None`. A full
+    disk shows as `ENOSPC` / "No space left", or, from torch's writer, as a `RuntimeError` ("unexpected pos ...")
+    that only the free space tells apart: less free than the last complete checkpoint took counts as full. The message
+    names the folder, the free space and the space a checkpoint needs, and the intact earlier checkpoint."""
+    latest = list_checkpoints(output_dir)
+    needed = folder_size(latest[-1][1]) if latest else folder_size(temporary)
+    free = free_space(output_dir)
+    full = getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error)
+    if not full and not (isinstance(error, RuntimeError) and "unexpected pos" in str(error) and free < needed):
+        return None
+    final = temporary[: -len(TMP_SUFFIX)]
+    return OSError(
+        errno.ENOSPC,
+        f"The disk is full: could not write {final} ({str(error).splitlines()[0].strip()}). The disk holding "
+        f"{os.path.abspath(output_dir)} has {free / 2**20:.1f} MiB free; a checkpoint of this run takes about "
+        f"{needed / 2**20:.1f} MiB. The last complete checkpoint, {latest[-1][1] if latest else 'none yet'}, is "
+        "intact: free some space and resume with `--resume_from_checkpoint latest`.",
+    )
 
 
 def sub_state_dict(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -2,7 +2,6 @@
 """A training run: `TrainingRun`, the bookkeeping around the training step (batches, the step's random inputs,
 backward, EMA, logs, replica checks, checkpoints and resume, stopping on a signal, validation and export)."""
 
-import errno
 import json
 import logging
 import os
@@ -21,6 +20,7 @@ from .checkpoints import (
     TRAINING_STATE_FILE,
     check_checkpoint_files,
     commit_checkpoint,
+    disk_full_error,
     list_checkpoints,
     read_training_state,
     register_adapter_checkpoint_hooks,
@@ -451,18 +451,13 @@ class TrainingRun:
                 if self.earlier_export:
                     mark_export_stale(args.output_dir, final)
                     self.earlier_export = False
-        except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
-            if not (getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error)):
+        except (OSError, RuntimeError) as error:  # torch's writer reports a full disk as a RuntimeError
+            full = disk_full_error(error, temporary, args.output_dir)
+            if full is None:
                 raise
             shutil.rmtree(temporary, ignore_errors=True)
             self.signals.restore()
-            latest = list_checkpoints(args.output_dir)
-            raise OSError(
-                errno.ENOSPC,
-                f"The disk is full: could not write {final} ({str(error).splitlines()[0]}). The last complete "
-                f"checkpoint, {latest[-1][1] if latest else 'none yet'}, is intact: free some space and resume with "
-                "`--resume_from_checkpoint latest`.",
-            ) from None
+            raise full from None
         accelerator.wait_for_everyone()
         self.saved_step = self.global_step
         return final
