@@ -45,8 +45,8 @@ from diffusers_pixnerd.training import (
     TrainingRun,
     add_lora_adapters,
     add_training_arguments,
-    check_resolution,
     check_hub_access,
+    check_resolution,
     check_training_arguments,
     check_validation_sizes,
     create_accelerator,
@@ -97,6 +97,7 @@ T2I_PRESETS = {name: config for name, config in PIXNERD_PRESETS.items() if confi
 VALIDATION_PROMPTS = ["a red fox in the snow, golden hour", "a bowl of ramen on a wooden table"]
 
 LORA_TARGET_MODULES = "to_q,to_k,to_v,to_out.0,add_k_proj,add_v_proj,proj_in,proj_out,param_generator"
+TEXT_ENCODER_LORA_TARGET_MODULES = "q_proj,k_proj,v_proj,o_proj"
 
 
 def lora_target_modules(names: str) -> list[str]:
@@ -166,7 +167,33 @@ def parse_args(input_args=None):
         type=str,
         default=LORA_TARGET_MODULES,
         help="Comma-separated module names: attention (to_q, to_k, to_v, to_out.0; add_k_proj, add_v_proj for the "
-        "text), MLP (proj_in, proj_out), neural-field weight generator (param_generator).",
+        "text), MLP (proj_in, proj_out), neural-field weight generator (param_generator); the text refiner's blocks "
+        "have the same names and are included; add text_proj for the text projection.",
+    )
+    lora.add_argument("--use_dora", action="store_true", help="DoRA (weight-decomposed LoRA, peft) instead of LoRA.")
+    lora.add_argument(
+        "--train_text_encoder",
+        action="store_true",
+        help="Also train LoRA adapters on the Qwen3 text encoder (saved with the transformer's, `text_encoder.` keys; "
+        "`load_lora_weights` loads both).",
+    )
+    lora.add_argument(
+        "--text_encoder_lora_rank",
+        type=int,
+        default=None,
+        help="Rank of the text encoder's adapters. Default: --lora_rank.",
+    )
+    lora.add_argument(
+        "--text_encoder_lr",
+        type=float,
+        default=None,
+        help="Learning rate of the text encoder's adapters. Default: --learning_rate.",
+    )
+    lora.add_argument(
+        "--text_encoder_lora_target_modules",
+        type=str,
+        default=TEXT_ENCODER_LORA_TARGET_MODULES,
+        help="Comma-separated Qwen3 module names of the text encoder's adapters (attention projections by default).",
     )
     parser.add_argument("--caption_column", type=str, default="text", help="Captions column (metadata.jsonl/dataset).")
     parser.add_argument(
@@ -233,6 +260,22 @@ def parse_args(input_args=None):
         raise ValueError(f"`--train_text_encoder_layers` must be >= 0, got {args.train_text_encoder_layers}.")
     if args.train_text_encoder_layers and args.quantize_text_encoder:
         raise ValueError("`--train_text_encoder_layers` trains the encoder: not with `--quantize_text_encoder`.")
+    if args.train_text_encoder:
+        if not args.use_lora:
+            raise ValueError(
+                "`--train_text_encoder` trains LoRA adapters on the text encoder: pass `--use_lora` too (to train its "
+                "layers in a full fine-tune: `--train_text_encoder_layers N`)."
+            )
+        for flag in ("precompute_text_embeddings", "quantize_text_encoder", "distill"):
+            if getattr(args, flag):
+                raise ValueError(f"`--train_text_encoder` needs the text encoder in the loop: not with `--{flag}`.")
+    else:
+        for flag in ("text_encoder_lora_rank", "text_encoder_lr"):
+            if getattr(args, flag) is not None:
+                raise ValueError(f"`--{flag}` is a setting of `--train_text_encoder`: pass it too, or leave it out.")
+    args.text_encoder_lora_rank = args.text_encoder_lora_rank or args.lora_rank
+    if args.use_dora and not args.use_lora:
+        raise ValueError("`--use_dora` trains DoRA adapters: pass `--use_lora` too.")
     if args.train_text_encoder_layers and (args.precompute_text_embeddings or args.use_lora):
         raise ValueError(
             "`--train_text_encoder_layers` needs the text encoder in the loop: not with `--precompute_text_embeddings` "
@@ -315,8 +358,8 @@ def main(args):
 
     # 2. Qwen3: frozen in the mixed-precision dtype, partly trained (float32 master weights), or used once.
     text_encoder.requires_grad_(False).eval()
-    train_text_encoder = args.train_text_encoder_layers > 0
-    if train_text_encoder:
+    train_text_encoder = args.train_text_encoder_layers > 0 or args.train_text_encoder  # layers, or LoRA (step 3)
+    if args.train_text_encoder_layers:
         if args.train_text_encoder_layers > len(text_encoder.layers):
             raise ValueError(
                 f"`--train_text_encoder_layers` {args.train_text_encoder_layers} > {len(text_encoder.layers)} layers."
@@ -367,7 +410,14 @@ def main(args):
     transformer.train()
     if args.use_lora:
         targets = lora_target_modules(args.lora_target_modules)
-        add_lora_adapters(transformer, args.lora_rank, args.lora_alpha, args.lora_dropout, targets, base_dtype=dtype)
+        add_lora_adapters(
+            transformer, args.lora_rank, args.lora_alpha, args.lora_dropout, targets, dtype, use_dora=args.use_dora
+        )
+    if args.train_text_encoder:  # the encoder's own adapters, frozen base in the mixed-precision dtype
+        targets = lora_target_modules(args.text_encoder_lora_target_modules)
+        rank = args.text_encoder_lora_rank
+        add_lora_adapters(text_encoder, rank, rank, args.lora_dropout, targets, dtype, use_dora=args.use_dora)
+        text_encoder.train()
     else:
         transformer.to(trained_weights_dtype(args.optimizer))  # bfloat16 only with a stochastic-rounding optimizer
     if args.gradient_checkpointing:
@@ -436,8 +486,15 @@ def main(args):
     card = run.model_card("train_pixnerd_t2i.py", samples)
     # Every process gathers (FSDP holds shards); the main one writes.
     state = run.export_trained_parameters(unwrapped.transformer) if args.use_lora else run.export_state()
+    text_state = run.export_trained_parameters(unwrapped.text_encoder) if args.train_text_encoder else None
     if accelerator.is_main_process and args.use_lora:
-        save_lora_adapters(unwrapped.transformer, args.output_dir, state_dict=state)
+        save_lora_adapters(
+            unwrapped.transformer,
+            args.output_dir,
+            state_dict=state,
+            text_encoder=unwrapped.text_encoder if args.train_text_encoder else None,
+            text_encoder_state_dict=text_state,
+        )
         write_model_card(args.output_dir, lora_model_card(args, card, repo_id, sampler, teacher))
         if args.distill:
             save_few_step_sampler(args.output_dir, sampler, teacher)

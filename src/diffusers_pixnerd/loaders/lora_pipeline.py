@@ -1,11 +1,11 @@
 # Copyright 2026 The diffusers-pixnerd authors. MIT License.
-"""LoRA weights for the PixNerd pipelines: diffusers' transformer-only LoRA loader, plus the sampler a few-step
-(distilled) LoRA was made for."""
+"""LoRA weights for the PixNerd pipelines: diffusers' LoRA loader for the transformer and the Qwen3 text encoder, plus
+the sampler a few-step (distilled) LoRA was made for."""
 
 import json
 import os
 
-from diffusers.loaders.lora_pipeline import SanaLoraLoaderMixin
+from diffusers.loaders.lora_pipeline import _LOW_CPU_MEM_USAGE_DEFAULT_LORA, SanaLoraLoaderMixin
 
 # Written beside the weights of a distilled model (`training/distill.py`): the sampler it was trained for.
 FEW_STEP_SAMPLER_FILE = "few_step_sampler.json"
@@ -41,23 +41,141 @@ def few_step_sampler_settings(source, **hub_kwargs) -> dict | None:
     return settings
 
 
-class PixNerdLoraLoaderMixin(SanaLoraLoaderMixin):
-    """`load_lora_weights`, `save_lora_weights`, `fuse_lora`, `unfuse_lora`, `set_adapters` for the transformer.
+def add_text_encoder_adapter(text_encoder, config, adapter_name: str = "default"):
+    """Adds a PEFT LoRA adapter to a transformers text encoder through PEFT itself (`inject_adapter_in_model`): the
+    same layers as transformers' `add_adapter`, without its PEFT integration, which asks for a newer PEFT than some
+    transformers versions ship with. The adapter configs are kept in `text_encoder.peft_config`, by name."""
+    from peft import inject_adapter_in_model
 
-    Nothing in diffusers' transformer-only LoRA loader is Sana-specific: the diffusers LoRA format
-    (`transformer.<module>.lora_A.weight`) applies to any PEFT-enabled transformer. A distilled LoRA's folder also
-    holds the sampler it was made for; `load_lora_weights` remembers it per adapter (`few_step_adapters`), and the
-    pipelines warn when a call with that adapter active leaves it (`few_step_warnings`).
+    configs = dict(getattr(text_encoder, "peft_config", None) or {})
+    if adapter_name in configs:
+        raise ValueError(f"The text encoder already has an adapter named {adapter_name!r}.")
+    inject_adapter_in_model(config, text_encoder, adapter_name=adapter_name)
+    text_encoder.peft_config = {**configs, adapter_name: config}  # PEFT keeps only the newest adapter's there
+    return text_encoder
+
+
+def load_text_encoder_adapter(text_encoder, state_dict: dict, metadata: dict | None, adapter_name, lora_scale=1.0):
+    """Loads the `text_encoder.` LoRA weights of a diffusers-format state dict (and their config, from `metadata` or
+    the weights' shapes, as diffusers builds it) into `text_encoder` as the adapter `adapter_name`; returns its name."""
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, scale_lora_layers
+    from diffusers.utils.peft_utils import _create_lora_config, get_adapter_name
+    from peft import set_peft_model_state_dict
+
+    prefix = "text_encoder."
+    weights = {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
+    if metadata is not None:
+        metadata = {k.removeprefix(prefix): v for k, v in metadata.items() if k.startswith(prefix)} or None
+    weights = convert_state_dict_to_peft(convert_state_dict_to_diffusers(weights))
+    rank = {k: v.shape[1] for k, v in weights.items() if k.endswith("lora_B.weight")}
+    config = _create_lora_config(weights, None, metadata, rank, is_unet=False)
+    adapter_name = adapter_name or get_adapter_name(text_encoder)
+    add_text_encoder_adapter(text_encoder, config, adapter_name)
+    result = set_peft_model_state_dict(text_encoder, weights, adapter_name=adapter_name)
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise ValueError(f"LoRA weights for modules the text encoder does not have, e.g. {unexpected[0]!r}.")
+    scale_lora_layers(text_encoder, weight=lora_scale)
+    text_encoder.to(device=text_encoder.device, dtype=text_encoder.dtype)
+    return adapter_name
+
+
+class PixNerdLoraLoaderMixin(SanaLoraLoaderMixin):
+    """`load_lora_weights`, `save_lora_weights`, `fuse_lora`, `unfuse_lora`, `set_adapters` for the transformer and,
+    in the text-to-image pipelines, the text encoder.
+
+    The diffusers LoRA format: `transformer.<module>.lora_A.weight` keys (diffusers' transformer loader, as Sana's; nothing
+    in it is Sana-specific) and `text_encoder.<module>.lora_A.weight` keys in the same file (diffusers' text-encoder
+    loader, as Flux's and SD3's), each with its adapter config as metadata. A distilled LoRA's folder also holds the
+    sampler it was made for; `load_lora_weights` remembers it per adapter (`few_step_adapters`), and the pipelines warn
+    when a call with that adapter active leaves it (`few_step_warnings`).
     """
 
-    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name=None, **kwargs):
+    _lora_loadable_modules = ["transformer", "text_encoder"]
+    text_encoder_name = "text_encoder"
+
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name=None, hotswap=False, **kwargs):
+        """Loads the LoRA weights of a folder, file, Hub repo or state dict into the transformer and, for
+        `text_encoder.` keys, into the text encoder (see diffusers' `load_lora_weights`)."""
+        low_cpu_mem_usage = kwargs.pop("low_cpu_mem_usage", _LOW_CPU_MEM_USAGE_DEFAULT_LORA)
+        source = pretrained_model_name_or_path_or_dict
+        if isinstance(source, dict):
+            source = source.copy()
+        state_dict, metadata = self.lora_state_dict(source, return_lora_metadata=True, **kwargs)
+        if not all("lora" in key for key in state_dict):
+            raise ValueError("Invalid LoRA checkpoint: every parameter name must contain 'lora'.")
         transformer = getattr(self, "transformer", None)
         before = set(getattr(transformer, "peft_config", None) or {})
-        super().load_lora_weights(pretrained_model_name_or_path_or_dict, adapter_name=adapter_name, **kwargs)
+        text_keys = any(key.startswith(f"{self.text_encoder_name}.") for key in state_dict)
+        if text_keys and getattr(self, "text_encoder", None) is None:
+            raise ValueError(
+                "These LoRA weights hold text-encoder adapters (`text_encoder.` keys), but this pipeline has no "
+                "`text_encoder`: load the pipeline with its text encoder."
+            )
+        if any(key.startswith(f"{self.transformer_name}.") for key in state_dict) or not text_keys:
+            self.load_lora_into_transformer(
+                state_dict,
+                transformer=transformer,
+                adapter_name=adapter_name,
+                metadata=metadata,
+                _pipeline=self,
+                low_cpu_mem_usage=low_cpu_mem_usage,
+                hotswap=hotswap,
+            )
+        if text_keys:
+            if hotswap:
+                raise ValueError("`hotswap=True` swaps transformer adapters only, not the text encoder's.")
+            # The transformer's adapter name (`default_N` when none was given), so that both parts are one adapter.
+            added = set(getattr(transformer, "peft_config", None) or {}) - before
+            name = adapter_name or (next(iter(added)) if len(added) == 1 else None)
+            load_text_encoder_adapter(self.text_encoder, state_dict, metadata, name, self.lora_scale)
         settings = few_step_sampler_settings(pretrained_model_name_or_path_or_dict, **kwargs)
         if settings is not None:
-            for name in set(getattr(self.transformer, "peft_config", None) or {}) - before:
+            for name in set(getattr(transformer, "peft_config", None) or {}) - before:
                 self.few_step_adapters[name] = settings
+
+    @classmethod
+    def save_lora_weights(
+        cls,
+        save_directory,
+        transformer_lora_layers=None,
+        text_encoder_lora_layers=None,
+        is_main_process: bool = True,
+        weight_name: str = None,
+        save_function=None,
+        safe_serialization: bool = True,
+        transformer_lora_adapter_metadata=None,
+        text_encoder_lora_adapter_metadata=None,
+    ):
+        """Writes the transformer's and the text encoder's LoRA layers (either may be left out) into one file."""
+        layers, metadata = {}, {}
+        for name, state, config in (
+            (cls.transformer_name, transformer_lora_layers, transformer_lora_adapter_metadata),
+            (cls.text_encoder_name, text_encoder_lora_layers, text_encoder_lora_adapter_metadata),
+        ):
+            if state:
+                layers[name], metadata[name] = state, config
+        if not layers:
+            raise ValueError("Pass at least one of `transformer_lora_layers` and `text_encoder_lora_layers`.")
+        cls._save_lora_weights(
+            save_directory=save_directory,
+            lora_layers=layers,
+            lora_metadata=metadata,
+            is_main_process=is_main_process,
+            weight_name=weight_name,
+            save_function=save_function,
+            safe_serialization=safe_serialization,
+        )
+
+    def fuse_lora(self, components: list[str] = ["transformer", "text_encoder"], lora_scale: float = 1.0, **kwargs):
+        """Fuses the loaded LoRA layers into the weights of `components` (those the pipeline has)."""
+        components = [c for c in components if getattr(self, c, None) is not None]
+        super(SanaLoraLoaderMixin, self).fuse_lora(components=components, lora_scale=lora_scale, **kwargs)
+
+    def unfuse_lora(self, components: list[str] = ["transformer", "text_encoder"], **kwargs):
+        """Undoes `fuse_lora` on `components` (those the pipeline has)."""
+        components = [c for c in components if getattr(self, c, None) is not None]
+        super(SanaLoraLoaderMixin, self).unfuse_lora(components=components, **kwargs)
 
     @property
     def few_step_adapters(self) -> dict:

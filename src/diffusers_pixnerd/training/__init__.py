@@ -59,10 +59,10 @@ from .data import (
     scan_caption_folder,
     scan_class_folder,
 )
-from .images import adm_center_crop, image_to_tensor, open_image, pad_to_size, resize_center_crop
 from .ema import create_ema, ema_decay_for_run, ema_weights, update_ema
-from .hub import HubAccessError, check_hub_access, hub_model_id, lora_model_card, push_folder, upload_output_dir
 from .export import exported_module
+from .hub import HubAccessError, check_hub_access, hub_model_id, lora_model_card, push_folder, upload_output_dir
+from .images import adm_center_crop, image_to_tensor, open_image, pad_to_size, resize_center_crop
 from .loop import TrainingRun
 from .objectives import (
     PixNerdTrainingModule,

@@ -223,29 +223,54 @@ def earlier_checkpoints_hint(checkpoint: str) -> str:
 # ---- LoRA runs: the checkpoints hold the adapters (and the REPA projector), not the frozen base transformer
 
 
-def save_lora_adapters(transformer: nn.Module, folder: str, state_dict: dict | None = None):
-    """The adapters of `transformer` (PEFT adapter "default", as they are now, or taken from `state_dict`, e.g. the
-    gathered EMA weights of an FSDP run) as `pytorch_lora_weights.safetensors` in diffusers' LoRA format with the
-    adapter config as metadata: what `pipe.load_lora_weights(folder)` loads."""
+def has_adapters(module: nn.Module | None) -> bool:
+    """Whether `module` carries PEFT adapters (a text encoder without any is frozen or fully trained)."""
+    return module is not None and bool(getattr(module, "peft_config", None))
+
+
+def adapter_state(module: nn.Module, state_dict: dict | None = None) -> tuple[dict, dict]:
+    """`(adapter weights on the CPU, adapter config)` of `module`'s PEFT adapter "default" (as it is now, or taken from
+    `state_dict`)."""
     from peft.utils import get_peft_model_state_dict
 
+    adapters = get_peft_model_state_dict(module, state_dict=state_dict)
+    adapters = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in adapters.items()}
+    return adapters, module.peft_config["default"].to_dict()
+
+
+def save_lora_adapters(
+    transformer: nn.Module,
+    folder: str,
+    state_dict: dict | None = None,
+    text_encoder: nn.Module | None = None,
+    text_encoder_state_dict: dict | None = None,
+):
+    """The adapters of `transformer` (and of `text_encoder` if it has any) as `pytorch_lora_weights.safetensors` in
+    diffusers' LoRA format (`transformer.` and `text_encoder.` keys) with the adapter configs as metadata: what
+    `pipe.load_lora_weights(folder)` loads. The weights are the modules' own, or taken from the state dicts (e.g. the
+    gathered EMA weights of an FSDP run)."""
     from ..loaders import PixNerdLoraLoaderMixin
 
-    adapters = get_peft_model_state_dict(transformer, state_dict=state_dict)
-    adapters = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in adapters.items()}
+    layers, config = adapter_state(transformer, state_dict)
+    text_layers, text_config = None, None
+    if has_adapters(text_encoder):
+        text_layers, text_config = adapter_state(text_encoder, text_encoder_state_dict)
     PixNerdLoraLoaderMixin.save_lora_weights(
         folder,
-        transformer_lora_layers=adapters,
-        transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict(),
+        transformer_lora_layers=layers,
+        text_encoder_lora_layers=text_layers,
+        transformer_lora_adapter_metadata=config,
+        text_encoder_lora_adapter_metadata=text_config,
     )
 
 
 def save_adapter_state(module: nn.Module, folder: str):
-    """What a LoRA run trains, from its training module into a checkpoint folder: the adapters (`save_lora_adapters`)
-    and the REPA projector when there is one (`projector.safetensors`)."""
+    """What a LoRA run trains, from its training module into a checkpoint folder: the adapters of the transformer and
+    of a text encoder trained with LoRA (`save_lora_adapters`), and the REPA projector when there is one
+    (`projector.safetensors`)."""
     from safetensors.torch import save_file
 
-    save_lora_adapters(module.transformer, folder)
+    save_lora_adapters(module.transformer, folder, text_encoder=getattr(module, "text_encoder", None))
     if module.projector is not None:
         projector = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in module.projector.state_dict().items()}
         save_file(projector, os.path.join(folder, PROJECTOR_FILE))
@@ -253,22 +278,32 @@ def save_adapter_state(module: nn.Module, folder: str):
 
 def load_adapter_state(module: nn.Module, folder: str):
     """Puts the adapters and the projector of a LoRA checkpoint back into the training module, exactly (no dtype
-    change); a checkpoint of other adapters (rank, target modules) or REPA setting is an error naming the flag."""
+    change); a checkpoint of other adapters (rank, target modules, text encoder) or REPA setting is an error naming
+    the flag."""
     from peft import set_peft_model_state_dict
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import load_file
 
     path = os.path.join(folder, LORA_WEIGHTS_FILE)
-    adapters = sub_state_dict(load_file(path), "transformer")
-    expected = get_peft_model_state_dict(module.transformer)
-    shapes = {k: tuple(v.shape) for k, v in adapters.items()}
-    if shapes != {k: tuple(v.shape) for k, v in expected.items()}:
-        different = sorted(set(shapes) ^ set(expected)) or [k for k in shapes if shapes[k] != expected[k].shape]
-        raise ValueError(
-            f"{path} holds other adapters than this run trains (e.g. {different[0]}): resume with the `--lora_rank` "
-            "and `--lora_target_modules` of the run that wrote it."
-        )
-    set_peft_model_state_dict(module.transformer, adapters, adapter_name="default")
+    saved = load_file(path)
+    text_encoder = getattr(module, "text_encoder", None)
+    parts = [("transformer", module.transformer, "`--lora_rank` and `--lora_target_modules`")]
+    if has_adapters(text_encoder) or any(k.startswith("text_encoder.") for k in saved):
+        flags = "`--train_text_encoder`, `--text_encoder_lora_rank` and `--text_encoder_lora_target_modules`"
+        if not has_adapters(text_encoder):
+            raise ValueError(f"{path} holds text-encoder adapters: resume with the {flags} of the run that wrote it.")
+        parts.append(("text_encoder", text_encoder, flags))
+    for prefix, part, flags in parts:
+        adapters = sub_state_dict(saved, prefix)
+        expected = get_peft_model_state_dict(part)
+        shapes = {k: tuple(v.shape) for k, v in adapters.items()}
+        if shapes != {k: tuple(v.shape) for k, v in expected.items()}:
+            different = sorted(set(shapes) ^ set(expected)) or [k for k in shapes if shapes[k] != expected[k].shape]
+            raise ValueError(
+                f"{path} holds other {prefix} adapters than this run trains (e.g. {different[0]}): resume with the "
+                f"{flags} of the run that wrote it."
+            )
+        set_peft_model_state_dict(part, adapters, adapter_name="default")
     projector_file = os.path.join(folder, PROJECTOR_FILE)
     if (module.projector is not None) != os.path.isfile(projector_file):
         raise ValueError(

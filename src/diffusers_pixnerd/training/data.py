@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import os
-from typing import Any
 
 import numpy as np
 import PIL.Image

@@ -50,7 +50,7 @@ from .objectives import (
     repa_target_features,
     sample_sigmas,
 )
-from .optimizers import create_optimizer_and_schedule
+from .optimizers import create_optimizer_and_schedule, parameter_groups
 from .signals import StopSignals
 from .validation import (
     baseline_images,
@@ -121,7 +121,7 @@ class TrainingRun:
 
         self.accelerator, self.args, self.dataloader, self.lora = accelerator, args, dataloader, lora
         self.max_train_steps, self.steps_per_epoch = training_steps(args, dataloader)
-        parameters = [p for p in model.parameters() if p.requires_grad]
+        parameters = parameter_groups(model, getattr(args, "text_encoder_lr", None))
         optimizer, lr_scheduler = create_optimizer_and_schedule(accelerator, args, parameters, self.max_train_steps)
         self.model, self.optimizer, self.lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
         # The training module itself, without Accelerate's wrappers (DDP, compile): its parts are reached through it.
@@ -198,7 +198,7 @@ class TrainingRun:
             accelerator.num_processes,
             args.gradient_accumulation_steps,
             self.images_per_step,
-            sum(p.numel() for p in parameters) / 1e6,
+            sum(p.numel() for p in self.trainable) / 1e6,
             self.global_step,
         )
         self.progress = tqdm(

@@ -90,6 +90,20 @@ def create_optimizer(args: argparse.Namespace, parameters: list, learning_rate: 
     return Prodigy(parameters, **adam)
 
 
+def parameter_groups(model: torch.nn.Module, text_encoder_lr: float | None = None) -> list:
+    """The trainable parameters of a training module: one list, or with `text_encoder_lr` two parameter groups, the
+    text encoder's at that learning rate."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    text_encoder = getattr(model, "text_encoder", None)
+    if text_encoder_lr is None or text_encoder is None:
+        return trainable
+    text = {id(p) for p in text_encoder.parameters() if p.requires_grad}
+    return [
+        {"params": [p for p in trainable if id(p) not in text]},
+        {"params": [p for p in trainable if id(p) in text], "lr": text_encoder_lr},
+    ]
+
+
 def create_optimizer_and_schedule(accelerator, args: argparse.Namespace, parameters: list, max_train_steps: int):
     """The optimizer and diffusers' lr schedule (`get_scheduler`, counted in the per-process steps Accelerate makes)."""
     from diffusers.optimization import get_scheduler
@@ -98,7 +112,9 @@ def create_optimizer_and_schedule(accelerator, args: argparse.Namespace, paramet
         raise ValueError("`--optimizer adamw_bf16` trains bfloat16 weights: use `--mixed_precision bf16` (or no), not fp16.")
     learning_rate = args.learning_rate
     if args.scale_lr:
-        learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+        scale = args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+        learning_rate *= scale
+        parameters = [{**p, "lr": p["lr"] * scale} if isinstance(p, dict) and "lr" in p else p for p in parameters]
     optimizer = create_optimizer(args, parameters, learning_rate)
     lr_scheduler = get_scheduler(
         args.lr_scheduler,

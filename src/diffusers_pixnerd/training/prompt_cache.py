@@ -40,7 +40,9 @@ class PromptEmbeddingCache:
         try:
             rows = [self.index[caption] for caption in captions]
         except KeyError as error:
-            raise KeyError(f"Caption {error.args[0]!r} was not precomputed: the data changed after the cache was built.")
+            raise KeyError(
+                f"Caption {error.args[0]!r} was not precomputed: the data changed after the cache was built."
+            ) from None
         # Stored as float16; `datasets` hands nested lists back as float32, so the cast is exact.
         return torch.from_numpy(np.asarray(self.table[rows]["prompt_embeds"], dtype=np.float16))
 

@@ -155,11 +155,16 @@ def add_lora_adapters(
     dropout: float = 0.0,
     target_modules: list[str] | None = None,
     base_dtype: torch.dtype = torch.float32,
+    use_dora: bool = False,
 ):
-    """Freezes `transformer` in `base_dtype` and adds trainable LoRA adapters (PEFT, Gaussian init, so the output is
-    unchanged at step 0); the adapters are float32 whatever the base (diffusers' `cast_training_params`)."""
+    """Freezes `transformer` (or a text encoder) in `base_dtype` and adds trainable LoRA adapters (PEFT, Gaussian init,
+    so the output is unchanged at step 0; DoRA with `use_dora`); the adapters are float32 whatever the base
+    (diffusers' `cast_training_params`)."""
     from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
+    from transformers import PreTrainedModel
+
+    from ..loaders.lora_pipeline import add_text_encoder_adapter
 
     transformer.requires_grad_(False)
     transformer.to(dtype=base_dtype)
@@ -169,8 +174,12 @@ def add_lora_adapters(
         lora_dropout=dropout,
         init_lora_weights="gaussian",
         target_modules=target_modules,
+        use_dora=use_dora,
     )
-    transformer.add_adapter(config)
+    if hasattr(transformer, "add_adapter") and not isinstance(transformer, PreTrainedModel):
+        transformer.add_adapter(config)  # diffusers' PEFT integration
+    else:  # a transformers text encoder: through PEFT directly (see `add_text_encoder_adapter`)
+        add_text_encoder_adapter(transformer, config)
     cast_training_params(transformer, dtype=torch.float32)
     return transformer
 
