@@ -224,6 +224,10 @@ def main(args):
 
 if __name__ == "__main__":
     try:
-        main(parse_args())
+        arguments = parse_args()
+    except ValueError as error:  # a flag the checks refuse: the message names it, a traceback would only hide it
+        raise SystemExit(f"error: {error}") from None
+    try:
+        main(arguments)
     except HubAccessError as error:  # a set-up problem that the message explains: no traceback
         raise SystemExit(f"error: {error}") from None

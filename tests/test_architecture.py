@@ -13,6 +13,7 @@ PACKAGE_DIR = os.path.dirname(diffusers_pixnerd.__file__)
 LAYERS = {
     "schedulers": 0,
     "loaders": 0,
+    "utils": 0,  # file helpers
     "models": 1,
     "pipelines": 2,
     "training": 3,

@@ -53,6 +53,21 @@ def optimizer_state(checkpoint):
     return torch.load(checkpoint / "optimizer.bin", weights_only=True)
 
 
+def test_what_a_run_writes_gets_the_usual_permissions(assets, tmp_path, run_main):
+    out = lora_run(assets, tmp_path / "lora", run_main, "--max_train_steps", 2, "--checkpointing_steps", 2)
+    mask = os.umask(0)
+    os.umask(mask)
+    for root, folders, files in os.walk(out):
+        for name in files:  # safetensors writes 0600 files: opened up to what the umask allows, as any new file
+            assert os.stat(os.path.join(root, name)).st_mode & 0o777 == 0o666 & ~mask, os.path.join(root, name)
+        for name in folders:
+            assert os.stat(os.path.join(root, name)).st_mode & 0o777 == 0o777 & ~mask, os.path.join(root, name)
+    pipe = PixNerdT2IPipeline.from_pretrained(assets / "t2i_pipeline")
+    pipe.save_pretrained(tmp_path / "saved")
+    weights = tmp_path / "saved" / "transformer" / "diffusion_pytorch_model.safetensors"
+    assert os.stat(weights).st_mode & 0o777 == 0o666 & ~mask
+
+
 def test_a_lora_checkpoint_holds_the_adapters_not_the_base(assets, tmp_path, run_main, base):
     out = lora_run(assets, tmp_path / "lora", run_main, "--max_train_steps", 2, "--checkpointing_steps", 2)
     checkpoint = out / "checkpoint-2"
@@ -211,5 +226,5 @@ def test_a_checkpoint_of_the_other_kind_is_refused(assets, tmp_path, run_main):
         run_main(T2I_SCRIPT, t2i_args(assets, "captions_txt", lora, "--no_use_repa", *resume))
     with pytest.raises(ValueError, match="holds no pytorch_lora_weights.safetensors: it was not written by a LoRA run"):
         run_main(T2I_SCRIPT, t2i_args(assets, "captions_txt", full, *LORA, *resume))
-    with pytest.raises(ValueError, match="holds other adapters than this run trains .*`--lora_rank`"):
+    with pytest.raises(ValueError, match="holds other transformer adapters than this run trains .*`--lora_rank`"):
         run_main(T2I_SCRIPT, t2i_args(assets, "captions_txt", lora, *LORA, "--lora_rank", 8, *resume))

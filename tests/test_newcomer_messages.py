@@ -146,6 +146,20 @@ def test_push_to_hub_accepts_the_repos_the_token_can_write(tmp_path, monkeypatch
     assert check_hub_access(hub_args(tmp_path, hub_model_id="lab/model")) == "lab/model"
 
 
+def test_a_refused_flag_is_one_line_naming_it_and_what_to_use_instead_without_a_traceback(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "out"
+    command = [
+        sys.executable, T2I_SCRIPT, "--pretrained_model_name_or_path", tmp_path, "--train_data_dir", tmp_path,
+        "--output_dir", out, "--aspect_ratio_buckets", "--reg_data_dir", tmp_path,
+    ]  # fmt: skip
+    result = subprocess.run(list(map(str, command)), capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "error: `--reg_data_dir`/`--reg_prompts_file` mix square `--resolution` images" in result.stderr
+    assert "leave `--aspect_ratio_buckets` out, and `--image_preprocessing pad` keeps non-square images" in result.stderr
+    assert "Traceback" not in result.stderr and not out.exists()
+
+
 def test_a_hub_problem_stops_the_script_before_training_without_a_traceback(tmp_path):
     """The script as a user runs it, with no token (an empty HF_HOME) in offline mode."""
     env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}

@@ -160,8 +160,8 @@ def read_folder(folder):
 
 def test_generated_reg_images_are_written_once_and_reused(tmp_path):
     folder = str(tmp_path / f"{REG_IMAGES_PREFIX}abc")
-    os.makedirs(folder + ".tmp")  # left by a killed run: replaced, never read
-    (tmp_path / f"{REG_IMAGES_PREFIX}abc.tmp" / "000000.png").write_bytes(b"half")
+    os.makedirs(folder + ".tmp")  # left by a killed run: its half-written file is never read
+    (tmp_path / f"{REG_IMAGES_PREFIX}abc.tmp" / "000000.png.part").write_bytes(b"half")
     pipeline = CountingPipeline()
     encode = lambda prompts: torch.zeros(len(prompts), 2, 4)  # noqa: E731
     generate_reg_images(OneProcess(), pipeline, encode, ["a dress", "a coat"], 5, folder, 8, seed=3, batch_size=2)
@@ -176,6 +176,29 @@ def test_generated_reg_images_are_written_once_and_reused(tmp_path):
     again = CountingPipeline()
     generate_reg_images(OneProcess(), again, encode, ["a dress", "a coat"], 5, folder, 8, seed=3, batch_size=2)
     assert again.calls == 0 and read_folder(folder) == rows
+
+
+def test_ctrl_c_while_generating_reg_images_keeps_them_and_the_same_call_continues(tmp_path, caplog):
+    encode = lambda prompts: torch.zeros(len(prompts), 2, 4)  # noqa: E731
+    prompts = ["a dress", "a coat"]
+    reference = str(tmp_path / "reference")
+    generate_reg_images(OneProcess(), CountingPipeline(), encode, prompts, 7, reference, 8, seed=3, batch_size=2)
+
+    class StoppedAfterTwoBatches(CountingPipeline):
+        def __call__(self, **kwargs):
+            if self.calls == 2:
+                raise KeyboardInterrupt
+            return super().__call__(**kwargs)
+
+    folder = str(tmp_path / "folder")
+    with pytest.raises(KeyboardInterrupt), caplog.at_level("WARNING"):
+        generate_reg_images(OneProcess(), StoppedAfterTwoBatches(), encode, prompts, 7, folder, 8, 3, batch_size=2)
+    assert sorted(os.listdir(folder + ".tmp")) == [f"{i:06d}.png" for i in range(4)]  # two batches, whole files
+    assert "the 4 of 7 made so far are kept" in caplog.text and "run the same command again" in caplog.text
+    again = CountingPipeline()
+    generate_reg_images(OneProcess(), again, encode, prompts, 7, folder, 8, seed=3, batch_size=2)
+    assert again.calls == 2  # only the 3 missing images (two batches)
+    assert read_folder(folder) == read_folder(reference)
 
 
 # ------------------------------------------------------------------------------------------------ whole runs

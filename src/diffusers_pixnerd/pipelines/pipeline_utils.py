@@ -14,6 +14,7 @@ from huggingface_hub import create_repo
 
 from ..loaders import FromOfficialPipelineMixin, PixNerdLoraLoaderMixin
 from ..models.transformer_pixnerd import PixNerdTransformer2DModel
+from ..utils import normal_permissions
 from .model_card import carry_model_card_extra, pipeline_model_card, write_loader_file, write_model_card
 
 
@@ -279,6 +280,7 @@ class PixNerdBasePipeline(FromOfficialPipelineMixin, DiffusionPipeline, PixNerdL
         write_model_card(save_directory, self.model_card(repo_id, model_card_extra, base_model, save_directory))
         if type(self).__module__.split(".")[0] == "diffusers_pixnerd":  # a subclass elsewhere has its own code
             write_loader_file(save_directory, type(self).__name__)
+        normal_permissions(save_directory)
         if push_to_hub:
             return self._push_folder(save_directory, repo_id, **hub_kwargs)
 

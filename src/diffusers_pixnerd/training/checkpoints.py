@@ -17,6 +17,7 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
+from ..utils import normal_permissions
 from .ema import ema_file_in, load_ema_state
 
 logger = logging.getLogger(__name__)
@@ -114,6 +115,7 @@ def commit_checkpoint(temporary: str, total_limit: int | None = None, stale: Ite
     the previous checkpoint."""
     output_dir, name = os.path.split(temporary.rstrip(os.sep))
     final = os.path.join(output_dir, name[: -len(TMP_SUFFIX)])
+    normal_permissions(temporary)  # safetensors' files come out private (0600)
     fsync_tree(temporary)
     replaced = final + OLD_SUFFIX
     if os.path.exists(final):
@@ -262,6 +264,7 @@ def save_lora_adapters(
         transformer_lora_adapter_metadata=config,
         text_encoder_lora_adapter_metadata=text_config,
     )
+    normal_permissions(os.path.join(folder, LORA_WEIGHTS_FILE))
 
 
 def save_adapter_state(module: nn.Module, folder: str):

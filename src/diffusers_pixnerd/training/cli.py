@@ -42,15 +42,19 @@ def add_training_arguments(parser: argparse.ArgumentParser, **defaults) -> argpa
     data = parser.add_argument_group("data")
     data.add_argument("--train_data_dir", type=str, default=None, help="A local image folder (see docs/training.md).")
     data.add_argument("--dataset_name", type=str, default=None, help="A `datasets` dataset: Hub name or local path.")
-    data.add_argument(
-        "--dataset_config_name", type=str, default=None, help="The configuration of `--dataset_name`."
-    )
+    data.add_argument("--dataset_config_name", type=str, default=None, help="The configuration of `--dataset_name`.")
     data.add_argument("--dataset_split", type=str, default="train", help="The split of `--dataset_name` to train on.")
     data.add_argument("--image_column", type=str, default="image", help="The images column of `--dataset_name`.")
     data.add_argument("--cache_dir", type=str, default=None, help="Where datasets and models downloaded are stored.")
     data.add_argument("--streaming", action="store_true", help="Stream the dataset (needs `--max_train_steps`).")
     data.add_argument("--shuffle_buffer_size", type=int, default=10_000, help="Shuffle buffer of a streamed dataset.")
-    data.add_argument("--resolution", type=int, default=defaults.get("resolution"), help="Training image size.")
+    data.add_argument(
+        "--resolution",
+        type=int,
+        default=defaults.get("resolution"),
+        help="Training image size."
+        + ("" if defaults.get("resolution") else " Default: the model's `sample_size` (the size it was trained at)."),
+    )
     data.add_argument(
         "--image_preprocessing",
         choices=("adm_center_crop", "resize_center_crop", "pad"),
@@ -79,14 +83,23 @@ def add_training_arguments(parser: argparse.ArgumentParser, **defaults) -> argpa
     model.add_argument("--logit_mean", type=float, default=0.0, help="Mean of `logit_normal` timestep sampling.")
     model.add_argument("--logit_std", type=float, default=1.0, help="Std of `logit_normal` timestep sampling.")
     model.add_argument("--mode_scale", type=float, default=1.29, help="Scale of `mode` timestep sampling (SD3).")
-    model.add_argument("--shift", type=float, default=defaults["shift"], help="Time shift of the sampled sigmas.")
+    model.add_argument(
+        "--shift",
+        type=float,
+        default=defaults["shift"],
+        help="Time shift of the sampled sigmas."
+        + (
+            "" if defaults["shift"] is not None else " Default: 2 below 512 px, 4 from 512 px (the official settings)."
+        ),
+    )
     model.add_argument("--weighting_scheme", choices=LOSS_WEIGHTING, default="none", help="Per-sample loss weight.")
     dropout_default = defaults.get("condition_dropout", 0.1)
     model.add_argument(
         "--condition_dropout",
         type=float,
         default=dropout_default,
-        help="Probability of the null condition (CFG)" + (" (default 0.1; 0 with --distill)." if dropout_default is None else "."),
+        help="Probability of the null condition (CFG)"
+        + (" (default 0.1; 0 with --distill)." if dropout_default is None else "."),
     )
     model.add_argument(
         "--gradient_checkpointing", action="store_true", help="Recompute activations in backward: less memory, slower."
@@ -107,7 +120,9 @@ def add_training_arguments(parser: argparse.ArgumentParser, **defaults) -> argpa
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--train_batch_size", type=int, default=defaults["train_batch_size"], help="Per device.")
     optim.add_argument("--num_train_epochs", type=int, default=100, help="Run length, without `--max_train_steps`.")
-    optim.add_argument("--max_train_steps", type=int, default=None, help="Overrides `--num_train_epochs`.")
+    optim.add_argument(
+        "--max_train_steps", type=int, default=None, help="Overrides `--num_train_epochs`. Default: the epochs' steps."
+    )
     optim.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer step.")
     optim.add_argument(
         "--optimizer",
@@ -118,7 +133,15 @@ def add_training_arguments(parser: argparse.ArgumentParser, **defaults) -> argpa
         "docs/training.md#memory.",
     )
     optim.add_argument(
-        "--learning_rate", type=float, default=defaults.get("learning_rate"), help="Peak learning rate (after warm-up)."
+        "--learning_rate",
+        type=float,
+        default=defaults.get("learning_rate"),
+        help="Peak learning rate (after warm-up)."
+        + (
+            ""
+            if defaults.get("learning_rate")
+            else " Default: 1e-4 with --use_lora or from scratch, 1e-5 for a full fine-tune (the official SFT's)."
+        ),
     )
     optim.add_argument("--scale_lr", action="store_true", help="Multiply the lr by batch size, accumulation, GPUs.")
     optim.add_argument(
@@ -197,7 +220,7 @@ def add_training_arguments(parser: argparse.ArgumentParser, **defaults) -> argpa
         type=int,
         default=None,
         help="Sample validation images every N steps, and at step 0 before the first step (the baseline; not again "
-        "when resuming). Without it, only the final samples of the model card.",
+        "when resuming). Default: none, only the final samples of the model card.",
     )
     run.add_argument(
         "--validation_sizes",
@@ -242,7 +265,7 @@ def require_training_extra(*modules: str):
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
         raise ImportError(
-            f"Training needs {', '.join(missing)}: `pip install \"diffusers-pixnerd[training]\"` (datasets, peft, "
+            f'Training needs {", ".join(missing)}: `pip install "diffusers-pixnerd[training]"` (datasets, peft, '
             "tensorboard)."
         )
 

@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 
 import torch
 
@@ -100,7 +99,9 @@ def check_prior_arguments(args: argparse.Namespace):
     if getattr(args, "aspect_ratio_buckets", False):
         raise ValueError(
             "`--reg_data_dir`/`--reg_prompts_file` mix square `--resolution` images into each batch: not with "
-            "`--aspect_ratio_buckets` (batches of other sizes)."
+            "`--aspect_ratio_buckets` (batches of other sizes). Train the concept on square images instead: leave "
+            "`--aspect_ratio_buckets` out, and `--image_preprocessing pad` keeps non-square images whole (padded), "
+            "`resize_center_crop` crops them."
         )
 
 
@@ -211,35 +212,60 @@ def generate_reg_images(
     batch_size: int = 16,
 ) -> str:
     """Generates `num_images` images with the base `pipeline` for the `prompts` (image `i` for prompt `i % len`, its
-    noise seeded by (seed, i)) into the captioned `folder` (PNGs + `metadata.jsonl`). Written by the main process to
-    `folder.tmp` and renamed when complete, so a killed run leaves no half set; a complete folder is reused. `encode`
-    turns prompts into embeddings (the run's frozen text encoder). Returns `folder`."""
+    noise seeded by (seed, i)) into the captioned `folder` (PNGs + `metadata.jsonl`), on the main process with a
+    progress bar. The images are made in `folder.tmp`, each written atomically, and the folder is renamed when
+    complete: a run stopped on the way (Ctrl-C, a kill) keeps the images made so far, and the same command continues
+    from there; a complete folder is reused. `encode` turns prompts into embeddings (the run's frozen text encoder).
+    Returns `folder`."""
+    from tqdm.auto import tqdm
+
     if accelerator.is_main_process and not os.path.isdir(folder):
-        temporary = folder + ".tmp"
-        shutil.rmtree(temporary, ignore_errors=True)  # left by a killed run
-        os.makedirs(temporary)
+        temporary = folder + ".tmp"  # kept across runs: the images made so far
+        os.makedirs(temporary, exist_ok=True)
         captions = [prompts[i % len(prompts)] for i in range(num_images)]
-        logger.info("Generating %d regularisation images with the base model into %s", num_images, folder)
+        names = [f"{i:06d}.png" for i in range(num_images)]
+        missing = [i for i in range(num_images) if not os.path.isfile(os.path.join(temporary, names[i]))]
+        logger.info(
+            "Generating %d regularisation images with the base model into %s (%d made earlier)",
+            num_images,
+            folder,
+            num_images - len(missing),
+        )
         device = accelerator.device
         pipeline.set_progress_bar_config(disable=True)
         null = encode([""])
-        with open(os.path.join(temporary, "metadata.jsonl"), "w", encoding="utf-8") as metadata:
-            for start in range(0, num_images, batch_size):
-                chunk = captions[start : start + batch_size]
-                seeds = [seed * 1_000_003 + start + i for i in range(len(chunk))]
-                generators = [torch.Generator(device).manual_seed(s) for s in seeds]
+        progress = tqdm(total=num_images, initial=num_images - len(missing), desc="Regularisation images")
+        try:
+            for start in range(0, len(missing), batch_size):
+                chunk = missing[start : start + batch_size]
+                generators = [torch.Generator(device).manual_seed(seed * 1_000_003 + i) for i in chunk]
                 with torch.no_grad(), accelerator.autocast():
                     images = pipeline(
-                        prompt_embeds=encode(chunk),
+                        prompt_embeds=encode([captions[i] for i in chunk]),
                         negative_prompt_embeds=null.expand(len(chunk), -1, -1),
                         height=resolution,
                         width=resolution,
                         generator=generators,
                     ).images
-                for i, (image, caption) in enumerate(zip(images, chunk)):
-                    name = f"{start + i:06d}.png"
-                    image.save(os.path.join(temporary, name))
-                    metadata.write(json.dumps({"file_name": name, "text": caption}) + "\n")
+                for i, image in zip(chunk, images):
+                    path = os.path.join(temporary, names[i])
+                    image.save(path + ".part", format="PNG")
+                    os.replace(path + ".part", path)
+                progress.update(len(chunk))
+        except KeyboardInterrupt:
+            made = sum(os.path.isfile(os.path.join(temporary, n)) for n in names)
+            logger.warning(
+                "Stopped while generating the regularisation images: the %d of %d made so far are kept in %s; run "
+                "the same command again to continue from there.",
+                made,
+                num_images,
+                temporary,
+            )
+            raise
+        finally:
+            progress.close()
+        with open(os.path.join(temporary, "metadata.jsonl"), "w", encoding="utf-8") as metadata:
+            metadata.writelines(json.dumps({"file_name": n, "text": c}) + "\n" for n, c in zip(names, captions))
         os.replace(temporary, folder)
     elif accelerator.is_main_process:
         logger.info("Reusing the regularisation images in %s", folder)

@@ -1,0 +1,20 @@
+# Copyright 2026 The diffusers-pixnerd authors. MIT License.
+"""Small file helpers shared by the saving code of every layer."""
+
+import os
+
+
+def normal_permissions(path: str | os.PathLike) -> None:
+    """Gives `path` (a file, or a folder and everything under it) the permissions a new file or folder gets from the
+    umask (0644 / 0755 with the usual 022). safetensors writes its files through a private temporary file, so they
+    come out 0600: unreadable to the other users of a shared machine or a web server serving the folder."""
+    mask = os.umask(0)
+    os.umask(mask)
+    paths = [os.fspath(path)]
+    if os.path.isdir(path):
+        for root, folders, files in os.walk(path):
+            paths += [os.path.join(root, name) for name in folders + files]
+    for item in paths:
+        if os.path.islink(item):
+            continue
+        os.chmod(item, (0o777 if os.path.isdir(item) else 0o666) & ~mask)
