@@ -190,7 +190,7 @@ def main(args):
         validate()
     for batch in run.batches():
         with accelerator.accumulate(model):
-            inputs = run.step_inputs(batch["pixel_values"], repa_encoder)
+            inputs = run.step_inputs(batch["pixel_values"], repa_encoder, loss_mask=batch.get("loss_mask"))
             losses = model(**inputs, class_labels=batch["label"])
             run.check_losses(losses)  # stops the run on a non-finite loss (any process)
             accelerator.backward(losses["loss"])

@@ -460,7 +460,9 @@ def main(args):
             noise = None
             if args.distill:  # each teacher sample's own noise: the pair the student learns to join
                 noise = teacher_noise(batch["noise_seed"], pixels.shape[1:])
-            inputs = run.step_inputs(pixels, repa_encoder, noise=noise, sigma_choices=distill_sigmas)
+            inputs = run.step_inputs(
+                pixels, repa_encoder, noise=noise, sigma_choices=distill_sigmas, loss_mask=batch.get("loss_mask")
+            )
             if train_text_encoder:  # encoded inside the module, so that DDP sees the encoder's forward
                 condition = {"prompts": captions}
             elif prompt_cache is not None:

@@ -41,6 +41,14 @@ def test_text_encoder_adapters_are_trained_exported_with_the_transformers_and_lo
     torch.testing.assert_close(pipe.encode_prompt("a cat", do_classifier_free_guidance=False)[0], before)
     card = (out / "README.md").read_text()
     assert "train_text_encoder" in card and "text_encoder_lora_rank" in card
+    # A second adapter beside it (both parts), weighted together; unloading gives the base encoder back.
+    pipe.load_lora_weights(out, adapter_name="second")
+    assert set(pipe.text_encoder.peft_config) == {"default_0", "second"}
+    pipe.set_adapters(["default_0", "second"], [1.0, 1.0])
+    both = pipe.encode_prompt("a cat", do_classifier_free_guidance=False)[0]
+    assert (both - after).abs().max() > 1e-5
+    pipe.unload_lora_weights()
+    torch.testing.assert_close(pipe.encode_prompt("a cat", do_classifier_free_guidance=False)[0], before)
 
 
 def test_a_resumed_text_encoder_lora_run_ends_in_the_same_state(assets, tmp_path, run_main):

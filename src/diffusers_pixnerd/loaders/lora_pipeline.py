@@ -50,8 +50,10 @@ def add_text_encoder_adapter(text_encoder, config, adapter_name: str = "default"
     configs = dict(getattr(text_encoder, "peft_config", None) or {})
     if adapter_name in configs:
         raise ValueError(f"The text encoder already has an adapter named {adapter_name!r}.")
+    if hasattr(text_encoder, "peft_config"):  # PEFT would warn about it and keep only the newest config there
+        del text_encoder.peft_config
     inject_adapter_in_model(config, text_encoder, adapter_name=adapter_name)
-    text_encoder.peft_config = {**configs, adapter_name: config}  # PEFT keeps only the newest adapter's there
+    text_encoder.peft_config = {**configs, adapter_name: config}
     return text_encoder
 
 

@@ -67,9 +67,7 @@ def nearest_bucket(height: int, width: int, buckets: Sequence[tuple[int, int]]) 
     return tuple(buckets[int(assign_buckets([[height, width]], buckets)[0])])
 
 
-def cover_crop(
-    image: PIL.Image.Image, size: tuple[int, int], resample: int = PIL.Image.BICUBIC
-) -> PIL.Image.Image:
+def cover_crop(image: PIL.Image.Image, size: tuple[int, int], resample: int = PIL.Image.BICUBIC) -> PIL.Image.Image:
     """Resizes `image` to cover `size` (height, width), keeping its aspect ratio, and takes the centre: one resampling
     of the centred region of the target's aspect ratio (PIL's `box`), antialiased when shrinking."""
     height, width = size
@@ -269,4 +267,3 @@ class BucketBatchStream(torch.utils.data.IterableDataset):
             if len(buffer) == self.batch_size:
                 yield self.collate(buffer)
                 buffer.clear()
-

@@ -6,6 +6,7 @@ import argparse
 import inspect
 import json
 import math
+import os
 
 from ..models.transformer_pixnerd import PixNerdTransformer2DModel
 from .objectives import LOSS_WEIGHTING, TIMESTEP_SAMPLING
@@ -47,6 +48,16 @@ def add_training_arguments(parser: argparse.ArgumentParser, **defaults) -> argpa
     data.add_argument("--image_column", type=str, default="image", help="The images column of `--dataset_name`.")
     data.add_argument("--cache_dir", type=str, default=None, help="Where datasets and models downloaded are stored.")
     data.add_argument("--streaming", action="store_true", help="Stream the dataset (needs `--max_train_steps`).")
+    data.add_argument(
+        "--mask_data_dir",
+        type=str,
+        default=None,
+        help="Loss masks: a folder holding a PNG for each image of `--train_data_dir`, at the same relative path and "
+        "name (white = learn, black = ignore, grays weight); cropped and flipped with their images.",
+    )
+    data.add_argument(
+        "--alpha_mask", action="store_true", help="Loss masks from the images' alpha channel (opaque = learn)."
+    )
     data.add_argument("--shuffle_buffer_size", type=int, default=10_000, help="Shuffle buffer of a streamed dataset.")
     data.add_argument(
         "--resolution",
@@ -278,6 +289,13 @@ def check_training_arguments(args: argparse.Namespace, needs_data: bool = True):
         raise ValueError("Pass exactly one of `--train_data_dir` (a local folder) and `--dataset_name`.")
     if args.streaming and args.max_train_steps is None:
         raise ValueError("`--streaming` datasets have no length: pass `--max_train_steps`.")
+    if args.mask_data_dir is not None:
+        if args.alpha_mask:
+            raise ValueError("Pass one of `--mask_data_dir` (mask files) and `--alpha_mask` (the images' alpha).")
+        if args.train_data_dir is None:
+            raise ValueError("`--mask_data_dir` matches masks to the files of `--train_data_dir`: pass that folder.")
+        if not os.path.isdir(args.mask_data_dir):
+            raise ValueError(f"`--mask_data_dir` {args.mask_data_dir!r} is not a folder.")
     if getattr(args, "aspect_ratio_buckets", False) and args.image_preprocessing == "pad":
         raise ValueError(
             "`--aspect_ratio_buckets` resizes and crops each image to its bucket: use it with `--image_preprocessing` "

@@ -29,7 +29,15 @@ from .buckets import (
     describe_buckets,
     nearest_bucket,
 )
-from .images import IMAGE_PREPROCESSING, describe_image, image_to_tensor, open_image, pad_to_size
+from .images import (
+    IMAGE_PREPROCESSING,
+    describe_image,
+    image_to_tensor,
+    mask_path,
+    open_image,
+    open_mask,
+    pad_to_size,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -251,6 +259,8 @@ class ImageSampleDataset(torch.utils.data.Dataset):
         resolution: int,
         preprocessing: str = "adm_center_crop",
         fail_on_corrupt_images: bool = False,
+        masks: str | None = None,
+        image_root: str | None = None,
     ):
         if preprocessing not in IMAGE_PREPROCESSING:
             raise ValueError(f"`preprocessing` {preprocessing!r} is not one of {sorted(IMAGE_PREPROCESSING)}.")
@@ -258,15 +268,19 @@ class ImageSampleDataset(torch.utils.data.Dataset):
         self.resolution = resolution
         self.preprocess = IMAGE_PREPROCESSING[preprocessing]
         self.fail_on_corrupt_images = fail_on_corrupt_images
+        self.masks, self.image_root = masks, image_root  # loss masks: "alpha", a mask folder, or none
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def load(self, row: dict, size=None) -> dict | None:
         """The training sample of a row (at `size`, default `resolution`), or `None` if its image cannot be read."""
+        mask = None
         try:
             image = open_image(row["image"])
             larger = max(image.size) > self.resolution
+            if self.masks is not None:  # a missing mask is a `MaskError`, never a skipped image
+                mask = open_mask(row["image"], self.masks, self.image_root, image.size)
             image = self.preprocess(image, self.resolution if size is None else size)
         except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as error:
             if self.fail_on_corrupt_images:
@@ -278,6 +292,9 @@ class ImageSampleDataset(torch.utils.data.Dataset):
             return None
         sample = {k: v for k, v in row.items() if k != "image"}
         sample["pixel_values"] = image_to_tensor(image)
+        if mask is not None:  # the same crop, resize or padding as the image (padding is not learned)
+            mask = self.preprocess(mask.convert("RGB"), self.resolution if size is None else size).getchannel(0)
+            sample["loss_mask"] = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255)[None]
         if self.preprocess is pad_to_size:  # counted in the workers, where the size is known for free
             sample["num_downscaled"] = int(larger)
         return sample
@@ -301,9 +318,11 @@ class StreamingImageSampleDataset(torch.utils.data.IterableDataset):
     """The streaming counterpart of `ImageSampleDataset`: reads a `datasets.IterableDataset` (already split between
     processes) and drops unreadable images, counting them in the next sample's `num_skipped`."""
 
-    def __init__(self, dataset, resolution: int, preprocessing: str = "adm_center_crop", fail_on_corrupt_images=False):
+    def __init__(
+        self, dataset, resolution: int, preprocessing="adm_center_crop", fail_on_corrupt_images=False, **masks
+    ):
         self.dataset = dataset
-        self.decoder = ImageSampleDataset([], resolution, preprocessing, fail_on_corrupt_images)
+        self.decoder = ImageSampleDataset([], resolution, preprocessing, fail_on_corrupt_images, **masks)
 
     def set_epoch(self, epoch: int):
         self.dataset.set_epoch(epoch)
@@ -386,6 +405,29 @@ def split_stream(accelerator, args: argparse.Namespace, dataset):
     return split_dataset_by_node(dataset, accelerator.process_index, accelerator.num_processes)
 
 
+def mask_options(args: argparse.Namespace) -> dict:
+    """The loss-mask settings of the training data (`--alpha_mask`, `--mask_data_dir`) for `ImageSampleDataset`."""
+    if getattr(args, "alpha_mask", False):
+        return {"masks": "alpha"}
+    if getattr(args, "mask_data_dir", None):
+        return {"masks": args.mask_data_dir, "image_root": args.train_data_dir}
+    return {}
+
+
+def check_masks(args: argparse.Namespace, dataset) -> None:
+    """With `--mask_data_dir`, every image of a map-style dataset has its mask file: checked before training, all at
+    once, so that a missing one is not found hours in."""
+    if not getattr(args, "mask_data_dir", None):
+        return
+    paths = [mask_path(value, args.mask_data_dir, args.train_data_dir) for value in dataset["image"]]
+    missing = [path for path in paths if not os.path.isfile(path)]
+    if missing:
+        raise ValueError(
+            f"`--mask_data_dir` {args.mask_data_dir!r} lacks the masks of {len(missing)} of {len(paths)} images, e.g. "
+            f"{missing[0]} (a PNG of each image's path relative to `--train_data_dir`, white = learn)."
+        )
+
+
 def create_dataloader(accelerator, args: argparse.Namespace, dataset, resolution_multiple: int | None = None):
     """A shuffled data loader of decoded samples; map-style data is sharded and seeded by Accelerate (so resuming can
     skip to the exact batch), streamed data is split between processes here. With `--aspect_ratio_buckets`, batches of
@@ -396,7 +438,7 @@ def create_dataloader(accelerator, args: argparse.Namespace, dataset, resolution
     if args.streaming:
         dataset = split_stream(accelerator, args, dataset)
         samples = StreamingImageSampleDataset(
-            dataset, args.resolution, args.image_preprocessing, args.fail_on_corrupt_images
+            dataset, args.resolution, args.image_preprocessing, args.fail_on_corrupt_images, **mask_options(args)
         )
         return torch.utils.data.DataLoader(
             samples,
@@ -405,7 +447,10 @@ def create_dataloader(accelerator, args: argparse.Namespace, dataset, resolution
             collate_fn=collate_samples,
             drop_last=True,
         )
-    samples = ImageSampleDataset(dataset, args.resolution, args.image_preprocessing, args.fail_on_corrupt_images)
+    check_masks(args, dataset)
+    samples = ImageSampleDataset(
+        dataset, args.resolution, args.image_preprocessing, args.fail_on_corrupt_images, **mask_options(args)
+    )
     loader = torch.utils.data.DataLoader(
         samples,
         batch_size=args.train_batch_size,
@@ -434,10 +479,12 @@ class BucketImageSampleDataset(ImageSampleDataset):
     """`ImageSampleDataset` with aspect-ratio buckets: row `i` is resized to cover `sizes[i]` (its bucket's height and
     width) and centre-cropped; an unreadable row's replacement is made the same size, so the batch stays one bucket."""
 
-    def __init__(self, dataset, sizes: np.ndarray, preprocessing="adm_center_crop", fail_on_corrupt_images=False):
+    def __init__(
+        self, dataset, sizes: np.ndarray, preprocessing="adm_center_crop", fail_on_corrupt_images=False, **masks
+    ):
         if preprocessing not in BUCKET_RESAMPLING:
             raise ValueError(f"`preprocessing` {preprocessing!r} must be one of {list(BUCKET_RESAMPLING)} (buckets).")
-        super().__init__(dataset, 0, preprocessing, fail_on_corrupt_images)
+        super().__init__(dataset, 0, preprocessing, fail_on_corrupt_images, **masks)
         self.sizes = np.asarray(sizes)
         self.preprocess = functools.partial(cover_crop, resample=BUCKET_RESAMPLING[preprocessing])
 
@@ -483,7 +530,11 @@ def create_bucket_dataloader(accelerator, args: argparse.Namespace, dataset, res
     )
     if args.streaming:
         samples = StreamingImageSampleDataset(
-            split_stream(accelerator, args, dataset), args.resolution, "adm_center_crop", args.fail_on_corrupt_images
+            split_stream(accelerator, args, dataset),
+            args.resolution,
+            "adm_center_crop",
+            args.fail_on_corrupt_images,
+            **mask_options(args),
         )
         samples.decoder.preprocess = functools.partial(crop_to_nearest_bucket, buckets=buckets, resample=resample)
         batches = BucketBatchStream(samples, args.train_batch_size, collate_samples)
@@ -505,8 +556,13 @@ def create_bucket_dataloader(accelerator, args: argparse.Namespace, dataset, res
             describe_buckets(buckets, bucket_ids, sampler.group_size),
             sampler.dropped_per_epoch(),
         )
+    check_masks(args, dataset)
     samples = BucketImageSampleDataset(
-        dataset, np.array(buckets)[bucket_ids], args.image_preprocessing, args.fail_on_corrupt_images
+        dataset,
+        np.array(buckets)[bucket_ids],
+        args.image_preprocessing,
+        args.fail_on_corrupt_images,
+        **mask_options(args),
     )
     loader = torch.utils.data.DataLoader(
         samples,

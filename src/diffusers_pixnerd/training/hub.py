@@ -206,7 +206,9 @@ def hub_write_problem(info: dict, repo_id: str, source: str) -> str | None:
             f"name or one of your organisations, e.g. `--hub_model_id {user}/{repo_id.split('/')[1]}`."
         )
     if org_roles.get(namespace) == "read":
-        return f"the repo {repo_id!r} is not writable: {user!r} only has read access in the organisation {namespace!r}."
+        return (
+            f"the repo {repo_id!r} is not writable: {user!r} only has read access in the organisation {namespace!r}."
+        )
     if token.get("role") == "fineGrained":
         scoped = (token.get("fineGrained") or {}).get("scoped") or []
         writable = [(e.get("entity") or {}).get("name") for e in scoped if "repo.write" in e.get("permissions", [])]

@@ -74,6 +74,60 @@ def open_image(value: Any) -> PIL.Image.Image:
     return to_rgb(image)
 
 
+class MaskError(RuntimeError):
+    """A training image without the loss mask the run asks for: an error, never a skipped image."""
+
+
+def image_path(value: Any) -> str | None:
+    """The file path of an image column value (a path, or `{"bytes", "path"}`), `None` for bytes or a PIL image."""
+    if isinstance(value, dict):
+        return value.get("path")
+    return value if isinstance(value, (str, os.PathLike)) else None
+
+
+def mask_path(value: Any, mask_data_dir: str, image_root: str) -> str:
+    """The mask file of an image for `--mask_data_dir`: the image's path relative to `--train_data_dir`, as a PNG."""
+    path = image_path(value)
+    if path is None:
+        raise MaskError("`--mask_data_dir` finds masks by file name: the images must be files of `--train_data_dir`.")
+    relative = os.path.relpath(path, image_root)
+    return os.path.join(mask_data_dir, os.path.splitext(relative)[0] + ".png")
+
+
+def open_mask(value: Any, masks: str, image_root: str | None, size: tuple[int, int]) -> PIL.Image.Image:
+    """The loss mask of an image (mode "L", white = learn, the image's `size`): its alpha channel (`masks="alpha"`)
+    or the PNG of the same relative path and name in the mask folder `masks`."""
+    if masks == "alpha":
+        raw = value if isinstance(value, PIL.Image.Image) else open_raw(value)
+        if "A" not in raw.getbands() and "transparency" not in raw.info:
+            raise MaskError(
+                f"{describe_image(value)} has no alpha channel for `--alpha_mask` (the loss mask: opaque = learn); "
+                "save the images as RGBA PNGs, or give the masks as files with `--mask_data_dir`."
+            )
+        mask = raw.convert("RGBA").getchannel("A")
+    else:
+        path = mask_path(value, masks, image_root)
+        if not os.path.isfile(path):
+            raise MaskError(
+                f"No mask for {describe_image(value)}: expected {path} (`--mask_data_dir`, white = learn)."
+            )
+        with PIL.Image.open(path) as opened:
+            mask = opened.convert("L")
+    if mask.size != size:
+        raise MaskError(f"The mask of {describe_image(value)} is {mask.size}, the image {size} (width, height).")
+    return mask
+
+
+def open_raw(value: Any) -> PIL.Image.Image:
+    """An image column value decoded as it is stored (any mode)."""
+    if isinstance(value, dict):
+        image = PIL.Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"])
+    else:
+        image = PIL.Image.open(value)
+    image.load()
+    return image
+
+
 def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     """8-bit RGB: 16-bit and float grayscale scaled to 0..255 (PIL's own conversion clips them to white), palette and
     alpha images composited onto black (the transparent parts become the background, not their hidden colour)."""

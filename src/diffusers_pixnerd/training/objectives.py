@@ -51,11 +51,21 @@ def sample_sigmas(
 
 
 def flow_matching_loss(
-    model_output: torch.Tensor, target: torch.Tensor, sigmas: torch.Tensor, weighting_scheme: str = "none"
+    model_output: torch.Tensor,
+    target: torch.Tensor,
+    sigmas: torch.Tensor,
+    weighting_scheme: str = "none",
+    loss_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean squared error on the velocity, in float32, weighted per sample ("none" is the official constant weight)."""
+    """Mean squared error on the velocity, in float32, weighted per sample ("none" is the official constant weight).
+    With a `loss_mask` (B, 1, H, W) in [0, 1] (1 = learn), each image's error is its mask-weighted mean, so that an
+    image counts as much whatever the area it learns from (an all-zero mask: nothing), then averaged over the batch."""
     weights = compute_loss_weighting_for_sd3(weighting_scheme, sigmas.float()).reshape(-1, 1, 1, 1)
-    return (weights * (model_output.float() - target.float()) ** 2).mean()
+    error = weights * (model_output.float() - target.float()) ** 2
+    if loss_mask is None:
+        return error.mean()
+    mask = loss_mask.float().expand_as(error)
+    return ((error * mask).sum((1, 2, 3)) / mask.sum((1, 2, 3)).clamp_min(1e-8)).mean()
 
 
 def prior_preservation_losses(
@@ -65,15 +75,18 @@ def prior_preservation_losses(
     weighting_scheme: str = "none",
     reg_samples: int = 0,
     reg_loss_weight: float = 1.0,
+    loss_mask: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """`{"loss", "fm_loss"}` of a batch whose last `reg_samples` rows are regularisation images: then `fm_loss` is the
     flow-matching loss of the other rows, `reg_loss` that of those, and `loss = fm_loss + reg_loss_weight * reg_loss`
-    (DreamBooth's prior preservation: two means, so the weight does not depend on how many rows each part has)."""
+    (DreamBooth's prior preservation: two means, so the weight does not depend on how many rows each part has).
+    `loss_mask` weights the pixels of the other rows (see `flow_matching_loss`); regularisation rows learn whole."""
     if not reg_samples:
-        fm_loss = flow_matching_loss(model_output, target, sigmas, weighting_scheme)
+        fm_loss = flow_matching_loss(model_output, target, sigmas, weighting_scheme, loss_mask)
         return {"loss": fm_loss, "fm_loss": fm_loss}
     n = len(model_output) - reg_samples
-    fm_loss = flow_matching_loss(model_output[:n], target[:n], sigmas[:n], weighting_scheme)
+    mask = None if loss_mask is None else loss_mask[:n]
+    fm_loss = flow_matching_loss(model_output[:n], target[:n], sigmas[:n], weighting_scheme, mask)
     reg_loss = flow_matching_loss(model_output[n:], target[n:], sigmas[n:], weighting_scheme)
     return {"loss": fm_loss + reg_loss_weight * reg_loss, "fm_loss": fm_loss, "reg_loss": reg_loss}
 
@@ -264,10 +277,12 @@ class PixNerdTrainingModule(nn.Module):
         repa_features: torch.Tensor | None = None,
         reg_samples: int = 0,
         reg_loss_weight: float = 1.0,
+        loss_mask: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Losses `{"loss", "fm_loss"[, "reg_loss"][, "repa_loss"]}` of clean `pixels` in [-1, 1] at noise levels
         `sigmas`; the last `reg_samples` rows are regularisation images (`training/prior.py`): their loss is
-        `reg_loss`, added with the weight `reg_loss_weight`."""
+        `reg_loss`, added with the weight `reg_loss_weight`. `loss_mask` (B', 1, H, W), one per row before the
+        regularisation rows, weights the flow-matching loss per pixel (`--mask_data_dir`, `--alpha_mask`)."""
         condition = self.conditions(drop_mask, class_labels, encoder_hidden_states, prompts)
         timesteps = sigmas * NUM_TRAIN_TIMESTEPS
         noisy = self.noise_scheduler.add_noise(pixels, noise, timesteps)
@@ -275,7 +290,7 @@ class PixNerdTrainingModule(nn.Module):
         with capture_block_output(self.transformer, self.align_layer) if repa else nullcontext() as hidden:
             model_output = self.transformer(noisy, timesteps, **condition).sample
         losses = prior_preservation_losses(
-            model_output, noise - pixels, sigmas, self.weighting_scheme, reg_samples, reg_loss_weight
+            model_output, noise - pixels, sigmas, self.weighting_scheme, reg_samples, reg_loss_weight, loss_mask
         )
         if self.projector is not None:
             losses["repa_loss"] = repa_cosine_loss(self.projector(hidden[0]), repa_features)

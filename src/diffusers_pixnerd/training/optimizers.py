@@ -109,7 +109,9 @@ def create_optimizer_and_schedule(accelerator, args: argparse.Namespace, paramet
     from diffusers.optimization import get_scheduler
 
     if args.optimizer == "adamw_bf16" and accelerator.mixed_precision == "fp16":
-        raise ValueError("`--optimizer adamw_bf16` trains bfloat16 weights: use `--mixed_precision bf16` (or no), not fp16.")
+        raise ValueError(
+            "`--optimizer adamw_bf16` trains bfloat16 weights: use `--mixed_precision bf16` (or no), not fp16."
+        )
     learning_rate = args.learning_rate
     if args.scale_lr:
         scale = args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes

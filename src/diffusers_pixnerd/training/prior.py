@@ -67,7 +67,9 @@ def check_prior_arguments(args: argparse.Namespace):
     """Fills the defaults of a regularised run and refuses what it does not support, naming the flags."""
     reg_data_dir, reg_prompts_file = getattr(args, "reg_data_dir", None), getattr(args, "reg_prompts_file", None)
     if reg_data_dir is not None and reg_prompts_file is not None:
-        raise ValueError("Pass one of `--reg_data_dir` (images) and `--reg_prompts_file` (generated images), not both.")
+        raise ValueError(
+            "Pass one of `--reg_data_dir` (images) and `--reg_prompts_file` (generated images), not both."
+        )
     if reg_data_dir is None and reg_prompts_file is None:
         given = [f"--{name}" for name in ("num_reg_images", "reg_ratio", "reg_loss_weight") if getattr(args, name)]
         if given:
