@@ -71,6 +71,7 @@ from diffusers_pixnerd.training import (
     validation_prompts,
     weight_dtype,
 )
+from diffusers_pixnerd.training.dataset_config import load_folders, read_dataset_config
 from diffusers_pixnerd.training.distill import (
     add_distill_arguments,
     check_distill_arguments,
@@ -197,6 +198,13 @@ def parse_args(input_args=None):
     )
     parser.add_argument("--caption_column", type=str, default="text", help="Captions column (metadata.jsonl/dataset).")
     parser.add_argument(
+        "--dataset_config",
+        type=str,
+        default=None,
+        help="A TOML file of several captioned folders (repeats, caption column, loss masks) and regularisation "
+        "folders, instead of --train_data_dir (docs/training.md#a-dataset-config-file).",
+    )
+    parser.add_argument(
         "--validation_prompts",
         type=str,
         nargs="+",
@@ -251,7 +259,19 @@ def parse_args(input_args=None):
         args.condition_dropout = 0.0 if args.distill else 0.1  # a distilled model samples without guidance
     if args.distill and args.model_config is not None:
         raise ValueError("`--distill` distills a trained model: pass `--pretrained_model_name_or_path`.")
-    check_training_arguments(args, needs_data=not args.distill)
+    if args.dataset_config is not None:
+        given = [
+            f"--{f}" for f in ("train_data_dir", "dataset_name", "mask_data_dir", "reg_data_dir") if getattr(args, f)
+        ]
+        given += ["--alpha_mask"] if args.alpha_mask else []
+        given += ["--streaming"] if args.streaming else []
+        if given or args.distill:
+            raise ValueError(
+                f"`--dataset_config` holds the data: not with `{(given or ['--distill'])[0]}` (set it in the file)."
+            )
+        config = read_dataset_config(args.dataset_config)
+        args.dataset_folders, args.reg_folders = config.datasets, config.regularisation or None
+    check_training_arguments(args, needs_data=not (args.distill or args.dataset_config))
     check_prior_arguments(args)
     check_distill_arguments(args)
     prompts, prompts_file = args.validation_prompts, args.validation_prompts_file
@@ -333,6 +353,8 @@ def main(args):
     if args.distill:
         dataset = None  # the teacher's samples, made in 2.
         check_distill_model(args)  # a text-to-image model
+    elif args.dataset_config is not None:  # several folders, with repeats and masks
+        dataset = load_folders(args.dataset_folders, args.caption_column)
     else:
         dataset, _ = load_training_dataset(
             args.train_data_dir,

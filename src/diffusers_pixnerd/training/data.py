@@ -279,8 +279,11 @@ class ImageSampleDataset(torch.utils.data.Dataset):
         try:
             image = open_image(row["image"])
             larger = max(image.size) > self.resolution
-            if self.masks is not None:  # a missing mask is a `MaskError`, never a skipped image
-                mask = open_mask(row["image"], self.masks, self.image_root, image.size)
+            source = row.get("mask") or self.masks  # a dataset config's folders name each row's mask
+            if source is not None and source != "alpha" and "mask" not in row:
+                source = mask_path(row["image"], source, self.image_root)
+            if source:  # a missing mask is a `MaskError`, never a skipped image
+                mask = open_mask(row["image"], source, image.size)
             image = self.preprocess(image, self.resolution if size is None else size)
         except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as error:
             if self.fail_on_corrupt_images:
@@ -290,7 +293,7 @@ class ImageSampleDataset(torch.utils.data.Dataset):
                 ) from error
             logger.warning("Skipping unreadable image %s: %s", describe_image(row["image"]), error)
             return None
-        sample = {k: v for k, v in row.items() if k != "image"}
+        sample = {k: v for k, v in row.items() if k not in ("image", "mask")}
         sample["pixel_values"] = image_to_tensor(image)
         if mask is not None:  # the same crop, resize or padding as the image (padding is not learned)
             mask = self.preprocess(mask.convert("RGB"), self.resolution if size is None else size).getchannel(0)
@@ -415,16 +418,21 @@ def mask_options(args: argparse.Namespace) -> dict:
 
 
 def check_masks(args: argparse.Namespace, dataset) -> None:
-    """With `--mask_data_dir`, every image of a map-style dataset has its mask file: checked before training, all at
-    once, so that a missing one is not found hours in."""
-    if not getattr(args, "mask_data_dir", None):
+    """With `--mask_data_dir` or a dataset config's `mask_dir`, every image of a map-style dataset has its mask file:
+    checked before training, all at once, so that a missing one is not found hours in."""
+    if "mask" in (dataset.column_names or []):  # a dataset config's folders
+        paths = [path for path in dataset["mask"] if path and path != "alpha"]
+        where = "The dataset config's `mask_dir` folders lack"
+    elif getattr(args, "mask_data_dir", None):
+        paths = [mask_path(value, args.mask_data_dir, args.train_data_dir) for value in dataset["image"]]
+        where = f"`--mask_data_dir` {args.mask_data_dir!r} lacks"
+    else:
         return
-    paths = [mask_path(value, args.mask_data_dir, args.train_data_dir) for value in dataset["image"]]
     missing = [path for path in paths if not os.path.isfile(path)]
     if missing:
         raise ValueError(
-            f"`--mask_data_dir` {args.mask_data_dir!r} lacks the masks of {len(missing)} of {len(paths)} images, e.g. "
-            f"{missing[0]} (a PNG of each image's path relative to `--train_data_dir`, white = learn)."
+            f"{where} the masks of {len(missing)} of {len(paths)} images, e.g. {missing[0]} (a PNG of each image's "
+            "path relative to its folder, white = learn)."
         )
 
 

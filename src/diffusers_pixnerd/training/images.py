@@ -94,10 +94,10 @@ def mask_path(value: Any, mask_data_dir: str, image_root: str) -> str:
     return os.path.join(mask_data_dir, os.path.splitext(relative)[0] + ".png")
 
 
-def open_mask(value: Any, masks: str, image_root: str | None, size: tuple[int, int]) -> PIL.Image.Image:
-    """The loss mask of an image (mode "L", white = learn, the image's `size`): its alpha channel (`masks="alpha"`)
-    or the PNG of the same relative path and name in the mask folder `masks`."""
-    if masks == "alpha":
+def open_mask(value: Any, source: str, size: tuple[int, int]) -> PIL.Image.Image:
+    """The loss mask of an image (mode "L", white = learn, the image's `size`): its alpha channel (`source="alpha"`)
+    or the mask file `source`."""
+    if source == "alpha":
         raw = value if isinstance(value, PIL.Image.Image) else open_raw(value)
         if "A" not in raw.getbands() and "transparency" not in raw.info:
             raise MaskError(
@@ -106,12 +106,9 @@ def open_mask(value: Any, masks: str, image_root: str | None, size: tuple[int, i
             )
         mask = raw.convert("RGBA").getchannel("A")
     else:
-        path = mask_path(value, masks, image_root)
-        if not os.path.isfile(path):
-            raise MaskError(
-                f"No mask for {describe_image(value)}: expected {path} (`--mask_data_dir`, white = learn)."
-            )
-        with PIL.Image.open(path) as opened:
+        if not os.path.isfile(source):
+            raise MaskError(f"No mask for {describe_image(value)}: expected {source} (white = learn).")
+        with PIL.Image.open(source) as opened:
             mask = opened.convert("L")
     if mask.size != size:
         raise MaskError(f"The mask of {describe_image(value)} is {mask.size}, the image {size} (width, height).")

@@ -66,10 +66,14 @@ def add_prior_arguments(parser: argparse.ArgumentParser):
 def check_prior_arguments(args: argparse.Namespace):
     """Fills the defaults of a regularised run and refuses what it does not support, naming the flags."""
     reg_data_dir, reg_prompts_file = getattr(args, "reg_data_dir", None), getattr(args, "reg_prompts_file", None)
-    if reg_data_dir is not None and reg_prompts_file is not None:
+    reg_folders = getattr(args, "reg_folders", None)  # a dataset config's [[regularisation]] folders
+    if sum(source is not None for source in (reg_data_dir, reg_prompts_file, reg_folders)) > 1:
         raise ValueError(
-            "Pass one of `--reg_data_dir` (images) and `--reg_prompts_file` (generated images), not both."
+            "Pass one of `--reg_data_dir` (images), `--reg_prompts_file` (generated images) and a dataset config's "
+            "[[regularisation]] folders, not several."
         )
+    if reg_folders is not None:
+        reg_data_dir = reg_folders[0].path  # checked by the config reader; the same rules as a folder
     if reg_data_dir is None and reg_prompts_file is None:
         given = [f"--{name}" for name in ("num_reg_images", "reg_ratio", "reg_loss_weight") if getattr(args, name)]
         if given:
@@ -170,15 +174,17 @@ class RegularisationImages:
 
 
 def load_regularisation_images(
-    accelerator, args: argparse.Namespace, folder: str, caption_column: str = "text"
+    accelerator, args: argparse.Namespace, folder: str, caption_column: str = "text", dataset=None
 ) -> RegularisationImages:
-    """The `RegularisationImages` of a captioned `folder`, preprocessed like the training images."""
+    """The `RegularisationImages` of a captioned `folder` (or of `dataset`, described as `folder`), preprocessed like
+    the training images."""
     from .data import ImageSampleDataset, load_training_dataset
 
-    try:
-        dataset, _ = load_training_dataset(folder, caption_column=caption_column)
-    except ValueError as error:
-        raise ValueError(f"The regularisation images ({folder}): {error}") from None
+    if dataset is None:
+        try:
+            dataset, _ = load_training_dataset(folder, caption_column=caption_column)
+        except ValueError as error:
+            raise ValueError(f"The regularisation images ({folder}): {error}") from None
     samples = ImageSampleDataset(dataset, args.resolution, args.image_preprocessing, args.fail_on_corrupt_images)
     count = reg_batch_size(args)
     logger.info(
@@ -279,6 +285,12 @@ def prepare_regularisation_images(accelerator, args: argparse.Namespace, transfo
     """The run's `RegularisationImages` (`None` without `--reg_data_dir`/`--reg_prompts_file`): the folder's, or
     those the base `transformer` generates for `--reg_prompts_file` (before any adapter is added) with `scheduler` and
     the run's `encode`."""
+    if getattr(args, "reg_folders", None):
+        from .dataset_config import load_folders
+
+        dataset = load_folders(args.reg_folders, args.caption_column)
+        folders = ", ".join(f.path for f in args.reg_folders)
+        return load_regularisation_images(accelerator, args, folders, dataset=dataset)
     if args.reg_data_dir is not None:
         return load_regularisation_images(accelerator, args, args.reg_data_dir, args.caption_column)
     if args.reg_prompts_file is None:
