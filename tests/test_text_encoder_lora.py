@@ -37,6 +37,12 @@ def test_text_encoder_adapters_are_trained_exported_with_the_transformers_and_lo
     after = pipe.encode_prompt("a cat", do_classifier_free_guidance=False)[0]
     assert "default_0" in pipe.text_encoder.peft_config and "default_0" in pipe.transformer.peft_config
     assert (after - before).abs().max() > 1e-4  # the prompts now go through the trained encoder adapters
+    pipe.fuse_lora()  # into the encoder's weights too
+    assert pipe.text_encoder.layers[0].self_attn.q_proj.merged_adapters == ["default_0"]
+    torch.testing.assert_close(
+        pipe.encode_prompt("a cat", do_classifier_free_guidance=False)[0], after, atol=1e-5, rtol=0
+    )
+    pipe.unfuse_lora()
     pipe.set_adapters("default_0", 0.0)  # both components follow the adapter weight
     torch.testing.assert_close(pipe.encode_prompt("a cat", do_classifier_free_guidance=False)[0], before)
     card = (out / "README.md").read_text()
@@ -68,7 +74,9 @@ def test_a_resumed_text_encoder_lora_run_ends_in_the_same_state(assets, tmp_path
     other = tmp_path / "other"
     os.makedirs(other)
     shutil.copytree(full / "checkpoint-2", other / "checkpoint-2")
-    plain = t2i_args(assets, "captions_txt", other, *LORA, "--max_train_steps", 4, "--resume_from_checkpoint", "latest")
+    plain = t2i_args(
+        assets, "captions_txt", other, *LORA, "--max_train_steps", 4, "--resume_from_checkpoint", "latest"
+    )
     with pytest.raises(ValueError, match=r"holds text-encoder adapters: resume with the `--train_text_encoder`"):
         run_main(T2I_SCRIPT, plain)
 
@@ -85,7 +93,10 @@ def test_dora_adapters_train_and_load(assets, tmp_path, run_main):
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--train_text_encoder"], r"`--train_text_encoder` trains LoRA adapters on the text encoder: pass `--use_lora`"),
+        (
+            ["--train_text_encoder"],
+            r"`--train_text_encoder` trains LoRA adapters on the text encoder: pass `--use_lora`",
+        ),
         ([*LORA, "--train_text_encoder", "--precompute_text_embeddings"], r"not with `--precompute_text_embeddings`"),
         ([*LORA, "--text_encoder_lr", 1e-4], r"`--text_encoder_lr` is a setting of `--train_text_encoder`"),
         (["--use_dora"], r"`--use_dora` trains DoRA adapters: pass `--use_lora` too"),

@@ -2,6 +2,7 @@
 """LoRA weights for the PixNerd pipelines: diffusers' LoRA loader for the transformer and the Qwen3 text encoder, plus
 the sampler a few-step (distilled) LoRA was made for."""
 
+import contextlib
 import json
 import os
 
@@ -93,8 +94,41 @@ class PixNerdLoraLoaderMixin(SanaLoraLoaderMixin):
     when a call with that adapter active leaves it (`few_step_warnings`).
     """
 
-    _lora_loadable_modules = ["transformer", "text_encoder"]
+    # The text encoder joins while it carries adapters (`_with_text_encoder`): diffusers' LoRA tests and helpers then
+    # see a transformer-only loader, as before, on a pipeline without text-encoder adapters.
+    _lora_loadable_modules = ["transformer"]
     text_encoder_name = "text_encoder"
+
+    @contextlib.contextmanager
+    def _with_text_encoder(self):
+        """Within: `_lora_loadable_modules` lists the text encoder too when it carries adapters."""
+        widened = "_lora_loadable_modules" in self.__dict__  # an inner call (set_adapters -> get_list_adapters)
+        if widened or not getattr(getattr(self, "text_encoder", None), "peft_config", None):
+            yield
+            return
+        self._lora_loadable_modules = [*type(self)._lora_loadable_modules, self.text_encoder_name]
+        try:
+            yield
+        finally:
+            del self._lora_loadable_modules
+
+    def set_adapters(self, *args, **kwargs):
+        """diffusers' `set_adapters`, on the text encoder's adapters too."""
+        with self._with_text_encoder():
+            return super().set_adapters(*args, **kwargs)
+
+    def unload_lora_weights(self, *args, **kwargs):
+        """diffusers' `unload_lora_weights`, the text encoder's adapters too."""
+        with self._with_text_encoder():
+            return super().unload_lora_weights(*args, **kwargs)
+
+    def get_list_adapters(self):
+        with self._with_text_encoder():
+            return super().get_list_adapters()
+
+    def delete_adapters(self, *args, **kwargs):
+        with self._with_text_encoder():
+            return super().delete_adapters(*args, **kwargs)
 
     def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name=None, hotswap=False, **kwargs):
         """Loads the LoRA weights of a folder, file, Hub repo or state dict into the transformer and, for
@@ -170,14 +204,16 @@ class PixNerdLoraLoaderMixin(SanaLoraLoaderMixin):
         )
 
     def fuse_lora(self, components: list[str] = ["transformer", "text_encoder"], lora_scale: float = 1.0, **kwargs):
-        """Fuses the loaded LoRA layers into the weights of `components` (those the pipeline has)."""
-        components = [c for c in components if getattr(self, c, None) is not None]
-        super(SanaLoraLoaderMixin, self).fuse_lora(components=components, lora_scale=lora_scale, **kwargs)
+        """Fuses the loaded LoRA layers into the weights of `components` (those that carry adapters)."""
+        with self._with_text_encoder():
+            components = [c for c in components if c in self._lora_loadable_modules]
+            super(SanaLoraLoaderMixin, self).fuse_lora(components=components, lora_scale=lora_scale, **kwargs)
 
     def unfuse_lora(self, components: list[str] = ["transformer", "text_encoder"], **kwargs):
-        """Undoes `fuse_lora` on `components` (those the pipeline has)."""
-        components = [c for c in components if getattr(self, c, None) is not None]
-        super(SanaLoraLoaderMixin, self).unfuse_lora(components=components, **kwargs)
+        """Undoes `fuse_lora` on `components` (those that carry adapters)."""
+        with self._with_text_encoder():
+            components = [c for c in components if c in self._lora_loadable_modules]
+            super(SanaLoraLoaderMixin, self).unfuse_lora(components=components, **kwargs)
 
     @property
     def few_step_adapters(self) -> dict:

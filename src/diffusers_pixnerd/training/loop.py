@@ -46,7 +46,7 @@ from .hub import mark_export_stale, model_card_training_section
 from .objectives import (
     PixNerdTrainingModule,
     condition_drop_mask,
-    random_flip,
+    flip_images,
     repa_target_features,
     sample_sigmas,
 )
@@ -273,18 +273,12 @@ class TrainingRun:
         sigma_choices: torch.Tensor | None = None,
         loss_mask: torch.Tensor | None = None,
     ) -> dict:
-        """The random part of a step, from `generator()`: optional flips (of `loss_mask` too), noise, sigmas (sampled
-        and shifted), the condition-dropout mask; plus the REPA targets of the (flipped) clean images on the transformer's token grid.
-        Distillation (`training/distill.py`) gives the `noise` of each image and draws the sigmas uniformly from
-        `sigma_choices` (the sigmas its sampler visits)."""
+        """The random part of a step, from `generator()`: flips (of `loss_mask` too), noise, sigmas, the dropout mask;
+        the REPA targets of the (flipped) images on the token grid. Distillation gives each image's `noise` and draws
+        the sigmas from `sigma_choices` (those its sampler visits)."""
         args, generator = self.args, self.generator()
-        if loss_mask is not None and len(loss_mask) < len(pixels):  # regularisation rows after the batch: all learnt
-            loss_mask = torch.cat([loss_mask, loss_mask.new_ones(len(pixels) - len(loss_mask), *loss_mask.shape[1:])])
-        if args.random_flip and loss_mask is not None:  # flipped with its image (the same draws as without a mask)
-            flipped = random_flip(torch.cat([pixels, loss_mask.to(pixels.dtype)], 1), generator)
-            pixels, loss_mask = flipped[:, :-1], flipped[:, -1:]
-        elif args.random_flip:
-            pixels = random_flip(pixels, generator)
+        if args.random_flip:
+            pixels, loss_mask = flip_images(pixels, generator, loss_mask)
         batch_size, device = pixels.shape[0], pixels.device
         if noise is None:
             noise = torch.randn(pixels.shape, generator=generator, device=generator.device)
@@ -305,8 +299,7 @@ class TrainingRun:
             ).to(device)
         drop_mask = condition_drop_mask(batch_size, args.condition_dropout, generator).to(device)
         inputs = {"pixels": pixels, "noise": noise, "sigmas": sigmas, "drop_mask": drop_mask}
-        if loss_mask is not None:
-            inputs["loss_mask"] = loss_mask.to(device)
+        inputs["loss_mask"] = None if loss_mask is None else loss_mask.to(device)  # regularisation rows: none
         if repa_encoder is not None:
             # The C2I grid follows the image; the T2I grid is fixed (non-square images: non-square patches).
             token_grid = self.unwrapped.transformer.token_grid(*pixels.shape[-2:])[:2]

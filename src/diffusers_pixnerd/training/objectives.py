@@ -104,6 +104,17 @@ def random_flip(pixels: torch.Tensor, generator: torch.Generator | None = None) 
     return torch.where(flip.reshape(-1, 1, 1, 1), pixels.flip(-1), pixels)
 
 
+def flip_images(pixels: torch.Tensor, generator: torch.Generator, loss_mask: torch.Tensor | None = None) -> tuple:
+    """`(pixels, loss_mask)` after `random_flip`: each mask flipped with its image (the first `len(loss_mask)` rows;
+    the same draws as the images alone)."""
+    if loss_mask is None:
+        return random_flip(pixels, generator), None
+    n = len(loss_mask)
+    rows = torch.cat([pixels[:n], loss_mask.to(pixels.dtype)], 1)
+    flipped = random_flip(torch.cat([rows, F.pad(pixels[n:], (0, 0, 0, 0, 0, 1))]), generator)
+    return flipped[:, :-1], flipped[:n, -1:]
+
+
 # ------------------------------------------------------------------------------------------------------------- REPA
 
 
