@@ -5,7 +5,8 @@ reference classifier.
 Rows, each for both models, on the test images `--first` to `--first + --num - 1` (each with its own label):
 - inpaint half: one half of the image (left, right, top or bottom, in turn) repainted as the image's own class.
 - repaint interior: the central 24x24 (and 20x20) pixels repainted as another class (label + 1 + i % 9, never the
-  image's own); the border kept (4 or 6 pixels: the 2-pixel padding and 2 or 4 pixels of the 28x28 image).
+  image's own); the border kept (4 or 6 pixels: the 2-pixel padding and 2 or 4 pixels of the 28x28 image); for the
+  class-conditional model also at CFG 5 (its default is 3.5, the text model's 5).
 - img2img: strength 0.2 ... 1.0 towards another class (as above); change from the input and both classes' accuracy.
 - outpaint: the image widened to 64x32 (kept on the left), the new right half painted as the image's class.
 Text prompts use the held-out wordings (`fashion_mnist.HELDOUT_TEMPLATES`, none of them a training caption). Sample i is
@@ -115,8 +116,9 @@ def measure(row: str, kind: str, pipe, images, labels, classifier, args) -> tupl
     if row.startswith("repaint interior"):
         edit = PixNerdInpaintPipeline if kind == "class-conditional" else PixNerdT2IInpaintPipeline
         targets = [other_label(c, i) for i, c in enumerate(labels)]
-        mask = interior_mask(int(row.split()[-1].split("x")[0]))
-        out = run_batches(edit.from_pipe(pipe), kind, images, targets, args.batch_size, mask_image=mask)
+        mask = interior_mask(int(row.split()[2].split("x")[0]))
+        extra = {"guidance_scale": 5.0} if row.endswith("CFG 5") else {}
+        out = run_batches(edit.from_pipe(pipe), kind, images, targets, args.batch_size, mask_image=mask, **extra)
         kept = [bool((out[i][mask == 0] == inputs_rgb[i][mask == 0]).all()) for i in range(n)]
         return {
             "accuracy (new class)": accuracy(classifier, out, targets),
@@ -176,7 +178,7 @@ def main(args):
     for kind, model in MODELS.items():
         pipe = load_pipeline(os.path.join(ROOT, model), dtype=torch.float32)
         pipe.set_progress_bar_config(disable=True)
-        for row in rows:
+        for row in rows + (["repaint interior 24x24, CFG 5"] if kind == "class-conditional" else []):
             path = os.path.join(args.output_dir, f"{kind}_{row.replace(' ', '_')}.json")
             if os.path.isfile(path):
                 with open(path) as f:
