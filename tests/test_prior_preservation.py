@@ -287,7 +287,7 @@ def parse(assets, tmp_path, *extra):
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--reg_data_dir", "{data}", "--reg_prompts_file", "{prompts}"], "one of `--reg_data_dir`.*not both"),
+        (["--reg_data_dir", "{data}", "--reg_prompts_file", "{prompts}"], "one of `--reg_data_dir`.*not several"),
         (["--reg_ratio", 0.5], "`--reg_ratio` need regularisation images"),
         (["--reg_loss_weight", 2, "--num_reg_images", 4], "`--num_reg_images`, `--reg_loss_weight` need"),
         (["--reg_data_dir", "{data}", "--num_reg_images", 4], "`--num_reg_images`.*not with `--reg_data_dir`"),
