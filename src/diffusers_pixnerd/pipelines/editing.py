@@ -22,6 +22,7 @@ class EditInputs(NamedTuple):
     mask: torch.Tensor | None  # (N, 1, H, W) in [0, 1], 1 = repaint; `None` for image-to-image
     height: int
     width: int
+    strength: float  # checked: in (0, 1]
 
     def for_batch(self, num_conditions: int, num_images_per_prompt: int, device) -> "EditInputs":
         """One entry per image of the call: an input given once is shared, one per condition is repeated
@@ -166,11 +167,12 @@ def check_offset(image_offset, image_size: tuple[int, int], canvas: tuple[int, i
     return top, left
 
 
-def edit_inputs(image, mask_image, height, width, image_offset, *, strength: float, inpaint: bool) -> EditInputs:
-    """The `image` (and `mask_image`) of an editing call on its canvas. Image-to-image (`inpaint=False`) keeps the
-    image's size. Inpainting puts the image on a canvas of `height` x `width` (default: the image's size) at
-    `image_offset`; the mask (the image's size, white = repaint) says what of the image is repainted, and the canvas
-    beyond the image is always painted (outpainting, which starts from noise: `strength` 1)."""
+def edit_inputs(image, mask_image, height, width, image_offset, strength, *, inpaint: bool) -> EditInputs:
+    """The `image` (and `mask_image`) of an editing call on its canvas, and its checked `strength`. Image-to-image
+    (`inpaint=False`) keeps the image's size. Inpainting puts the image on a canvas of `height` x `width` (default:
+    the image's size) at `image_offset`; the mask (the image's size, white = repaint) says what of the image is
+    repainted, and the canvas beyond the image is always painted (outpainting, which starts from noise: `strength` 1)."""
+    strength = check_strength(strength)
     if image is None:
         raise ValueError("`image` is required: the picture to edit (PIL, numpy or tensor).")
     pixels = to_image_batch(image, "image", 3) * 2 - 1
@@ -184,7 +186,7 @@ def edit_inputs(image, mask_image, height, width, image_offset, *, strength: flo
                 "keeps the image's size (leave them out). To paint a larger canvas around it, use the inpainting "
                 "pipeline (`from_pipe`) with `height`/`width`; to change its size, resize the image first."
             )
-        return EditInputs(pixels, None, height, width)
+        return EditInputs(pixels, None, height, width, strength)
     if not (is_integer(height) and is_integer(width)):
         raise ValueError(f"`height` and `width` must be integers, got ({height!r}, {width!r}).")
     top, left = check_offset(image_offset, (h, w), (height, width))
@@ -205,7 +207,7 @@ def edit_inputs(image, mask_image, height, width, image_offset, *, strength: flo
         mask = to_image_batch(mask_image, "mask_image", 1)
         if tuple(mask.shape[-2:]) != (h, w):
             raise ValueError(
-                f"`mask_image` is {tuple(mask.shape[-2:])[0]}x{tuple(mask.shape[-2:])[1]} but `image` is {h}x{w}: "
+                f"`mask_image` is {mask.shape[-2]}x{mask.shape[-1]} but `image` is {h}x{w}: "
                 "masks are not resized (a resized mask would blur its edge); give the mask the image's size, e.g. "
                 "`mask.resize(image.size, PIL.Image.NEAREST)`."
             )
@@ -217,17 +219,26 @@ def edit_inputs(image, mask_image, height, width, image_offset, *, strength: flo
     canvas[..., top : top + h, left : left + w] = pixels
     repaint = torch.ones(mask.shape[0], 1, height, width)
     repaint[..., top : top + h, left : left + w] = mask
-    return EditInputs(canvas, repaint, height, width)
+    return EditInputs(canvas, repaint, height, width, strength)
 
 
 class PixNerdEditingMixin:
-    """The steps an editing call adds to a PixNerd pipeline's sampling: the initial latents from the noised input,
-    the schedule cut by `strength`, and the kept region (see `denoise(keep=...)`)."""
+    """The steps an editing call adds to a PixNerd pipeline's sampling: the batch of inputs and the call's state
+    (`start_edit`, before the condition is encoded), then the schedule cut by `strength`, the initial latents from the
+    noised input and the kept region (`sample_edit`, through `denoise(keep=...)`)."""
+
+    def start_edit(self, edit: EditInputs, sampling, batch_size: int, num_images_per_prompt: int, attention_kwargs):
+        """After `check_inputs`: a call that runs no step fails before any work; sets the call's state; returns the
+        inputs, one per image of the call, on the execution device."""
+        strength_start(sampling.num_inference_steps, edit.strength)
+        self._guidance_scale = sampling.guidance_scale
+        self._attention_kwargs = attention_kwargs
+        self._interrupt = False
+        return edit.for_batch(batch_size // num_images_per_prompt, num_images_per_prompt, self._execution_device)
 
     def sample_edit(
         self,
         edit: EditInputs,
-        strength: float,
         sampling,
         batch_size: int,
         condition,
@@ -242,11 +253,11 @@ class PixNerdEditingMixin:
         callback_on_step_end_tensor_inputs,
     ):
         """Steps 3 to 6 of an editing call (checked inputs, encoded conditions): noise -> the input noised to the
-        first sigma `strength` runs from -> the denoising loop, keeping the unmasked region -> images."""
+        first sigma `edit.strength` runs from -> the denoising loop, keeping the unmasked region -> images."""
         device = self._execution_device
         # 3. The schedule, cut by `strength` (the scheduler starts inside it).
         timesteps = retrieve_timesteps(self.scheduler, sampling.num_inference_steps, device, sampling.sigmas)
-        start = strength_start(sampling.num_inference_steps, strength)
+        start = strength_start(sampling.num_inference_steps, edit.strength)
         timesteps = timesteps[start * self.scheduler.order :]
         if hasattr(self.scheduler, "set_begin_index"):
             self.scheduler.set_begin_index(start * self.scheduler.order)

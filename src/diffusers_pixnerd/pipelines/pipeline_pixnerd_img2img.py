@@ -8,7 +8,7 @@ import torch
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils import replace_example_docstring
 
-from .editing import PixNerdEditingMixin, check_strength, edit_inputs, strength_start
+from .editing import PixNerdEditingMixin, edit_inputs
 from .pipeline_pixnerd import PixNerdPipeline
 
 EXAMPLE_DOC_STRING = """
@@ -104,8 +104,7 @@ class PixNerdImg2ImgPipeline(PixNerdEditingMixin, PixNerdPipeline):
     ):  # fmt: skip
         """The editing call of both class-conditional editing pipelines (`inpaint`: with a mask and a canvas)."""
         # 1. Check inputs: the image (and mask) on the canvas, then what `PixNerdPipeline` checks.
-        edit = edit_inputs(image, mask_image, height, width, image_offset, strength=check_strength(strength),
-                           inpaint=inpaint)  # fmt: skip
+        edit = edit_inputs(image, mask_image, height, width, image_offset, strength, inpaint=inpaint)
         sampling, batch_size = self.check_inputs(
             class_labels=class_labels,
             height=edit.height,
@@ -121,13 +120,9 @@ class PixNerdImg2ImgPipeline(PixNerdEditingMixin, PixNerdPipeline):
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             trained_grid=trained_grid,
         )
-        strength_start(sampling.num_inference_steps, strength)  # a call that runs no step fails before any work
-        device = self._execution_device
-        edit = edit.for_batch(batch_size // num_images_per_prompt, num_images_per_prompt, device)
-        self._guidance_scale = sampling.guidance_scale
+        edit = self.start_edit(edit, sampling, batch_size, num_images_per_prompt, attention_kwargs)
         self._trained_grid = trained_grid
-        self._attention_kwargs = attention_kwargs
-        self._interrupt = False
+        device = self._execution_device
 
         # 2. Encode the class labels.
         condition, uncondition = self.encode_class_labels(class_labels, num_images_per_prompt, device)
@@ -135,7 +130,6 @@ class PixNerdImg2ImgPipeline(PixNerdEditingMixin, PixNerdPipeline):
         # 3.-6. Schedule, noised input, denoising loop, images.
         return self.sample_edit(
             edit,
-            strength,
             sampling,
             batch_size,
             condition,

@@ -7,7 +7,7 @@ import torch
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils import replace_example_docstring
 
-from .editing import PixNerdEditingMixin, check_strength, edit_inputs, strength_start
+from .editing import PixNerdEditingMixin, edit_inputs
 from .pipeline_pixnerd_t2i import PixNerdT2IPipeline
 from .pipeline_utils import Conditioning
 
@@ -110,8 +110,7 @@ class PixNerdT2IImg2ImgPipeline(PixNerdEditingMixin, PixNerdT2IPipeline):
     ):  # fmt: skip
         """The editing call of both text-guided editing pipelines (`inpaint`: with a mask and a canvas)."""
         # 1. Check inputs: the image (and mask) on the canvas, then what `PixNerdT2IPipeline` checks.
-        edit = edit_inputs(image, mask_image, height, width, image_offset, strength=check_strength(strength),
-                           inpaint=inpaint)  # fmt: skip
+        edit = edit_inputs(image, mask_image, height, width, image_offset, strength, inpaint=inpaint)
         sampling, batch_size = self.check_inputs(
             prompt=prompt,
             negative_prompt=negative_prompt,
@@ -130,12 +129,8 @@ class PixNerdT2IImg2ImgPipeline(PixNerdEditingMixin, PixNerdT2IPipeline):
             output_type=output_type,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
-        strength_start(sampling.num_inference_steps, strength)  # a call that runs no step fails before any work
+        edit = self.start_edit(edit, sampling, batch_size, num_images_per_prompt, attention_kwargs)
         device = self._execution_device
-        edit = edit.for_batch(batch_size // num_images_per_prompt, num_images_per_prompt, device)
-        self._guidance_scale = sampling.guidance_scale
-        self._attention_kwargs = attention_kwargs
-        self._interrupt = False
 
         # 2. Encode the prompts, and the negative prompts for guidance.
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
@@ -152,7 +147,6 @@ class PixNerdT2IImg2ImgPipeline(PixNerdEditingMixin, PixNerdT2IPipeline):
         # 3.-6. Schedule, noised input, denoising loop, images.
         return self.sample_edit(
             edit,
-            strength,
             sampling,
             batch_size,
             Conditioning(encoder_hidden_states=prompt_embeds),

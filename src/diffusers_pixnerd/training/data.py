@@ -279,8 +279,8 @@ class ImageSampleDataset(torch.utils.data.Dataset):
         try:
             image = open_image(row["image"])
             larger = max(image.size) > self.resolution
-            source = row.get("mask") or self.masks  # a dataset config's folders name each row's mask
-            if source is not None and source != "alpha" and "mask" not in row:
+            source = row["mask"] if "mask" in row else self.masks  # a dataset config names each row's ("": none)
+            if "mask" not in row and source not in (None, "alpha"):  # a mask folder: this image's file in it
                 source = mask_path(row["image"], source, self.image_root)
             if source:  # a missing mask is a `MaskError`, never a skipped image
                 mask = open_mask(row["image"], source, image.size)
