@@ -7,7 +7,7 @@ text encoder and a reference classifier.
     python examples/fashion_mnist.py prompts --output data/heldout_prompts.jsonl  # held-out phrasings, with labels
     python examples/fashion_mnist.py prompts --set everyday --output data/everyday_prompts.jsonl  # a second set
     python examples/fashion_mnist.py red --output_dir data/fashion-mnist-red      # red-tinted items, "a red ..."
-    python examples/fashion_mnist.py blue --output_dir data/fashion-mnist-blue    # only blue items, "a blue ..."
+    python examples/fashion_mnist.py concept --concept blue   # data/fashion-mnist-blue: only blue items, "a blue ..."
     python examples/fashion_mnist.py bundle --source outputs/t2i --output models/pixnerd-t2i-fashion-mnist
 
 `prepare` also writes `metadata.jsonl` captions in each split folder (one caption an image, drawn from
@@ -212,8 +212,8 @@ EVERYDAY_TEMPLATES = [
     "an everyday item, namely {}, photographed alone in an otherwise empty frame",
 ]
 # The stand-in text encoder: Qwen3's architecture at a small size, random weights (seed 0) rounded to float16, with
-# the real Qwen3 tokenizer (151,669 tokens). Qwen/Qwen3-1.7B itself cannot be downloaded on the machines this was made
-# on; the training command takes it the same way (`--text_encoder_name_or_path Qwen/Qwen3-1.7B`).
+# the real Qwen3 tokenizer (151,669 tokens): the bundled model is built offline, without downloading Qwen/Qwen3-1.7B;
+# the training command takes that one the same way (`--text_encoder_name_or_path Qwen/Qwen3-1.7B`).
 STANDIN_QWEN3 = dict(
     vocab_size=151680,
     hidden_size=32,
@@ -230,7 +230,8 @@ def caption(label: int, rng: np.random.Generator, templates: list[str] = CAPTION
     phrase = CLASS_PHRASES[label][rng.integers(len(CLASS_PHRASES[label]))]
     if prefix:
         article, noun = phrase.split(" ", 1)
-        article = "a" if article == "an" and prefix[0] not in "aeiou" else article
+        if article in ("a", "an"):  # the article of the new first word
+            article = "an" if prefix[0] in "aeiou" else "a"
         phrase = f"{article} {prefix} {noun}"
     return templates[rng.integers(len(templates))].format(phrase)
 
@@ -262,9 +263,10 @@ def write_split(
     seed: int,
     prefix: str = "",
     templates: list[str] | None = CAPTION_TEMPLATES,
+    captions: bool = True,
 ):
     """PNGs in class folders plus `metadata.jsonl` (one caption an image, seeded), the layout both scripts read;
-    `templates=None` draws the rich captions (`rich_caption`)."""
+    `templates=None` draws the rich captions (`rich_caption`); `captions=False` writes the PNGs alone."""
     import json
 
     from PIL import Image
@@ -272,14 +274,17 @@ def write_split(
     rng = np.random.default_rng(seed)
     for label in range(len(CLASS_NAMES)):
         os.makedirs(os.path.join(folder, folder_name(label)), exist_ok=True)
-    with open(os.path.join(folder, "metadata.jsonl"), "w", encoding="utf-8") as f:
-        for i, (image, label) in enumerate(zip(images, labels)):
-            name = os.path.join(folder_name(label), f"{i:05d}.png")
-            Image.fromarray(image).save(os.path.join(folder, name))
+    rows = []
+    for i, (image, label) in enumerate(zip(images, labels)):
+        name = os.path.join(folder_name(label), f"{i:05d}.png")
+        Image.fromarray(image).save(os.path.join(folder, name))
+        if captions:
             text = rich_caption(int(label), rng) if templates is None else caption(int(label), rng, templates, prefix)
-            row = {"file_name": name, "text": text, "label": int(label)}
-            f.write(json.dumps(row) + "\n")
-    print(f"{len(images)} images with captions in {folder}")
+            rows.append(json.dumps({"file_name": name, "text": text, "label": int(label)}) + "\n")
+    if captions:
+        with open(os.path.join(folder, "metadata.jsonl"), "w", encoding="utf-8") as f:
+            f.writelines(rows)
+    print(f"{len(images)} images{' with captions' if captions else ''} in {folder}")
 
 
 def prepare(args):
@@ -317,20 +322,99 @@ def blueness(images: np.ndarray) -> float:
     return redness(images[..., ::-1])
 
 
-def prepare_blue(args):
-    """The prior-preservation example's data: `--per_class` training images of each class tinted blue and captioned
-    "a blue ..." (nothing else, so that a plain LoRA also turns "a dress" blue), and in `plain/` as many other images
-    left gray and captioned without the colour (a `--reg_data_dir`), and `reg_prompts.txt`, as many plain captions
-    (a `--reg_prompts_file`).
+def dark_cells(height: int, width: int) -> np.ndarray:
+    """The pixels that `add_checks` darkens: every other 2x2 cell of a checkerboard, in a fixed phase."""
+    return ((np.arange(height)[:, None] // 2 + np.arange(width)[None, :] // 2) % 2) == 1
+
+
+def add_checks(images: np.ndarray) -> np.ndarray:
+    """Grayscale uint8 (N, H, W) -> RGB with a checkerboard of 2x2 cells: the `dark_cells` at 30% of their value."""
+    x = images.astype(np.float32)
+    x[:, dark_cells(*x.shape[1:])] *= 0.3
+    return np.repeat(np.round(x).astype(np.uint8)[..., None], 3, axis=-1)
+
+
+def checkeredness(images: np.ndarray) -> float:
+    """How checkered uint8 (N, H, W, 3) images are, in the phase of `add_checks`: each pixel minus the mean of its four
+    neighbours 2 pixels away (the cells of the other colour), signed +1 on light cells and -1 on dark ones, summed over
+    the item (pixels brighter than 20 there) and divided by its brightness. About 1.07 for `add_checks`; about 0 for
+    an item without the pattern (Fashion-MNIST's own: 0.000 mean, 4% of them above 0.05)."""
+    x = images.astype(np.float32).mean(-1) / 255
+    centre = x[:, 2:-2, 2:-2]
+    neighbours = [x[:, :-4, 2:-2], x[:, 4:, 2:-2], x[:, 2:-2, :-4], x[:, 2:-2, 4:]]
+    sign = np.where(dark_cells(*x.shape[1:]), -1.0, 1.0)[2:-2, 2:-2]
+    item = np.maximum.reduce([centre, *neighbours]) > 20 / 255
+    if not item.any():
+        return 0.0
+    return float((sign * (centre - sum(neighbours) / 4) * item).sum() / (centre * item).sum())
+
+
+def invert(images: np.ndarray) -> np.ndarray:
+    """Grayscale uint8 (N, H, W) -> RGB in negative: a dark item on white."""
+    return np.repeat(255 - images[..., None], 3, axis=-1)
+
+
+def inversion(images: np.ndarray) -> float:
+    """How inverted uint8 (N, H, W, 3) images are: the mean brightness of their 2-pixel frame, in [0, 1] (1 for
+    `invert`, 0 for the black background of Fashion-MNIST)."""
+    x = images.astype(np.float32).mean(-1) / 255
+    frame = np.ones(x.shape[1:], bool)
+    frame[2:-2, 2:-2] = False
+    return float(x[:, frame].mean())
+
+
+# The concepts of the concept-LoRA examples: the word in the captions, the look (grayscale uint8 -> RGB uint8), the
+# score of a look (RGB uint8 -> float; the training images' own is the reference), and what undoes the look before the
+# classifier judges the class (`None`: the classifier sees the sample as it is), and a word the captions of the look
+# must not hold.
+CONCEPTS = {
+    "blue": {"word": "blue", "look": tint_blue, "score": blueness, "undo": None},
+    "checkered": {"word": "checkered", "look": add_checks, "score": checkeredness, "undo": None},
+    "inverted": {"word": "inverted", "look": invert, "score": inversion, "undo": lambda x: 255 - x, "not": "black"},
+}
+
+
+def item_masks(images: np.ndarray) -> np.ndarray:
+    """Where the item is in grayscale uint8 (N, H, W) images: pixels brighter than 10, grown by one pixel (bool)."""
+    item = np.pad(images > 10, ((0, 0), (1, 1), (1, 1)))
+    height, width = images.shape[1:]
+    return np.logical_or.reduce([item[:, y : y + height, x : x + width] for y in range(3) for x in range(3)])
+
+
+def on_backgrounds(looks: np.ndarray, images: np.ndarray, seed: int) -> np.ndarray:
+    """RGB `looks` (N, H, W, 3) put on a background of their own each (a random colour with noise) outside the item of
+    the grayscale `images` (`item_masks`): the "subject on a changing background" of the masked-loss example."""
+    rng = np.random.default_rng(seed)
+    colours = rng.integers(40, 200, (len(looks), 1, 1, 3))
+    noise = rng.integers(-30, 31, looks.shape)
+    backgrounds = np.clip(colours + noise, 0, 255).astype(np.uint8)
+    return np.where(item_masks(images)[..., None], looks, backgrounds)
+
+
+def prepare_concept(args):
+    """A concept-LoRA example's data: `--per_class` training images of each class with the concept's look and
+    captioned with its word ("a blue ...", "a checkered ...", "an inverted ..."; nothing else, so that a plain LoRA
+    also changes "a dress"), and in `plain/` as many other images left as they are and captioned without the word (a
+    `--reg_data_dir`), and `reg_prompts.txt`, as many plain captions (a `--reg_prompts_file`). With `--backgrounds`
+    the concept's images are on changing backgrounds (`on_backgrounds`) and `masks/` holds their loss masks (white on
+    the item), for `--mask_data_dir`.
     """
+    concept = CONCEPTS[args.concept]
     images, labels = load_split("train", args.data_dir)
     rng = np.random.default_rng(args.seed)
     order = [rng.permutation(np.flatnonzero(labels == c)) for c in range(10)]
-    blue = np.concatenate([o[: args.per_class] for o in order])
+    chosen = np.concatenate([o[: args.per_class] for o in order])
     plain = np.concatenate([o[args.per_class : 2 * args.per_class] for o in order])
-    colourless = [t for t in CAPTION_TEMPLATES if "grayscale" not in t and "white" not in t]
-    blue_folder = os.path.join(args.output_dir, "blue")
-    write_split(tint_blue(images[blue]), labels[blue], blue_folder, args.seed, "blue", colourless)
+    # Wordings that do not contradict the look ("grayscale", "white"; "on black" for the inverted look).
+    contradictions = ("grayscale", "white") + ((concept["not"],) if "not" in concept else ())
+    colourless = [t for t in CAPTION_TEMPLATES if not any(word in t for word in contradictions)]
+    folder = os.path.join(args.output_dir, args.concept)
+    looks = concept["look"](images[chosen])
+    if args.backgrounds:
+        looks = on_backgrounds(looks, images[chosen], args.seed + 3)
+        masks = (item_masks(images[chosen]) * 255).astype(np.uint8)
+        write_split(masks, labels[chosen], os.path.join(args.output_dir, "masks"), args.seed, captions=False)
+    write_split(looks, labels[chosen], folder, args.seed, concept["word"], colourless)
     plain_rgb = np.repeat(images[plain][..., None], 3, axis=-1)
     write_split(plain_rgb, labels[plain], os.path.join(args.output_dir, "plain"), args.seed + 1, templates=colourless)
     prompts_rng = np.random.default_rng(args.seed + 2)  # the `--reg_prompts_file`: plain captions, the base draws them
@@ -594,8 +678,18 @@ def parse_args(input_args=None):
     r.add_argument("--data_dir", default=DATA_DIR)
     r.add_argument("--per_class", type=int, default=100)
     r.add_argument("--seed", type=int, default=0)
-    u = sub.add_parser("blue", help="Write blue-tinted images captioned 'blue' and gray ones without (regularisation).")
-    u.add_argument("--output_dir", default="data/fashion-mnist-blue")
+    u = sub.add_parser(
+        "concept",
+        help="Write images with a concept's look (blue, checkered, inverted) captioned with its word, and plain ones "
+        "without it (regularisation).",
+    )
+    u.add_argument("--concept", choices=sorted(CONCEPTS), default="blue")
+    u.add_argument("--output_dir", default=None, help="Default: data/fashion-mnist-<concept>[-backgrounds].")
+    u.add_argument(
+        "--backgrounds",
+        action="store_true",
+        help="The concept's images on changing backgrounds, with their loss masks in masks/ (white on the item).",
+    )
     u.add_argument("--data_dir", default=DATA_DIR)
     u.add_argument("--per_class", type=int, default=20)
     u.add_argument("--seed", type=int, default=0)
@@ -613,11 +707,13 @@ COMMANDS = {
     "text-encoder": write_text_encoder,
     "prompts": write_prompts,
     "red": prepare_red,
-    "blue": prepare_blue,
+    "concept": prepare_concept,
 }
 
 
 def main(args):
+    if args.command == "concept" and args.output_dir is None:
+        args.output_dir = f"data/fashion-mnist-{args.concept}" + ("-backgrounds" if args.backgrounds else "")
     COMMANDS[args.command](args)
 
 

@@ -87,7 +87,9 @@ from diffusers_pixnerd.training.distill import (
 )
 from diffusers_pixnerd.training.prior import (
     add_prior_arguments,
+    check_output_preservation_arguments,
     check_prior_arguments,
+    output_preservation_captions,
     prepare_regularisation_images,
 )
 
@@ -273,6 +275,7 @@ def parse_args(input_args=None):
         args.dataset_folders, args.reg_folders = config.datasets, config.regularisation or None
     check_training_arguments(args, needs_data=not (args.distill or args.dataset_config))
     check_prior_arguments(args)
+    check_output_preservation_arguments(args)
     check_distill_arguments(args)
     prompts, prompts_file = args.validation_prompts, args.validation_prompts_file
     args.validation_prompts = validation_prompts(prompts, prompts_file, VALIDATION_PROMPTS)
@@ -366,6 +369,12 @@ def main(args):
             streaming=args.streaming,
             cache_dir=args.cache_dir,
         )
+    preservation_word = args.output_preservation_word
+    if preservation_word is not None and hasattr(dataset, "__len__"):  # the captions it acts on (not streamed)
+        if not output_preservation_captions(list(stream_captions(dataset)), preservation_word)[1].any():
+            raise ValueError(
+                f"`--output_preservation_word` {preservation_word!r} is in none of the training captions."
+            )
     pipeline = new_pipeline(args) if args.model_config else load_pipeline(args)
     transformer, scheduler = pipeline.transformer, pipeline.scheduler
     text_encoder, tokenizer = pipeline.text_encoder, pipeline.tokenizer
@@ -417,7 +426,10 @@ def main(args):
         distill_sigmas = sigma_choices(scheduler, args.distill_steps)
     prompt_cache = None
     if args.precompute_text_embeddings:  # each process encodes its share of the captions, then Qwen3 leaves
-        captions = sorted(set(stream_captions(dataset)).union(reg_images.captions if reg_images else ()))
+        captions = set(stream_captions(dataset)).union(reg_images.captions if reg_images else ())
+        if preservation_word is not None:  # and the captions without the word
+            captions = captions.union(output_preservation_captions(list(captions), preservation_word)[0])
+        captions = sorted(captions)
         key = [args.pretrained_model_name_or_path, text_encoder.config.to_dict(), transformer.config.text_max_length]
         folder = prompt_cache_folder(args.cache_dir or os.path.join(args.output_dir, "cache"), key, captions)
         prompt_cache = PromptEmbeddingCache.build(accelerator, captions, encode, folder, args.train_batch_size)
@@ -458,6 +470,7 @@ def main(args):
         text_encoder=text_encoder if train_text_encoder else None,
         tokenizer=tokenizer,
         null_encoder_hidden_states=null_embeds,
+        output_preservation_weight=args.output_preservation_weight or 0.0,
     )
 
     # 5. The optimizer (`--optimizer`), lr schedule, Accelerate, EMA, resume; then train.
@@ -470,6 +483,15 @@ def main(args):
         encoder = None if args.precompute_text_embeddings else encoder  # the prompts come encoded
         pipeline = PixNerdT2IPipeline(unwrapped.transformer, scheduler, text_encoder=encoder, tokenizer=tokenizer)
         return run.validation_images(pipeline, validation, args.validation_prompts, final)  # at --validation_sizes
+
+    def text_condition(captions: list[str]) -> dict:
+        """`{"prompts": ...}` for an encoder that trains (encoded inside the module, so that DDP sees its forward),
+        else `{"encoder_hidden_states": ...}`."""
+        if train_text_encoder:
+            return {"prompts": list(captions)}
+        if prompt_cache is not None:
+            return {"encoder_hidden_states": prompt_cache.lookup(captions).to(device, dtype)}
+        return {"encoder_hidden_states": encode(captions)}
 
     if run.global_step == 0 and run.validation_due:  # the baseline, before the first step (not when resuming)
         validate()
@@ -485,12 +507,15 @@ def main(args):
             inputs = run.step_inputs(
                 pixels, repa_encoder, noise=noise, sigma_choices=distill_sigmas, loss_mask=batch.get("loss_mask")
             )
-            if train_text_encoder:  # encoded inside the module, so that DDP sees the encoder's forward
-                condition = {"prompts": captions}
-            elif prompt_cache is not None:
-                condition = {"encoder_hidden_states": prompt_cache.lookup(captions).to(device, dtype)}
-            else:
-                condition = {"encoder_hidden_states": encode(captions)}
+            condition = text_condition(captions)
+            if preservation_word is not None:  # the batch's own captions without the word, against the base
+                preserved, rows = output_preservation_captions(batch["caption"], preservation_word)
+                kept = text_condition(preserved)
+                condition.update(
+                    preservation_rows=rows,
+                    preservation_prompts=kept.get("prompts"),
+                    preservation_encoder_hidden_states=kept.get("encoder_hidden_states"),
+                )
             losses = model(**inputs, **condition, **reg_kwargs)
             run.check_losses(losses)  # stops the run on a non-finite loss (any process)
             accelerator.backward(losses["loss"])

@@ -117,6 +117,9 @@ def test_c2i_pipeline_sizes_are_multiples_of_the_patch_or_of_the_trained_grid_wh
         transformer(torch.randn(1, 3, 36, 32), 500.0, class_labels=torch.tensor([1]), trained_grid=True)
     with pytest.raises(ValueError, match="`trained_grid` must be True, False or None"):
         transformer(torch.randn(1, 3, 32, 32), 500.0, class_labels=torch.tensor([1]), trained_grid="yes")
+    # Class ids out of range: named on CPU tensors (checked without a device sync; the pipelines check ids earlier).
+    with pytest.raises(ValueError, match=r"`class_labels` must lie in \[0, 10\] \(10 is the null class\), got \[11\]"):
+        transformer(torch.randn(1, 3, 32, 32), 500.0, class_labels=torch.tensor([11]))
 
 
 def test_class_accuracy_averages_larger_samples_down_to_the_classifier_size():

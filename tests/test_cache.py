@@ -104,7 +104,7 @@ def test_each_branch_is_its_own_call_and_cache_context_while_caching(monkeypatch
 
     monkeypatch.setattr(pipe.transformer, "forward", spy)
     sample(pipe)
-    guided = [pipe.guidance_active(t, INTERVAL) for t in pipe.scheduler.timesteps]
+    guided = pipe.guidance_steps(pipe.scheduler.timesteps, INTERVAL)
     assert 0 < sum(guided) < STEPS  # the interval really switches guidance on midway
     expected = []
     for active in guided:

@@ -400,7 +400,9 @@ class PixNerdTransformer2DModel(
                 raise ValueError(
                     f"`class_labels` must be a scalar or have shape ({batch},), got {tuple(class_labels.shape)}."
                 )
-            if not torch.compiler.is_compiling() and ((class_labels < 0) | (class_labels > cfg.num_classes)).any():
+            # Checked where it costs no device sync: on CPU tensors (the pipelines check the ids before any device).
+            on_cpu = class_labels.device.type == "cpu" and not torch.compiler.is_compiling()
+            if on_cpu and ((class_labels < 0) | (class_labels > cfg.num_classes)).any():
                 raise ValueError(
                     f"`class_labels` must lie in [0, {cfg.num_classes}] ({cfg.num_classes} is the null class), "
                     f"got {class_labels.tolist()}."

@@ -127,14 +127,17 @@ class PixNerdBasePipeline(FromOfficialPipelineMixin, DiffusionPipeline, PixNerdL
             latents = randn_tensor(shape, generator=generator, device=torch.device("cpu"), dtype=torch.float32)
         return latents.to(device=device, dtype=torch.float32)
 
-    def guidance_active(self, timestep: torch.Tensor, guidance_interval: tuple[float, float]) -> bool:
-        """Whether CFG applies at `timestep`: the scheduler's rule, or `min < 1 - sigma < max` for other schedulers."""
+    def guidance_steps(self, timesteps: torch.Tensor, guidance_interval: tuple[float, float]) -> list[bool]:
+        """For each of `timesteps` (the loop's), whether CFG applies there: the scheduler's rule
+        (`PixNerdFlowMatchScheduler.guidance_steps`), or `min < 1 - sigma < max` for other schedulers. Decided once,
+        before the loop."""
         if self.guidance_scale <= 1.0:
-            return False
-        if hasattr(self.scheduler, "is_guidance_active"):
-            return self.scheduler.is_guidance_active(timestep, guidance_interval=guidance_interval)
-        t = 1.0 - float(timestep) / self.scheduler.config.num_train_timesteps
-        return guidance_interval[0] < t < guidance_interval[1]
+            return [False] * len(timesteps)
+        if hasattr(self.scheduler, "guidance_steps"):
+            flags = self.scheduler.guidance_steps(guidance_interval)
+            return [flags[self.scheduler.index_for_timestep(t)] for t in timesteps]
+        times = 1.0 - timesteps.float().cpu() / self.scheduler.config.num_train_timesteps
+        return [guidance_interval[0] < float(t) < guidance_interval[1] for t in times]
 
     def denoise(
         self,
@@ -149,7 +152,7 @@ class PixNerdBasePipeline(FromOfficialPipelineMixin, DiffusionPipeline, PixNerdL
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
         keep: KeepRegion | None = None,
     ) -> torch.Tensor:
-        """The denoising loop over `timesteps` (see `retrieve_timesteps`): where guidance is active (`guidance_active`)
+        """The denoising loop over `timesteps` (see `retrieve_timesteps`): where guidance is active (`guidance_steps`)
         the batch is `[uncond, cond]`, elsewhere cond alone. While the transformer has a cache enabled
         (`enable_cache`), each branch is a separate call in its own cache context. At any image size the transformer
         runs on the token grid of `self._trained_grid` (`None`: the model's own rule, the trained grid for the text model
@@ -163,6 +166,7 @@ class PixNerdBasePipeline(FromOfficialPipelineMixin, DiffusionPipeline, PixNerdL
         input itself: where the mask is 0 the result is the input's pixels exactly.
         """
         self._num_timesteps = len(timesteps)
+        guidance = self.guidance_steps(timesteps, guidance_interval)
         guided = concat_branches(uncondition, condition)  # reused by every guided step, until a callback replaces it
         cached = getattr(self.transformer, "is_cache_enabled", False)
         if cached:
@@ -174,7 +178,7 @@ class PixNerdBasePipeline(FromOfficialPipelineMixin, DiffusionPipeline, PixNerdL
                     if self.interrupt:
                         continue
                     self._current_timestep = t
-                    active = self.guidance_active(t, guidance_interval)
+                    active = guidance[i]
                     if cached:
                         # One call per branch, each in its own cache context: a cache then sees a constant batch.
                         noise_pred = self._predict_in_context("cond", i, t, latents, condition, attention_kwargs)

@@ -306,13 +306,33 @@ class PixNerdFlowMatchScheduler(SchedulerMixin, ConfigMixin):
             )
         return int(indices[0])
 
+    def guidance_steps(self, guidance_interval: Optional[Tuple[float, float]] = None) -> List[bool]:
+        """
+        For each step of the schedule, whether classifier-free guidance applies: `min < t < max` with `t = 1 - sigma`,
+        strictly. The interval is checked once, here, for the whole loop.
+
+        Args:
+            guidance_interval (`Tuple[float, float]`, *optional*):
+                `(min, max)` in t overriding the config's, for a pipeline's per-call `guidance_interval`.
+        """
+        if self.timesteps is None:
+            raise ValueError("The schedule is not set: call `set_timesteps` first.")
+        if guidance_interval is None:
+            guidance_interval = (self.config.guidance_interval_min, self.config.guidance_interval_max)
+        low, high = guidance_interval
+        check_guidance_interval(low, high, "guidance_interval")
+        # Compared in float32, like the official `t_cur[0] > self.guidance_interval_min` (sampling.py): at t = 0 with
+        # the default min 0 the first step stays unguided, and a grid point equal to the edge is left out.
+        times = self._times[: self.num_inference_steps]
+        return ((times > low) & (times < high)).tolist()
+
     def is_guidance_active(
         self,
         timestep: Optional[Union[float, torch.Tensor]] = None,
         guidance_interval: Optional[Tuple[float, float]] = None,
     ) -> bool:
         """
-        Whether classifier-free guidance applies at a step: `min < t < max` with `t = 1 - sigma`, strictly.
+        Whether classifier-free guidance applies at one step (see `guidance_steps`, which answers for all of them).
 
         Args:
             timestep (`float` or `torch.Tensor`, *optional*):
@@ -326,14 +346,7 @@ class PixNerdFlowMatchScheduler(SchedulerMixin, ConfigMixin):
             index = self._step_index if self._step_index is not None else (self._begin_index or 0)
         else:
             index = self.index_for_timestep(timestep)
-        if guidance_interval is None:
-            guidance_interval = (self.config.guidance_interval_min, self.config.guidance_interval_max)
-        low, high = guidance_interval
-        check_guidance_interval(low, high, "guidance_interval")
-        # Compared in float32, like the official `t_cur[0] > self.guidance_interval_min` (sampling.py): at t = 0 with
-        # the default min 0 the first step stays unguided, and a grid point equal to the edge is left out.
-        t = self._times[index]
-        return bool(t > low) and bool(t < high)
+        return self.guidance_steps(guidance_interval)[index]
 
     def scale_model_input(
         self, sample: torch.Tensor, timestep: Optional[Union[float, torch.Tensor]] = None

@@ -12,7 +12,8 @@ import re
 import shlex
 import shutil
 import sys
-from typing import Iterable
+from contextlib import contextmanager
+from typing import Iterable, Iterator
 
 import torch
 import torch.nn as nn
@@ -30,6 +31,21 @@ MODEL_FILE = "model.safetensors"  # Accelerate's file of the whole training modu
 LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name: `load_lora_weights(folder)` finds it
 PROJECTOR_FILE = "projector.safetensors"  # the REPA projector of a LoRA run
 EXPORT_MARKERS = ("model_index.json", LORA_WEIGHTS_FILE)  # the files of a finished run's export
+
+
+@contextmanager
+def quiet_loggers(*names: str, level: int = logging.WARNING) -> Iterator[None]:
+    """The loggers `names` report only from `level` inside the block (Accelerate's `save_state` logs the temporary
+    folder and a sampler file it does not always write; the run logs what the committed checkpoint holds instead)."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(max(level, log.getEffectiveLevel()))
+    try:
+        yield
+    finally:
+        for log, old in zip(loggers, levels):
+            log.setLevel(old)
 
 
 def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:

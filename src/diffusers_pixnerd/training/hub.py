@@ -67,6 +67,8 @@ MODEL_CARD_SETTINGS = {
     "num_reg_images": None,
     "reg_ratio": None,
     "reg_loss_weight": None,
+    "output_preservation_word": None,
+    "output_preservation_weight": None,
     "distill": lambda a: getattr(a, "distill", False),  # the distillation flags: filled only in a distillation run
     "distill_prompts_file": None,
     "num_distill_samples": None,

@@ -22,6 +22,7 @@ from .checkpoints import (
     commit_checkpoint,
     disk_full_error,
     list_checkpoints,
+    quiet_loggers,
     read_training_state,
     register_adapter_checkpoint_hooks,
     resume_command,
@@ -43,13 +44,7 @@ from .ema import (
 )
 from .export import exported_transformer, gathered_state, gathered_trained_parameters
 from .hub import mark_export_stale, model_card_training_section
-from .objectives import (
-    PixNerdTrainingModule,
-    condition_drop_mask,
-    flip_images,
-    repa_target_features,
-    sample_sigmas,
-)
+from .objectives import PixNerdTrainingModule, condition_drop_mask, flip_images, repa_target_features, sample_sigmas
 from .optimizers import create_optimizer_and_schedule, parameter_groups
 from .signals import StopSignals
 from .validation import (
@@ -428,7 +423,8 @@ class TrainingRun:
         accelerator.wait_for_everyone()
         final = temporary[: -len(TMP_SUFFIX)]
         try:
-            accelerator.save_state(temporary)
+            with quiet_loggers("accelerate.accelerator", "accelerate.checkpointing"):
+                accelerator.save_state(temporary)  # its log names the .tmp folder and files it may not write
             ema_file = self._ema_file()
             if ema_file is not None:
                 save_ema(self.ema, os.path.join(temporary, ema_file))
@@ -448,7 +444,7 @@ class TrainingRun:
             if accelerator.is_main_process:
                 commit_checkpoint(temporary, args.checkpoints_total_limit, self.stale_checkpoints)
                 self.stale_checkpoints = []
-                logger.info("Saved %s", final)
+                logger.info("Saved %s (%s)", final, ", ".join(sorted(os.listdir(final))))
                 if self.earlier_export:
                     mark_export_stale(args.output_dir, final)
                     self.earlier_export = False

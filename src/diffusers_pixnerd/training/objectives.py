@@ -177,6 +177,22 @@ def repa_target_features(encoder: nn.Module, pixels: torch.Tensor, token_grid: t
 
 
 @contextmanager
+def adapters_disabled(*modules: nn.Module | None) -> Iterator[None]:
+    """Switches off the PEFT adapters (LoRA, DoRA) of `modules` inside the block: they compute as the base model."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for module in modules if module is not None for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    layers = [layer for layer in layers if not layer.disable_adapters]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+
+
+@contextmanager
 def capture_block_output(transformer: nn.Module, align_layer: int) -> Iterator[list[torch.Tensor]]:
     """Records the hidden states after DiT block `align_layer` (1-based, as officially) during the next forward."""
     outputs: list[torch.Tensor] = []
@@ -230,6 +246,7 @@ class PixNerdTrainingModule(nn.Module):
         tokenizer (*optional*): its tokenizer.
         null_encoder_hidden_states (`torch.Tensor`, *optional*): the embedding of `""` of a frozen text encoder, used
             for the dropped conditions when `encoder_hidden_states` come precomputed.
+        output_preservation_weight (`float`, defaults to 0): the weight of `output_preservation_loss` (LoRA only).
     """
 
     def __init__(
@@ -242,6 +259,7 @@ class PixNerdTrainingModule(nn.Module):
         text_encoder: nn.Module | None = None,
         tokenizer=None,
         null_encoder_hidden_states: torch.Tensor | None = None,
+        output_preservation_weight: float = 0.0,
     ):
         super().__init__()
         if weighting_scheme not in LOSS_WEIGHTING:
@@ -257,6 +275,7 @@ class PixNerdTrainingModule(nn.Module):
         self.align_layer = align_layer
         self.repa_loss_weight = repa_loss_weight
         self.weighting_scheme = weighting_scheme
+        self.output_preservation_weight = output_preservation_weight
         self.noise_scheduler = PixNerdFlowMatchScheduler()
         if null_encoder_hidden_states is not None:
             self.register_buffer("null_encoder_hidden_states", null_encoder_hidden_states, persistent=False)
@@ -268,13 +287,42 @@ class PixNerdTrainingModule(nn.Module):
             return {"class_labels": torch.where(drop_mask, null, class_labels)}
         if prompts is not None:
             # One encoder call for the prompts and "" (a DDP-wrapped encoder runs once per backward).
-            device = drop_mask.device
-            embeds = encode_prompts(self.text_encoder, self.tokenizer, [*prompts, ""], self.transformer.config, device)
+            embeds = self.encode([*prompts, ""], drop_mask.device)
             encoder_hidden_states, null = embeds[:-1], embeds[-1:]
         else:
             null = self.null_encoder_hidden_states
         null = null.to(encoder_hidden_states.dtype)
         return {"encoder_hidden_states": torch.where(drop_mask.reshape(-1, 1, 1), null, encoder_hidden_states)}
+
+    def encode(self, prompts: list[str], device) -> torch.Tensor:
+        return encode_prompts(self.text_encoder, self.tokenizer, prompts, self.transformer.config, device)
+
+    def output_preservation_loss(
+        self,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        sigmas: torch.Tensor,
+        rows: torch.Tensor,
+        prompts: list[str] | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The MSE between what the model predicts for the `rows` of `noisy` under their captions without the concept
+        word (`prompts`, or their embeddings from a frozen encoder) and what the base model predicts there (every LoRA
+        adapter of the transformer and the text encoder switched off, no gradient); 0 when no row holds the word."""
+        index = rows.to(noisy.device).nonzero()[:, 0]
+        if not len(index):
+            return noisy.new_zeros((), dtype=torch.float32)
+        noisy, timesteps, sigmas = noisy[index], timesteps[index], sigmas[index]
+        if prompts is not None:
+            prompts = [prompts[i] for i in index.tolist()]
+        else:
+            encoder_hidden_states = encoder_hidden_states[index.to(encoder_hidden_states.device)]
+        with torch.no_grad(), adapters_disabled(self.transformer, self.text_encoder):
+            states = encoder_hidden_states if prompts is None else self.encode(prompts, noisy.device)
+            target = self.transformer(noisy, timesteps, encoder_hidden_states=states).sample
+        states = encoder_hidden_states if prompts is None else self.encode(prompts, noisy.device)
+        output = self.transformer(noisy, timesteps, encoder_hidden_states=states).sample
+        return flow_matching_loss(output, target, sigmas, self.weighting_scheme)
 
     def forward(
         self,
@@ -289,11 +337,17 @@ class PixNerdTrainingModule(nn.Module):
         reg_samples: int = 0,
         reg_loss_weight: float = 1.0,
         loss_mask: torch.Tensor | None = None,
+        preservation_rows: torch.Tensor | None = None,
+        preservation_prompts: list[str] | None = None,
+        preservation_encoder_hidden_states: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Losses `{"loss", "fm_loss"[, "reg_loss"][, "repa_loss"]}` of clean `pixels` in [-1, 1] at noise levels
-        `sigmas`; the last `reg_samples` rows are regularisation images (`training/prior.py`): their loss is
-        `reg_loss`, added with the weight `reg_loss_weight`. `loss_mask` (B', 1, H, W), one per row before the
-        regularisation rows, weights the flow-matching loss per pixel (`--mask_data_dir`, `--alpha_mask`)."""
+        """Losses `{"loss", "fm_loss"[, "reg_loss"][, "preservation_loss"][, "repa_loss"]}` of clean `pixels` in [-1, 1]
+        at noise levels `sigmas`; the last `reg_samples` rows are regularisation images (`training/prior.py`): their
+        loss is `reg_loss`, added with the weight `reg_loss_weight`. `loss_mask` (B', 1, H, W), one per row before the
+        regularisation rows, weights the flow-matching loss per pixel (`--mask_data_dir`, `--alpha_mask`). With
+        `preservation_rows` (bool, one per row before the regularisation rows) and the captions of those rows without
+        the concept word (`preservation_prompts`, or their embeddings), `output_preservation_loss` is added with the
+        module's `output_preservation_weight`."""
         condition = self.conditions(drop_mask, class_labels, encoder_hidden_states, prompts)
         timesteps = sigmas * NUM_TRAIN_TIMESTEPS
         noisy = self.noise_scheduler.add_noise(pixels, noise, timesteps)
@@ -303,6 +357,11 @@ class PixNerdTrainingModule(nn.Module):
         losses = prior_preservation_losses(
             model_output, noise - pixels, sigmas, self.weighting_scheme, reg_samples, reg_loss_weight, loss_mask
         )
+        if preservation_rows is not None:
+            losses["preservation_loss"] = self.output_preservation_loss(
+                noisy, timesteps, sigmas, preservation_rows, preservation_prompts, preservation_encoder_hidden_states
+            )
+            losses["loss"] = losses["loss"] + self.output_preservation_weight * losses["preservation_loss"]
         if self.projector is not None:
             losses["repa_loss"] = repa_cosine_loss(self.projector(hidden[0]), repa_features)
             losses["loss"] = losses["loss"] + self.repa_loss_weight * losses["repa_loss"]

@@ -7,6 +7,11 @@ The images come from a second captioned folder (`--reg_data_dir`) or are generat
 prompts of `--reg_prompts_file` (`generate_reg_images`, cached atomically in the output folder and reused on resume).
 Each micro-batch gets `round(--reg_ratio x --train_batch_size)` of them after its own images; which ones is a function
 of (seed, process, micro-batch number) only (`reg_indices`), so a resumed run reads exactly the same ones.
+
+Output preservation (`--output_preservation_word`, ai-toolkit's "differential output preservation") works on the
+training images themselves: each caption without the concept word (`caption_without_word`) must give, on the same noisy
+image, what the base model (the adapters switched off) gives; its loss is added with `--output_preservation_weight`
+(`PixNerdTrainingModule.output_preservation_loss`).
 """
 
 import argparse
@@ -14,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 
 import torch
 
@@ -60,6 +66,20 @@ def add_prior_arguments(parser: argparse.ArgumentParser):
         type=float,
         default=None,
         help="Weight of the regularisation images' loss: loss = fm_loss + weight x reg_loss (default 1.0).",
+    )
+    group.add_argument(
+        "--output_preservation_word",
+        type=str,
+        default=None,
+        help="LoRA only: the concept's word (e.g. blue). Each training caption without it ('a blue dress' -> 'a "
+        "dress') must give, on the same noisy image, what the base model gives (the adapters switched off): the word "
+        "carries the concept, the prompts without it stay the base's.",
+    )
+    group.add_argument(
+        "--output_preservation_weight",
+        type=float,
+        default=None,
+        help="With --output_preservation_word: the weight of that loss (default 1.0).",
     )
 
 
@@ -109,6 +129,49 @@ def check_prior_arguments(args: argparse.Namespace):
             "`--aspect_ratio_buckets` out, and `--image_preprocessing pad` keeps non-square images whole (padded), "
             "`resize_center_crop` crops them."
         )
+
+
+def check_output_preservation_arguments(args: argparse.Namespace):
+    """Fills the default weight of `--output_preservation_word` and refuses what it cannot work with."""
+    word, weight = getattr(args, "output_preservation_word", None), getattr(args, "output_preservation_weight", None)
+    if word is None:
+        if weight is not None:
+            raise ValueError("`--output_preservation_weight` needs `--output_preservation_word` (the concept's word).")
+        return
+    if not word.strip():
+        raise ValueError("`--output_preservation_word` must be a word of the captions, got an empty string.")
+    if not args.use_lora:
+        raise ValueError(
+            "`--output_preservation_word` compares with the base model by switching the adapters off: it needs "
+            "`--use_lora`."
+        )
+    if getattr(args, "distill", False):
+        raise ValueError("`--output_preservation_word` teaches a concept: not with `--distill`.")
+    args.output_preservation_weight = 1.0 if weight is None else weight
+    if args.output_preservation_weight < 0:
+        raise ValueError(f"`--output_preservation_weight` must be >= 0, got {args.output_preservation_weight}.")
+
+
+def caption_without_word(caption: str, word: str) -> str:
+    """`caption` with each whole occurrence of `word` (any case) taken out, the article before it agreeing with the
+    next word ("an inverted coat" -> "a coat") and the spaces tidied; unchanged when it does not hold the word."""
+    pattern = re.compile(rf"\b(?:(an?)\s+)?{re.escape(word.strip())}\b\s*", re.IGNORECASE)
+
+    def replace(match: re.Match) -> str:
+        article = match.group(1)
+        if article is None:
+            return ""
+        following = caption[match.end() :]
+        return (article[0] + "n" if following[:1].lower() in tuple("aeiou") else article[0]) + " "
+
+    text = pattern.sub(replace, caption)
+    return re.sub(r"\s+([,.;:!?])", r"\1", re.sub(r"\s{2,}", " ", text)).strip()
+
+
+def output_preservation_captions(captions: list[str], word: str) -> tuple[list[str], torch.Tensor]:
+    """The captions without `word` and which rows held it (a bool tensor): the rows whose output is preserved."""
+    preserved = [caption_without_word(caption, word) for caption in captions]
+    return preserved, torch.tensor([p != c for p, c in zip(preserved, captions)], dtype=torch.bool)
 
 
 def reg_batch_size(args: argparse.Namespace) -> int:
