@@ -23,8 +23,8 @@ from diffusers_pixnerd.training import (
     TrainingHelpFormatter,
     TrainingRun,
     add_training_arguments,
-    check_resolution,
     check_hub_access,
+    check_resolution,
     check_training_arguments,
     check_validation_sizes,
     count_classes,
@@ -41,6 +41,7 @@ from diffusers_pixnerd.training import (
     resolve_seed,
     trained_weights_dtype,
 )
+from diffusers_pixnerd.training.buckets import create_bucket_dataloader
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +161,10 @@ def main(args):
     except ValueError as error:
         raise ValueError(f"`--validation_class_labels`: {error}") from None
     check_validation_sizes(args, transformer.resolution_multiple)
-    train_dataloader = create_dataloader(accelerator, args, dataset, transformer.resolution_multiple)
+    if args.aspect_ratio_buckets:  # batches of one aspect-ratio bucket each, sides multiples of the model's
+        train_dataloader = create_bucket_dataloader(accelerator, args, dataset, transformer.resolution_multiple)
+    else:
+        train_dataloader = create_dataloader(accelerator, args, dataset)
     transformer.train()
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()

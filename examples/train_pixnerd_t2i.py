@@ -71,6 +71,7 @@ from diffusers_pixnerd.training import (
     validation_prompts,
     weight_dtype,
 )
+from diffusers_pixnerd.training.buckets import create_bucket_dataloader
 from diffusers_pixnerd.training.dataset_config import load_folders, read_dataset_config
 from diffusers_pixnerd.training.distill import (
     add_distill_arguments,
@@ -438,7 +439,10 @@ def main(args):
         text_encoder.to("cpu")  # only needed again to be saved with a fully fine-tuned pipeline
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    train_dataloader = create_dataloader(accelerator, args, dataset, transformer.resolution_multiple)
+    if args.aspect_ratio_buckets:  # batches of one aspect-ratio bucket each, sides multiples of the model's
+        train_dataloader = create_bucket_dataloader(accelerator, args, dataset, transformer.resolution_multiple)
+    else:
+        train_dataloader = create_dataloader(accelerator, args, dataset)
 
     # 3. Full fine-tuning, or LoRA on attention, MLP and the neural-field weight generator (base frozen).
     transformer.train()

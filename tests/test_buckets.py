@@ -14,19 +14,29 @@ import PIL.Image
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train_scripts import assets  # noqa: F401 - the shared fixture (tiny DINOv2, T2I pipeline, model config)
-from test_train_scripts import C2I_SCRIPT, ROOT, T2I_SCRIPT, c2i_args, launch, save_image, t2i_args
+from test_train_scripts import (
+    C2I_SCRIPT,
+    ROOT,
+    T2I_SCRIPT,
+    assets,  # noqa: F401 - the shared fixture (tiny DINOv2, T2I pipeline, model config)
+    c2i_args,
+    launch,
+    save_image,
+    t2i_args,
+)
 from test_training_utils import tiny_dinov2
 
 from diffusers_pixnerd import PixNerdTransformer2DModel
-from diffusers_pixnerd.training import create_dataloader, load_training_dataset
+from diffusers_pixnerd.training import load_training_dataset
 from diffusers_pixnerd.training.buckets import (
     AspectRatioBucketSampler,
     BucketBatchStream,
     aspect_ratio_buckets,
     assign_buckets,
     cover_crop,
+    create_bucket_dataloader,
     dataset_image_sizes,
+    set_loader_epoch,
 )
 from diffusers_pixnerd.training.objectives import repa_encoder_grid, repa_target_features
 
@@ -224,15 +234,14 @@ def test_the_data_loader_gives_batches_of_one_bucket_at_its_size(bucket_data, tm
     dataset, _ = load_training_dataset(bucket_data / "classes", label_column="label")
     args = loader_args(tmp_path)
     with caplog.at_level("INFO"):
-        loader = create_dataloader(accelerator, args, dataset, resolution_multiple=4)
+        loader = create_bucket_dataloader(accelerator, args, dataset, resolution_multiple=4)
     assert "12x20, 16x16, 20x12" in caplog.text and "Read the sizes of 11 images from their headers" in caplog.text
     size_of_class = {0: (12, 20), 1: (16, 16), 2: (20, 12)}  # wide, square, tall images
     folders = ["a_wide", "b_square", "c_tall"]
     expected = {label: expected_pixels(bucket_data / "classes" / name, size_of_class[label]) for label, name in
                 enumerate(folders)}  # fmt: skip
     for epoch in range(2):
-        loader.set_epoch(epoch)
-        loader.bucket_sampler.set_epoch(epoch)
+        set_loader_epoch(loader, epoch)
         batches = list(loader)
         assert len(loader) == len(batches) == 5
         for batch in batches:
@@ -255,7 +264,7 @@ def test_the_data_loader_gives_batches_of_one_bucket_at_its_size(bucket_data, tm
 def test_too_few_images_for_a_batch_of_any_bucket_is_an_error(bucket_data, tmp_path, accelerator):
     dataset, _ = load_training_dataset(bucket_data / "classes", label_column="label")
     with pytest.raises(ValueError, match=r"No aspect-ratio bucket holds a full batch: each needs 5 .*largest holds 4"):
-        create_dataloader(accelerator, loader_args(tmp_path, train_batch_size=5), dataset, resolution_multiple=4)
+        create_bucket_dataloader(accelerator, loader_args(tmp_path, train_batch_size=5), dataset, 4)
 
 
 def test_pad_preprocessing_is_refused_with_buckets():
@@ -272,7 +281,7 @@ def test_pad_preprocessing_is_refused_with_buckets():
 
 def test_a_stream_is_batched_per_bucket(bucket_data, tmp_path, accelerator):
     dataset, _ = load_training_dataset(bucket_data / "classes", label_column="label", streaming=True)
-    loader = create_dataloader(accelerator, loader_args(tmp_path, streaming=True), dataset, resolution_multiple=4)
+    loader = create_bucket_dataloader(accelerator, loader_args(tmp_path, streaming=True), dataset, 4)
     loader.dataset.set_epoch(0)
     batches = list(loader)
     # Each buffer yields a batch as soon as it holds 2 images: 2 wide, 2 square, 1 tall; the last tall one waits.

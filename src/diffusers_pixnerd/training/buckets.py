@@ -5,10 +5,12 @@ about `resolution**2` pixels, every batch from one size.
 PixNerd runs at any height and width that are multiples of `transformer.resolution_multiple` (the patch size for the
 class-conditional model, `lcm(patch_size, sample_size / patch_size)` for the text model, whose backbone keeps its
 token grid and renders larger or smaller patches). The bucket table, the assignment of images to buckets, the image
-sizes read from the file headers (cached), the resize-and-crop to a bucket and the seeded batch order live here;
-`data.create_dataloader` builds the data loader from them.
+sizes read from the file headers (cached), the resize-and-crop to a bucket, the seeded batch order and the data
+loader built from them (`create_bucket_dataloader`, which `data.create_dataloader` returns with the flag) live here.
 """
 
+import argparse
+import functools
 import hashlib
 import io
 import json
@@ -21,6 +23,17 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import PIL.Image
 import torch
+
+from .data import (
+    ImageSampleDataset,
+    StreamingImageSampleDataset,
+    available_cpus,
+    check_masks,
+    collate_samples,
+    dataloader_workers,
+    mask_options,
+    split_stream,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -267,3 +280,128 @@ class BucketBatchStream(torch.utils.data.IterableDataset):
             if len(buffer) == self.batch_size:
                 yield self.collate(buffer)
                 buffer.clear()
+
+
+# ------------------------------------------------------------------------------------------------- the data loader
+
+# The resampling filter of `--image_preprocessing` when images are resized to their bucket (`pad` does not crop).
+BUCKET_RESAMPLING = {"adm_center_crop": PIL.Image.BICUBIC, "resize_center_crop": PIL.Image.BILINEAR}
+
+
+class BucketImageSampleDataset(ImageSampleDataset):
+    """`ImageSampleDataset` with aspect-ratio buckets: row `i` is resized to cover `sizes[i]` (its bucket's height and
+    width) and centre-cropped; an unreadable row's replacement is made the same size, so the batch stays one bucket."""
+
+    def __init__(
+        self, dataset, sizes: np.ndarray, preprocessing="adm_center_crop", fail_on_corrupt_images=False, **masks
+    ):
+        if preprocessing not in BUCKET_RESAMPLING:
+            raise ValueError(f"`preprocessing` {preprocessing!r} must be one of {list(BUCKET_RESAMPLING)} (buckets).")
+        super().__init__(dataset, 0, preprocessing, fail_on_corrupt_images, **masks)
+        self.sizes = np.asarray(sizes)
+        self.preprocess = functools.partial(cover_crop, resample=BUCKET_RESAMPLING[preprocessing])
+
+    def sample_size(self, index: int) -> tuple[int, int]:
+        height, width = self.sizes[index]
+        return int(height), int(width)
+
+
+def crop_to_nearest_bucket(image: PIL.Image.Image, resolution, buckets, resample) -> PIL.Image.Image:
+    """A streamed image resized to cover the bucket nearest its aspect ratio and centre-cropped (`resolution` unused:
+    the bucket sets the size)."""
+    return cover_crop(image, nearest_bucket(image.height, image.width, buckets), resample)
+
+
+def create_bucket_dataloader(accelerator, args: argparse.Namespace, dataset, resolution_multiple: int | None):
+    r"""
+    The data loader of `--aspect_ratio_buckets`: every batch holds images of one bucket
+    (`buckets.aspect_ratio_buckets`: about `--resolution`**2 pixels, sides multiples of `resolution_multiple`), each
+    resized to cover its bucket and centre-cropped.
+
+    Map-style data: the image sizes are read from the headers up front by the main process (once: cached under
+    `--cache_dir`, default `<output_dir>/cache/`) and sent to the others; every image goes to the bucket nearest its
+    aspect ratio, and `AspectRatioBucketSampler` orders the batches from (seed, epoch, the data) alone; Accelerate
+    shares them between processes (all processes on one bucket per step) and skips them on resume. Streamed data: a
+    buffer per bucket on each process (each process's bucket at a step then depends on its stream, and a resume
+    re-reads the stream as without buckets).
+    """
+    if resolution_multiple is None:
+        raise ValueError("`--aspect_ratio_buckets` needs the model's `resolution_multiple` (the size granularity).")
+    if args.image_preprocessing not in BUCKET_RESAMPLING:
+        raise ValueError(
+            f"`--aspect_ratio_buckets` resizes and crops; it cannot be used with `--image_preprocessing "
+            f"{args.image_preprocessing}` (choose one of {', '.join(BUCKET_RESAMPLING)})."
+        )
+    buckets = aspect_ratio_buckets(args.resolution, resolution_multiple)
+    resample = BUCKET_RESAMPLING[args.image_preprocessing]
+    num_workers = dataloader_workers(args.dataloader_num_workers, accelerator.num_processes)
+    logger.info(
+        "Aspect-ratio buckets for `--resolution` %d (sides multiples of %d): %s",
+        args.resolution,
+        resolution_multiple,
+        ", ".join(f"{h}x{w}" for h, w in buckets),
+    )
+    if args.streaming:
+        samples = StreamingImageSampleDataset(
+            split_stream(accelerator, args, dataset),
+            args.resolution,
+            "adm_center_crop",
+            args.fail_on_corrupt_images,
+            **mask_options(args),
+        )
+        samples.decoder.preprocess = functools.partial(crop_to_nearest_bucket, buckets=buckets, resample=resample)
+        batches = BucketBatchStream(samples, args.train_batch_size, collate_samples)
+        return torch.utils.data.DataLoader(batches, batch_size=None, num_workers=num_workers)
+
+    from accelerate.utils import broadcast_object_list
+
+    sizes = None  # read (or taken from the cache) by the main process and sent to the others
+    if accelerator.is_main_process:
+        cache_dir = args.cache_dir or os.path.join(args.output_dir, "cache")
+        sizes = dataset_image_sizes(dataset, cache_dir, num_threads=min(32, 4 * available_cpus()))
+    sizes = broadcast_object_list([sizes])[0]
+    bucket_ids = assign_buckets(sizes, buckets)
+    sampler = AspectRatioBucketSampler(bucket_ids, args.train_batch_size, accelerator.num_processes, args.seed)
+    if accelerator.is_main_process:
+        logger.info(
+            "Images per bucket (height x width): %s; each epoch leaves out %d images (incomplete batches; the "
+            "shuffle changes which)",
+            describe_buckets(buckets, bucket_ids, sampler.group_size),
+            sampler.dropped_per_epoch(),
+        )
+    check_masks(args, dataset)
+    samples = BucketImageSampleDataset(
+        dataset,
+        np.array(buckets)[bucket_ids],
+        args.image_preprocessing,
+        args.fail_on_corrupt_images,
+        **mask_options(args),
+    )
+    loader = torch.utils.data.DataLoader(
+        samples,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        collate_fn=collate_samples,
+    )
+    loader = accelerator.prepare(loader)
+    if len(loader) == 0:
+        raise ValueError(
+            f"No aspect-ratio bucket holds a full batch: each needs {sampler.group_size} images (`--train_batch_size` "
+            f"{args.train_batch_size} x {accelerator.num_processes} processes); the largest holds "
+            f"{max(len(rows) for rows in sampler.members)}. Use a smaller batch or train without "
+            "`--aspect_ratio_buckets`."
+        )
+    return loader
+
+
+def set_loader_epoch(loader, epoch: int) -> None:
+    """`loader.set_epoch(epoch)`, and the epoch of an `AspectRatioBucketSampler` inside it: Accelerate's `set_epoch`
+    reaches a batch sampler only when the loader holds it unwrapped (one process, no skip), not inside its
+    `BatchSamplerShard` (several processes) or `SkipBatchSampler` (a resumed epoch)."""
+    loader.set_epoch(epoch)
+    sampler = getattr(loader, "batch_sampler", None)
+    while sampler is not None and not isinstance(sampler, AspectRatioBucketSampler):
+        sampler = getattr(sampler, "batch_sampler", None)
+    if sampler is not None:
+        sampler.set_epoch(epoch)

@@ -13,6 +13,7 @@ from typing import Iterable, Iterator
 import torch
 import torch.nn as nn
 
+from .buckets import set_loader_epoch
 from .checkpoints import (
     CHECKPOINT_PREFIX,
     EXPORT_MARKERS,
@@ -230,11 +231,7 @@ class TrainingRun:
             else:
                 if epoch == self.first_epoch and self.resume_batches:
                     loader = self.accelerator.skip_first_batches(loader, self.resume_batches)
-                loader.set_epoch(epoch)
-                if getattr(self.dataloader, "bucket_sampler", None) is not None:
-                    # Accelerate's set_epoch reaches a batch sampler only when the loader holds it unwrapped (one
-                    # process, no skip): not under BatchSamplerShard (processes) or SkipBatchSampler (resume).
-                    self.dataloader.bucket_sampler.set_epoch(epoch)
+                set_loader_epoch(loader, epoch)  # also a bucket sampler inside Accelerate's wrappers
             empty = True
             for batch in loader:
                 empty = False
