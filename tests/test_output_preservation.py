@@ -15,9 +15,9 @@ from test_prior_preservation import LORA, LORA_FILE, parse
 from test_train_scripts import T2I_SCRIPT, assets, run_main, t2i_args  # noqa: F401
 
 from diffusers_pixnerd import PixNerdTransformer2DModel
-from diffusers_pixnerd.training.objectives import PixNerdTrainingModule, adapters_disabled, flow_matching_loss
+from diffusers_pixnerd.training.lora import adapters_disabled, add_lora_adapters
+from diffusers_pixnerd.training.objectives import PixNerdTrainingModule, flow_matching_loss
 from diffusers_pixnerd.training.prior import caption_without_word, output_preservation_captions
-from diffusers_pixnerd.training.run_setup import add_lora_adapters
 
 
 @pytest.mark.parametrize(

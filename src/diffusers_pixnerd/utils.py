@@ -1,7 +1,9 @@
 # Copyright 2026 The diffusers-pixnerd authors. MIT License.
-"""Small file helpers shared by the saving code of every layer."""
+"""Small file and state-dict helpers shared by the saving and loading code of every layer."""
 
 import os
+
+import torch
 
 
 def normal_permissions(path: str | os.PathLike) -> None:
@@ -18,3 +20,8 @@ def normal_permissions(path: str | os.PathLike) -> None:
         if os.path.islink(item):
             continue
         os.chmod(item, (0o777 if os.path.isdir(item) else 0o666) & ~mask)
+
+
+def sub_state_dict(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of submodule `prefix`, without the prefix."""
+    return {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}

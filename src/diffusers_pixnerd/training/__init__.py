@@ -30,6 +30,7 @@
 The names the example scripts use are importable from here: `from diffusers_pixnerd.training import TrainingRun`.
 """
 
+from ..utils import sub_state_dict
 from .checkpoints import (
     check_output_dir,
     commit_checkpoint,
@@ -37,8 +38,6 @@ from .checkpoints import (
     load_checkpoint_weights,
     remove_temporary_checkpoints,
     resolve_checkpoint,
-    save_lora_adapters,
-    sub_state_dict,
 )
 from .cli import (
     TrainingHelpFormatter,
@@ -64,6 +63,7 @@ from .export import exported_module
 from .hub import HubAccessError, check_hub_access, hub_model_id, lora_model_card, push_folder, upload_output_dir
 from .images import adm_center_crop, image_to_tensor, open_image, pad_to_size, resize_center_crop
 from .loop import TrainingRun
+from .lora import adapters_disabled, add_lora_adapters, save_lora_adapters
 from .objectives import (
     PixNerdTrainingModule,
     REPAProjector,
@@ -79,7 +79,6 @@ from .objectives import (
 from .optimizers import OPTIMIZERS, create_optimizer, create_optimizer_and_schedule, trained_weights_dtype
 from .prompt_cache import PromptEmbeddingCache, prompt_cache_folder, stream_captions
 from .run_setup import (
-    add_lora_adapters,
     create_accelerator,
     create_repa_encoder,
     create_repa_projector,
@@ -97,6 +96,7 @@ __all__ = [
     "stream_captions",
     "OPTIMIZERS",
     "add_lora_adapters",
+    "adapters_disabled",
     "create_optimizer",
     "create_optimizer_and_schedule",
     "trained_weights_dtype",

@@ -5,7 +5,7 @@ that hold them (no projector, no PEFT or FSDP wrappers). `TrainingRun` swaps the
 import torch
 import torch.nn as nn
 
-from .checkpoints import sub_state_dict
+from ..utils import sub_state_dict
 
 
 def gathered_state(accelerator, model: nn.Module) -> dict[str, torch.Tensor]:

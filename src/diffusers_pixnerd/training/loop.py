@@ -25,7 +25,6 @@ from .checkpoints import (
     list_checkpoints,
     quiet_loggers,
     read_training_state,
-    register_adapter_checkpoint_hooks,
     resume_command,
     unlock_output_dir,
 )
@@ -45,6 +44,7 @@ from .ema import (
 )
 from .export import exported_transformer, gathered_state, gathered_trained_parameters
 from .hub import mark_export_stale, model_card_training_section
+from .lora import register_adapter_checkpoint_hooks
 from .objectives import PixNerdTrainingModule, condition_drop_mask, flip_images, repa_target_features, sample_sigmas
 from .optimizers import create_optimizer_and_schedule, parameter_groups
 from .signals import StopSignals

@@ -19,6 +19,7 @@ from diffusers.training_utils import compute_density_for_timestep_sampling, comp
 from ..models.transformer_pixnerd import NUM_TRAIN_TIMESTEPS
 from ..pipelines.pipeline_pixnerd_t2i import encode_qwen3_prompts
 from ..schedulers.scheduling_pixnerd import PixNerdFlowMatchScheduler, shift_sigmas
+from .lora import adapters_disabled
 
 TIMESTEP_SAMPLING = ("logit_normal", "uniform", "mode")
 LOSS_WEIGHTING = ("none", "sigma_sqrt", "cosmap")
@@ -174,22 +175,6 @@ def repa_target_features(encoder: nn.Module, pixels: torch.Tensor, token_grid: t
         maps = F.interpolate(maps, tuple(token_grid), mode="bilinear", antialias=True)
         features = maps.flatten(2).transpose(1, 2).to(features.dtype)
     return features
-
-
-@contextmanager
-def adapters_disabled(*modules: nn.Module | None) -> Iterator[None]:
-    """Switches off the PEFT adapters (LoRA, DoRA) of `modules` inside the block: they compute as the base model."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    layers = [m for module in modules if module is not None for m in module.modules() if isinstance(m, BaseTunerLayer)]
-    layers = [layer for layer in layers if not layer.disable_adapters]
-    for layer in layers:
-        layer.enable_adapters(False)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.enable_adapters(True)
 
 
 @contextmanager

@@ -148,42 +148,6 @@ def weight_dtype(accelerator) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
 
-def add_lora_adapters(
-    transformer,
-    rank: int,
-    alpha: int | None = None,
-    dropout: float = 0.0,
-    target_modules: list[str] | None = None,
-    base_dtype: torch.dtype = torch.float32,
-    use_dora: bool = False,
-):
-    """Freezes `transformer` (or a text encoder) in `base_dtype` and adds trainable LoRA adapters (PEFT, Gaussian init,
-    so the output is unchanged at step 0; DoRA with `use_dora`); the adapters are float32 whatever the base
-    (diffusers' `cast_training_params`)."""
-    from diffusers.training_utils import cast_training_params
-    from peft import LoraConfig
-    from transformers import PreTrainedModel
-
-    from ..loaders.lora_pipeline import add_text_encoder_adapter
-
-    transformer.requires_grad_(False)
-    transformer.to(dtype=base_dtype)
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=alpha or rank,
-        lora_dropout=dropout,
-        init_lora_weights="gaussian",
-        target_modules=target_modules,
-        use_dora=use_dora,
-    )
-    if hasattr(transformer, "add_adapter") and not isinstance(transformer, PreTrainedModel):
-        transformer.add_adapter(config)  # diffusers' PEFT integration
-    else:  # a transformers text encoder: through PEFT directly (see `add_text_encoder_adapter`)
-        add_text_encoder_adapter(transformer, config)
-    cast_training_params(transformer, dtype=torch.float32)
-    return transformer
-
-
 def quantize_text_encoder(text_encoder: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """An int8 weight-only copy (torchao) of a frozen text encoder, computing in `dtype`; the original is left as it
     is (on the CPU), to be exported unchanged."""
