@@ -513,7 +513,8 @@ def main(args):
             )
             condition = text_condition(captions)
             if preservation_word is not None:  # the batch's own captions without the word, against the base
-                preserved, rows = output_preservation_captions(batch["caption"], preservation_word)
+                reg_captions = captions[len(batch["caption"]) :] if args.output_preservation_reg else ()
+                preserved, rows = output_preservation_captions(batch["caption"], preservation_word, reg_captions)
                 kept = text_condition(preserved)
                 condition.update(
                     preservation_rows=rows,

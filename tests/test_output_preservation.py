@@ -40,6 +40,9 @@ def test_the_caption_loses_the_word_and_keeps_its_grammar(caption, word, expecte
 def test_the_rows_that_hold_the_word_are_marked():
     preserved, rows = output_preservation_captions(["a blue coat", "a coat", "blue shoes"], "blue")
     assert preserved == ["a coat", "a coat", "shoes"] and rows.tolist() == [True, False, True]
+    # --output_preservation_reg: the regularisation rows after them, as they are, all preserved.
+    preserved, rows = output_preservation_captions(["a blue coat", "a coat"], "blue", ["a dress", "a shoe"])
+    assert preserved == ["a coat", "a coat", "a dress", "a shoe"] and rows.tolist() == [True, False, True, True]
 
 
 def lora_transformer_and_encoder(seed=0):
@@ -150,6 +153,18 @@ def test_a_resumed_run_with_output_preservation_ends_bit_identical_and_differs_f
     assert not all(torch.equal(a[k], c[k]) for k in a)  # the loss changed the training
 
 
+def test_output_preservation_on_the_regularisation_rows_changes_the_run(assets, tmp_path, run_main):
+    reg = ["--reg_data_dir", assets / "captions_jsonl", "--reg_ratio", 1, "--precompute_text_embeddings"]
+    flags = [*LORA, *STEPS, *reg, "--output_preservation_word", "blue"]
+    runs = {}
+    for name, extra in (("word_rows", []), ("with_reg", ["--output_preservation_reg"])):
+        run_main(T2I_SCRIPT, t2i_args(assets, "captions_txt", tmp_path / name, *flags, *extra))
+        runs[name] = load_file(tmp_path / name / "checkpoint-4" / LORA_FILE)
+    a, b = runs.values()
+    assert not all(torch.equal(a[k], b[k]) for k in a)
+    assert "| `output_preservation_reg` | `True` |" in (tmp_path / "with_reg" / "README.md").read_text()
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
@@ -157,6 +172,8 @@ def test_a_resumed_run_with_output_preservation_ends_bit_identical_and_differs_f
         (["--output_preservation_word", "blue"], "needs `--use_lora`"),
         ([*LORA, "--output_preservation_word", " "], "`--output_preservation_word` must be a word"),
         ([*LORA, "--output_preservation_word", "blue", "--output_preservation_weight", -1], "must be >= 0"),
+        ([*LORA, "--output_preservation_reg"], "`--output_preservation_reg` needs `--output_preservation_word`"),
+        ([*LORA, "--output_preservation_word", "blue", "--output_preservation_reg"], "acts on regularisation images"),
     ],
 )
 def test_bad_output_preservation_flags_are_named(assets, tmp_path, flags, message):

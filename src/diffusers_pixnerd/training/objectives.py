@@ -330,9 +330,9 @@ class PixNerdTrainingModule(nn.Module):
         at noise levels `sigmas`; the last `reg_samples` rows are regularisation images (`training/prior.py`): their
         loss is `reg_loss`, added with the weight `reg_loss_weight`. `loss_mask` (B', 1, H, W), one per row before the
         regularisation rows, weights the flow-matching loss per pixel (`--mask_data_dir`, `--alpha_mask`). With
-        `preservation_rows` (bool, one per row before the regularisation rows) and the captions of those rows without
-        the concept word (`preservation_prompts`, or their embeddings), `output_preservation_loss` is added with the
-        module's `output_preservation_weight`."""
+        `preservation_rows` (bool, one per row from the first, the regularisation rows optional) and the captions of
+        those rows without the concept word (`preservation_prompts`, or their embeddings), `output_preservation_loss`
+        is added with the module's `output_preservation_weight`."""
         condition = self.conditions(drop_mask, class_labels, encoder_hidden_states, prompts)
         timesteps = sigmas * NUM_TRAIN_TIMESTEPS
         noisy = self.noise_scheduler.add_noise(pixels, noise, timesteps)

@@ -81,6 +81,12 @@ def add_prior_arguments(parser: argparse.ArgumentParser):
         default=None,
         help="With --output_preservation_word: the weight of that loss (default 1.0).",
     )
+    group.add_argument(
+        "--output_preservation_reg",
+        action="store_true",
+        help="With --output_preservation_word and regularisation images: hold their rows (captions without the word) "
+        "to the base model's output too, beside their own flow-matching loss.",
+    )
 
 
 def check_prior_arguments(args: argparse.Namespace):
@@ -135,9 +141,23 @@ def check_output_preservation_arguments(args: argparse.Namespace):
     """Fills the default weight of `--output_preservation_word` and refuses what it cannot work with."""
     word, weight = getattr(args, "output_preservation_word", None), getattr(args, "output_preservation_weight", None)
     if word is None:
-        if weight is not None:
-            raise ValueError("`--output_preservation_weight` needs `--output_preservation_word` (the concept's word).")
+        given = [
+            f"`--{name}`"
+            for name in ("output_preservation_weight", "output_preservation_reg")
+            if getattr(args, name, None)
+        ]
+        if given:
+            verb = "needs" if len(given) == 1 else "need"
+            raise ValueError(f"{' and '.join(given)} {verb} `--output_preservation_word` (the concept's word).")
         return
+    if getattr(args, "output_preservation_reg", False) and not (
+        getattr(args, "reg_data_dir", None)
+        or getattr(args, "reg_prompts_file", None)
+        or getattr(args, "reg_folders", None)
+    ):
+        raise ValueError(
+            "`--output_preservation_reg` acts on regularisation images: pass `--reg_data_dir` or `--reg_prompts_file`."
+        )
     if not word.strip():
         raise ValueError("`--output_preservation_word` must be a word of the captions, got an empty string.")
     if not args.use_lora:
@@ -168,10 +188,14 @@ def caption_without_word(caption: str, word: str) -> str:
     return re.sub(r"\s+([,.;:!?])", r"\1", re.sub(r"\s{2,}", " ", text)).strip()
 
 
-def output_preservation_captions(captions: list[str], word: str) -> tuple[list[str], torch.Tensor]:
-    """The captions without `word` and which rows held it (a bool tensor): the rows whose output is preserved."""
+def output_preservation_captions(
+    captions: list[str], word: str, reg_captions: list[str] = ()
+) -> tuple[list[str], torch.Tensor]:
+    """The captions without `word` and which rows held it (a bool tensor): the rows whose output is preserved; then
+    the `reg_captions` as they are, every one preserved (`--output_preservation_reg`)."""
     preserved = [caption_without_word(caption, word) for caption in captions]
-    return preserved, torch.tensor([p != c for p, c in zip(preserved, captions)], dtype=torch.bool)
+    rows = [p != c for p, c in zip(preserved, captions)] + [True] * len(reg_captions)
+    return preserved + list(reg_captions), torch.tensor(rows, dtype=torch.bool)
 
 
 def reg_batch_size(args: argparse.Namespace) -> int:
