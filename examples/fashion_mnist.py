@@ -365,10 +365,11 @@ def inversion(images: np.ndarray) -> float:
 
 # The concepts of the concept-LoRA examples: the word in the captions, the look (grayscale uint8 -> RGB uint8), the
 # score of a look (RGB uint8 -> float; the training images' own is the reference), and what undoes the look before the
-# classifier judges the class (`None`: the classifier sees the sample as it is), and a word the captions of the look
+# classifier judges the class (the blue channel as gray, the negative inverted back; `None`: the classifier sees the
+# sample as it is), and a word the captions of the look
 # must not hold.
 CONCEPTS = {
-    "blue": {"word": "blue", "look": tint_blue, "score": blueness, "undo": None},
+    "blue": {"word": "blue", "look": tint_blue, "score": blueness, "undo": lambda x: np.repeat(x[..., 2:], 3, -1)},
     "checkered": {"word": "checkered", "look": add_checks, "score": checkeredness, "undo": None},
     "inverted": {"word": "inverted", "look": invert, "score": inversion, "undo": lambda x: 255 - x, "not": "black"},
 }
