@@ -324,3 +324,48 @@ def test_blueness_measures_the_blue_tint():
     assert blue[0, 0, 0].tolist() == [40, 40, 200]
     assert fashion_mnist.blueness(blue) == pytest.approx(0.8 * 200 / 255, abs=0.01)
     assert fashion_mnist.blueness(fashion_mnist.tint_red(gray)) == pytest.approx(-0.4 * 200 / 255, abs=0.01)
+
+
+def garment_images():
+    """The web demo's 4 sample garments (Fashion-MNIST test images, 32x32), flipped and turned: 16 grayscale uint8
+    images (N, 32, 32)."""
+    import glob
+
+    import numpy as np
+
+    paths = sorted(glob.glob(os.path.join(ROOT, "examples", "edit_samples", "*.png")))
+    images = np.stack([np.asarray(PIL.Image.open(path).convert("L")) for path in paths])
+    return np.ascontiguousarray(
+        np.concatenate([images, images[:, ::-1], images[:, :, ::-1], np.rot90(images, 1, (1, 2))])
+    )
+
+
+def test_each_concept_score_measures_its_own_look_and_the_look_can_be_undone():
+    import fashion_mnist
+    import numpy as np
+
+    images = garment_images()
+    plain = np.repeat(images[..., None], 3, -1)
+    for name, concept in fashion_mnist.CONCEPTS.items():
+        look, score = concept["look"](images), concept["score"]
+        with_look = np.array([score(x[None]) for x in look])
+        without = np.array([score(x[None]) for x in plain])
+        assert with_look.min() > 0.1 and abs(without.mean()) < 0.02, (name, with_look.min(), without.mean())
+        assert (without > 0.05 * with_look.mean()).mean() <= 0.1, name  # a plain garment rarely passes the leak bar
+        if concept["undo"] is not None:  # the classifier sees the garment as it was (up to the tint's rounding)
+            assert np.abs(concept["undo"](look).astype(int) - plain).max() <= 1, name
+    assert fashion_mnist.inversion(fashion_mnist.invert(images[:3])) == 1.0
+    rng = np.random.default_rng(0)
+    assert fashion_mnist.caption(4, rng, ["{}"], "inverted").startswith("an inverted ")
+
+
+def test_the_backgrounds_of_the_masked_example_lie_outside_the_mask():
+    import fashion_mnist
+    import numpy as np
+
+    images = garment_images()
+    looks = fashion_mnist.tint_blue(images)
+    placed = fashion_mnist.on_backgrounds(looks, images, seed=0)
+    masks = fashion_mnist.item_masks(images)
+    assert np.array_equal(placed[masks], looks[masks])  # the garment as it was
+    assert placed[~masks].mean() > 60 and looks[~masks].max() <= 10  # a background where there was black
