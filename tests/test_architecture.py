@@ -13,7 +13,7 @@ PACKAGE_DIR = os.path.dirname(diffusers_pixnerd.__file__)
 LAYERS = {
     "schedulers": 0,
     "loaders": 0,
-    "utils": 0,  # file helpers
+    "utils": -1,  # helpers every part uses: number checks, file permissions, state-dict prefixes
     "models": 1,
     "pipelines": 2,
     "training": 3,

@@ -1,6 +1,7 @@
 # Copyright 2026 The diffusers-pixnerd authors. MIT License.
-"""Small file and state-dict helpers shared by the saving and loading code of every layer."""
+"""Small helpers shared by every layer: the checks of numbers in arguments, file permissions, state-dict prefixes."""
 
+import numbers
 import os
 
 import torch
@@ -25,3 +26,21 @@ def normal_permissions(path: str | os.PathLike) -> None:
 def sub_state_dict(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The entries of submodule `prefix`, without the prefix."""
     return {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
+
+
+def is_integer(value) -> bool:
+    """A Python or numpy integer (not a bool)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value) -> bool:
+    """A Python or numpy real number (not a bool)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_guidance_interval(low: float, high: float, name: str = "guidance_interval") -> None:
+    """`0 <= min <= max <= 1` in the paper's time t; min == max is an empty interval (no guidance)."""
+    if not 0.0 <= low <= high <= 1.0:
+        raise ValueError(
+            f"`{name}` must satisfy 0 <= min <= max <= 1 in the paper's time t (0 = noise, 1 = data), got ({low}, {high})."
+        )

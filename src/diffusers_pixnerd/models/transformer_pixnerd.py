@@ -7,7 +7,6 @@ Reference implementation: github MCG-NJU/PixNerd (`src/models/transformer/pixner
 """
 
 import math
-import numbers
 import os
 import re
 from typing import Any
@@ -28,6 +27,7 @@ from diffusers.utils import apply_lora_scale
 
 from ..loaders.official_checkpoint import FromOfficialCheckpointMixin
 from ..loaders.official_repo import check_local_path
+from ..utils import is_integer, is_real
 from .cache import check_cache_config, separate_cache_contexts
 from .pixnerd_blocks import (  # noqa: F401 - `apply_rope`, `rope_angles`, the processor: imported from here too
     NeuralFieldBlock,
@@ -206,13 +206,13 @@ class PixNerdTransformer2DModel(
             text_max_length=text_max_length,
         )
         for name, value in positive.items():
-            if not (isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1):
+            if not (is_integer(value) and value >= 1):
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-        if not (isinstance(num_text_refiner_layers, numbers.Integral) and num_text_refiner_layers >= 0):
+        if not (is_integer(num_text_refiner_layers) and num_text_refiner_layers >= 0):
             raise ValueError(
                 f"`num_text_refiner_layers` must be a non-negative integer, got {num_text_refiner_layers!r}."
             )
-        if not (isinstance(mlp_ratio, numbers.Real) and math.isfinite(mlp_ratio) and mlp_ratio > 0):
+        if not (is_real(mlp_ratio) and math.isfinite(mlp_ratio) and mlp_ratio > 0):
             raise ValueError(f"`mlp_ratio` must be a positive number, got {mlp_ratio!r}.")
         if sample_size % patch_size:
             raise ValueError(f"`sample_size` ({sample_size}) must be a multiple of `patch_size` ({patch_size}).")

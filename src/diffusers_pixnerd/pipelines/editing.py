@@ -11,7 +11,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from ..schedulers.scheduling_pixnerd import is_integer, is_real
+from ..utils import is_integer, is_real
 from .pipeline_utils import KeepRegion, retrieve_timesteps
 
 

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..schedulers.scheduling_pixnerd import check_guidance_interval, check_sigmas, is_integer, is_real
+from ..schedulers.scheduling_pixnerd import check_sigmas
+from ..utils import check_guidance_interval, is_integer, is_real
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 

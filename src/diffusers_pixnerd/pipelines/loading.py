@@ -4,7 +4,6 @@ ready to sample (LoRA, device, step cache, compilation)."""
 
 import dataclasses
 import functools
-import numbers
 import os
 
 import torch
@@ -13,6 +12,7 @@ from diffusers import DiffusionPipeline
 from ..loaders import check_local_path, official_pipeline_folder
 from ..loaders.lora_pipeline import FEW_STEP_SCHEDULER_KEYS
 from ..models.cache import cache_config, parse_cache_spec
+from ..utils import is_real
 from .official import convert_official_pipeline
 from .pipeline_pixnerd import PixNerdPipeline
 from .pipeline_pixnerd_img2img import PixNerdImg2ImgPipeline
@@ -104,7 +104,7 @@ def check_load_inputs(model, lora, lora_scale, cache, compile) -> None:
     if lora_scale is not None:
         if lora is None:
             raise ValueError(f"`lora_scale` {lora_scale!r} is given without `lora`: pass the LoRA weights too.")
-        if isinstance(lora_scale, bool) or not isinstance(lora_scale, numbers.Real):
+        if not is_real(lora_scale):
             raise ValueError(f"`lora_scale` must be a number, got {type(lora_scale).__name__} {lora_scale!r}.")
     if isinstance(cache, str):
         parse_cache_spec(cache)

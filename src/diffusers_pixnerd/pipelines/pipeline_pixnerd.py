@@ -3,7 +3,6 @@
 
 import difflib
 import json
-import numbers
 import os
 import reprlib
 from collections.abc import Mapping
@@ -16,6 +15,7 @@ from diffusers.utils import replace_example_docstring
 
 from ..models.transformer_pixnerd import PixNerdTransformer2DModel
 from ..schedulers.scheduling_pixnerd import PixNerdFlowMatchScheduler
+from ..utils import is_integer
 from .input_checks import SamplingSettings, check_sampling_inputs, sampling_settings
 from .pipeline_utils import Conditioning, PixNerdBasePipeline, retrieve_timesteps
 
@@ -125,7 +125,7 @@ class PixNerdPipeline(PixNerdBasePipeline):
                 label = label[0]
             if isinstance(label, str):
                 ids.extend(self.get_label_ids(label))
-            elif isinstance(label, numbers.Integral) and not isinstance(label, bool) and 0 <= label <= num_classes:
+            elif is_integer(label) and 0 <= label <= num_classes:
                 ids.append(int(label))  # num_classes itself is the null class: unconditional samples
             else:
                 raise ValueError(

@@ -9,7 +9,8 @@ from diffusers.utils import replace_example_docstring
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..models.transformer_pixnerd import PixNerdTransformer2DModel
-from ..schedulers.scheduling_pixnerd import PixNerdFlowMatchScheduler, is_integer
+from ..schedulers.scheduling_pixnerd import PixNerdFlowMatchScheduler
+from ..utils import is_integer
 from .input_checks import SamplingSettings, check_sampling_inputs, sampling_settings
 from .pipeline_utils import Conditioning, PixNerdBasePipeline, retrieve_timesteps
 

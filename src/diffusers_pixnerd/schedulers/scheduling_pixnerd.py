@@ -2,7 +2,6 @@
 """The flow-matching sampler of PixNerd: Euler or Adams-Bashforth on a shifted grid, with interval guidance."""
 
 import math
-import numbers
 from dataclasses import dataclass
 from typing import List, Optional, Tuple, Union
 
@@ -11,6 +10,8 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput, logging
+
+from ..utils import check_guidance_interval, is_integer, is_real  # noqa: F401 - also imported from here
 
 logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
 
@@ -89,24 +90,6 @@ def adams_coefficients(nodes: List[float], start: float, end: float) -> List[flo
 def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
     """The official time shift `t / (t + (1 - t) shift)` in sigma = 1 - t: `shift sigma / (1 + (shift - 1) sigma)`."""
     return shift * sigmas / (1 + (shift - 1) * sigmas)
-
-
-def is_integer(value) -> bool:
-    """A Python or numpy integer (not a bool)."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def is_real(value) -> bool:
-    """A Python or numpy real number (not a bool)."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def check_guidance_interval(low: float, high: float, name: str = "guidance_interval") -> None:
-    """`0 <= min <= max <= 1` in the paper's time t; min == max is an empty interval (no guidance)."""
-    if not 0.0 <= low <= high <= 1.0:
-        raise ValueError(
-            f"`{name}` must satisfy 0 <= min <= max <= 1 in the paper's time t (0 = noise, 1 = data), got ({low}, {high})."
-        )
 
 
 class PixNerdFlowMatchScheduler(SchedulerMixin, ConfigMixin):

@@ -16,6 +16,8 @@ folder.
 import dataclasses
 import os
 
+from ..utils import is_integer
+
 FOLDER_KEYS = {"path", "repeats", "caption_column", "mask_dir", "alpha_mask"}
 SECTIONS = ("datasets", "regularisation")
 # Per-folder settings other trainers have that a run here sets once, with the flag that does.
@@ -91,7 +93,7 @@ def read_folder(entry, where: str, base: str) -> Folder:
     if not os.path.isdir(folder):
         raise ValueError(f"{where}: `path` {entry['path']!r} is not a folder ({folder}).")
     repeats = entry.get("repeats", 1)
-    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
+    if not is_integer(repeats) or repeats < 1:
         raise ValueError(f"{where}: `repeats` must be a positive integer, got {repeats!r}.")
     if "caption_column" in entry and not isinstance(entry["caption_column"], str):
         raise ValueError(f"{where}: `caption_column` must be a string, got {entry['caption_column']!r}.")
