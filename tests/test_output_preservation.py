@@ -4,14 +4,12 @@ off and on, the loss against a hand-computed one, its gradient, whole runs (exac
 result) and bad flags. Tiny models, in-process runs."""
 
 import copy
-import os
-import shutil
 
 import pytest
 import torch
 from conftest import TINY_T2I, qwen3_tokenizer, randomize_, tiny_qwen3
 from safetensors.torch import load_file
-from test_prior_preservation import LORA, LORA_FILE, parse
+from test_prior_preservation import LORA, LORA_FILE, parse, run_and_resume
 from test_train_scripts import T2I_SCRIPT, assets, run_main, t2i_args  # noqa: F401
 
 from diffusers_pixnerd import PixNerdTransformer2DModel
@@ -139,12 +137,7 @@ def test_a_resumed_run_with_output_preservation_ends_bit_identical_and_differs_f
     full, resumed, plain = tmp_path / "full", tmp_path / "resumed", tmp_path / "plain"
     flags = [*LORA, *STEPS, *text]
     args = t2i_args(assets, "captions_txt", full, *flags, "--output_preservation_word", "blue")
-    run_main(T2I_SCRIPT, args)
-    os.makedirs(resumed)
-    shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
-    args[args.index("--output_dir") + 1] = resumed
-    run_main(T2I_SCRIPT, [*args, "--resume_from_checkpoint", "latest"])
-    a, b = load_file(full / "checkpoint-4" / LORA_FILE), load_file(resumed / "checkpoint-4" / LORA_FILE)
+    a, b = run_and_resume(run_main, args, full, resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     card = (full / "README.md").read_text()
     assert "| `output_preservation_word` | `blue` |" in card and "| `output_preservation_weight` | `1.0` |" in card
