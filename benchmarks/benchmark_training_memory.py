@@ -54,7 +54,8 @@ from diffusers_pixnerd.training import (
 from diffusers_pixnerd.training.cli import add_switch
 
 GIB = 2**30
-# The script's default LoRA targets (examples/train_pixnerd_t2i.py LORA_TARGET_MODULES; tests/test_loading.py checks).
+# The script's default LoRA targets (examples/train_pixnerd_t2i.py LORA_TARGET_MODULES;
+# tests/examples/test_benchmark_training_memory.py checks).
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj", "proj_in", "proj_out", "param_generator"]
 DINOV2_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, patch_size=14)
 

