@@ -13,7 +13,8 @@ import os
 
 import torch
 
-from .pipelines.official import convert_official_checkpoint, convert_official_pipeline
+from .models.transformer_pixnerd import PixNerdTransformer2DModel
+from .pipelines.loading import convert_official_pipeline
 from .pipelines.pipeline_pixnerd_t2i import DEFAULT_TEXT_ENCODER
 
 
@@ -53,12 +54,19 @@ def main(input_args=None):
     if args.pipeline:
         text_encoder = None if args.text_encoder.lower() == "none" else args.text_encoder
         pipe = convert_official_pipeline(
-            args.checkpoint, args.ema, args.sample_size, dtype, args.scheduler_preset, text_encoder=text_encoder
+            args.checkpoint,
+            ema=args.ema,
+            sample_size=args.sample_size,
+            dtype=dtype,
+            scheduler_preset=args.scheduler_preset,
+            text_encoder=text_encoder,
         )
         pipe.save_pretrained(args.output)
         print(f"Wrote the {type(pipe).__name__} folder {args.output}")
         return
-    model = convert_official_checkpoint(args.checkpoint, ema=args.ema, sample_size=args.sample_size, dtype=dtype)
+    model = PixNerdTransformer2DModel.from_single_file(
+        args.checkpoint, ema=args.ema, sample_size=args.sample_size, dtype=dtype
+    )
     model.save_pretrained(args.output)
     print(f"Wrote {args.output} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters)")
 

@@ -318,7 +318,7 @@ def test_a_continuation_stopped_by_ctrl_c_prints_its_flags_once_and_marks_the_ol
     assert printed.endswith("--resume_from_checkpoint latest")
     assert "The model exported in" in caplog.text and "is older than checkpoint-4" in caplog.text
     card = (out / "README.md").read_text()
-    assert card.startswith("---\nlibrary_name: diffusers")  # the metadata block stays first
+    assert card.startswith("---\n") and "\nlibrary_name: diffusers\n" in card.split("\n---\n", 1)[0]  # metadata first
     assert "**Outdated export.**" in card and "saved `checkpoint-4`" in card and "for 3 steps" in card
     assert (out / "model_index.json").exists()  # kept: the only finished model until the continuation ends
 

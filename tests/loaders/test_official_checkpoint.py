@@ -1,5 +1,5 @@
 """Official checkpoints to diffusers weights (loaders/official_checkpoint.py, `from_single_file` of the model and
-`convert_official_checkpoint`): the inferred architecture, the key mapping, errors naming the file and the key, bad
+`PixNerdTransformer2DModel.from_single_file`): the inferred architecture, the key mapping, errors naming the file and the key, bad
 files and names, `dtype` in every loading path."""
 
 import os
@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffusers_pixnerd import PixNerdPipeline, PixNerdTransformer2DModel, convert_official_checkpoint
+from diffusers_pixnerd import PixNerdPipeline, PixNerdTransformer2DModel
 from diffusers_pixnerd.convert import main
 from diffusers_pixnerd.loaders import infer_config, load_official_state_dict, select_denoiser
 
@@ -43,7 +43,7 @@ def test_architecture_is_inferred_from_tensors():
 
 
 def test_fused_swiglu_is_official_w1_then_w3():
-    model = convert_official_checkpoint(C2I_CKPT)
+    model = PixNerdTransformer2DModel.from_single_file(C2I_CKPT)
     sd = official_state_dict()
     expected = torch.cat([sd["ema_denoiser.blocks.1.mlp.w1.weight"], sd["ema_denoiser.blocks.1.mlp.w3.weight"]])
     torch.testing.assert_close(model.transformer_blocks[1].ff.proj_in.weight, expected)
@@ -67,7 +67,7 @@ def test_plain_denoiser_state_dict_is_accepted(tmp_path):
     sd = {k[len("ema_denoiser.") :]: v for k, v in official_state_dict().items() if k.startswith("ema_denoiser.")}
     path = tmp_path / "denoiser.pt"
     torch.save(sd, path)
-    model = convert_official_checkpoint(str(path))
+    model = PixNerdTransformer2DModel.from_single_file(str(path))
     torch.testing.assert_close(model.class_embedder.weight, sd["y_embedder.embedding_table.weight"])
 
 
@@ -76,7 +76,7 @@ def test_plain_denoiser_state_dict_is_accepted(tmp_path):
 
 def test_missing_file_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such local file"):
-        convert_official_checkpoint(str(tmp_path / "nope.ckpt"))
+        PixNerdTransformer2DModel.from_single_file(str(tmp_path / "nope.ckpt"))
     with pytest.raises(FileNotFoundError, match="`checkpoint`"):
         load_official_state_dict(str(tmp_path / "nope.ckpt"))
 
@@ -85,11 +85,11 @@ def test_file_that_is_not_a_checkpoint_is_an_error(tmp_path):
     path = tmp_path / "random.ckpt"
     path.write_bytes(os.urandom(1000))
     with pytest.raises(ValueError, match="weights-only"):
-        convert_official_checkpoint(str(path))
+        PixNerdTransformer2DModel.from_single_file(str(path))
     other = tmp_path / "other.pt"
     torch.save({"state_dict": {"encoder.layer.weight": torch.zeros(2)}}, other)
     with pytest.raises(ValueError, match="Not a PixNerd checkpoint"):
-        convert_official_checkpoint(str(other))
+        PixNerdTransformer2DModel.from_single_file(str(other))
 
 
 class _Payload:
@@ -106,7 +106,7 @@ def test_pickled_code_never_runs(tmp_path, monkeypatch, force_unsafe_env):
     if os.path.exists("/tmp/pixnerd_pickle_ran"):
         os.remove("/tmp/pixnerd_pickle_ran")
     with pytest.raises(ValueError, match="weights-only"):
-        convert_official_checkpoint(str(path))
+        PixNerdTransformer2DModel.from_single_file(str(path))
     assert not os.path.exists("/tmp/pixnerd_pickle_ran")
 
 
@@ -116,7 +116,7 @@ def test_unknown_key_is_an_error(tmp_path):
     path = tmp_path / "extra.ckpt"
     torch.save({"state_dict": sd}, path)
     with pytest.raises(ValueError, match="Unknown keys.*blocks.0.attn.extra.weight"):
-        convert_official_checkpoint(str(path))
+        PixNerdTransformer2DModel.from_single_file(str(path))
 
 
 def test_missing_key_is_an_error(tmp_path):
@@ -125,7 +125,7 @@ def test_missing_key_is_an_error(tmp_path):
     path = tmp_path / "missing.ckpt"
     torch.save({"state_dict": sd}, path)
     with pytest.raises(ValueError, match=r"lacks weights for.*transformer_blocks.1.attn.to_out.0.bias"):
-        convert_official_checkpoint(str(path))
+        PixNerdTransformer2DModel.from_single_file(str(path))
 
 
 @pytest.mark.parametrize(
@@ -164,8 +164,8 @@ def test_missing_ema_weights_is_an_error(tmp_path):
     path = tmp_path / "online_only.ckpt"
     torch.save({"state_dict": sd}, path)
     with pytest.raises(ValueError, match="no `ema_denoiser.\\*` weights"):
-        convert_official_checkpoint(str(path))
-    assert convert_official_checkpoint(str(path), ema=False).config.num_classes == 10
+        PixNerdTransformer2DModel.from_single_file(str(path))
+    assert PixNerdTransformer2DModel.from_single_file(str(path), ema=False).config.num_classes == 10
 
 
 # ------------------------------------------------------------------------------------------------- bad files and names
@@ -176,7 +176,7 @@ def test_an_empty_file_is_named(tmp_path, suffix):
     path = tmp_path / f"empty{suffix}"
     path.write_bytes(b"")
     with pytest.raises(ValueError, match=f"`checkpoint` '.*empty{suffix}' is empty"):
-        convert_official_checkpoint(str(path))
+        PixNerdTransformer2DModel.from_single_file(str(path))
 
 
 @pytest.mark.parametrize("content", [b"not a safetensors file at all", None])
@@ -189,7 +189,7 @@ def test_a_broken_safetensors_file_is_named(tmp_path, content):
         content = path.read_bytes()[:-100]
     path.write_bytes(content)
     with pytest.raises(ValueError, match="`checkpoint` '.*model.safetensors' could not be read as a safetensors"):
-        convert_official_checkpoint(str(path))
+        PixNerdTransformer2DModel.from_single_file(str(path))
 
 
 @pytest.mark.parametrize("name", ["./missing.ckpt", "/no/such/dir/model.ckpt", "~/missing.ckpt"])
@@ -198,7 +198,7 @@ def test_a_missing_local_file_is_not_looked_up_on_the_hub(name, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: pytest.fail("asked the Hub"))
     with pytest.raises(FileNotFoundError, match="no such local file"):
-        convert_official_checkpoint(name)
+        PixNerdTransformer2DModel.from_single_file(name)
 
 
 def test_a_relative_path_in_an_existing_folder_is_local(monkeypatch):
@@ -206,13 +206,13 @@ def test_a_relative_path_in_an_existing_folder_is_local(monkeypatch):
         os.path.dirname(FIXTURES)
     )  # "fixtures/missing.ckpt" could also be a Hub repo "fixtures/missing.ckpt"
     with pytest.raises(FileNotFoundError, match="'fixtures/missing.ckpt': no such local file"):
-        convert_official_checkpoint("fixtures/missing.ckpt")
+        PixNerdTransformer2DModel.from_single_file("fixtures/missing.ckpt")
 
 
 @pytest.mark.parametrize("size", [0, -256])
 def test_sample_size_must_be_positive(size):
     with pytest.raises(ValueError, match="`sample_size` must be a positive integer"):
-        convert_official_checkpoint(C2I_CKPT, sample_size=size)
+        PixNerdTransformer2DModel.from_single_file(C2I_CKPT, sample_size=size)
 
 
 def test_the_resolution_comes_from_the_file_name_when_it_states_one(tmp_path, caplog):
@@ -221,9 +221,9 @@ def test_the_resolution_comes_from_the_file_name_when_it_states_one(tmp_path, ca
 
     named = tmp_path / "res512_ft200k_tiny.ckpt"
     shutil.copyfile(C2I_CKPT, named)
-    assert convert_official_checkpoint(str(named)).config.sample_size == 512
+    assert PixNerdTransformer2DModel.from_single_file(str(named)).config.sample_size == 512
     with caplog.at_level(logging.INFO):
-        model = convert_official_checkpoint(C2I_CKPT)
+        model = PixNerdTransformer2DModel.from_single_file(C2I_CKPT)
     assert model.config.sample_size == 256 and "assuming sample_size 256" in caplog.text
 
 
@@ -242,7 +242,7 @@ def test_converting_a_directory_says_so_and_what_to_pass(tmp_path):
         match=r"'.*official' is a directory \(it holds model.ckpt\): pass the official "
         r"checkpoint file inside it",
     ):
-        convert_official_checkpoint(str(tmp_path / "official"))
+        PixNerdTransformer2DModel.from_single_file(str(tmp_path / "official"))
 
 
 # --------------------------------------------------------------------------------------------------------------- dtype
@@ -260,7 +260,7 @@ def test_dtype_in_every_loading_path(tmp_path):
     assert PixNerdTransformer2DModel.from_single_file(C2I_CKPT, sample_size=16, dtype=torch.float16).dtype == (
         torch.float16
     )
-    assert convert_official_checkpoint(C2I_CKPT, dtype=bf16).dtype == bf16
+    assert PixNerdTransformer2DModel.from_single_file(C2I_CKPT, dtype=bf16).dtype == bf16
     assert PixNerdPipeline.from_single_file(C2I_CKPT, sample_size=16, dtype=bf16).transformer.dtype == bf16
     t2i = PixNerdT2IPipeline.from_single_file(T2I_CKPT, sample_size=16, dtype=bf16, text_encoder=None, tokenizer=None)
     assert t2i.transformer.dtype == bf16
@@ -276,23 +276,18 @@ def test_dtype_in_every_loading_path(tmp_path):
     assert {v.dtype for v in load_file(tmp_path / "cli" / "diffusion_pytorch_model.safetensors").values()} == {bf16}
 
 
-def test_torch_dtype_still_works_with_a_deprecation_warning():
-    with pytest.warns(FutureWarning, match="`torch_dtype` is deprecated"):
-        model = PixNerdTransformer2DModel.from_single_file(C2I_CKPT, torch_dtype=torch.bfloat16)
-    assert model.dtype == torch.bfloat16
-    with pytest.warns(FutureWarning, match="`torch_dtype` is deprecated"):
-        pipe = PixNerdPipeline.from_single_file(C2I_CKPT, sample_size=16, torch_dtype=torch.float16)
-    assert pipe.transformer.dtype == torch.float16
+def test_torch_dtype_is_not_an_argument_of_ours():
+    """Our `from_single_file` methods take `dtype` only (diffusers' deprecated `torch_dtype` was never released here):
+    the error names the argument and says what is expected."""
+    with pytest.raises(TypeError, match=r"Unexpected keyword argument\(s\) \['torch_dtype'\].*`dtype`"):
+        PixNerdTransformer2DModel.from_single_file(C2I_CKPT, torch_dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match=r"Unexpected keyword argument\(s\) \['torch_dtype'\].*`dtype`"):
+        PixNerdPipeline.from_single_file(C2I_CKPT, sample_size=16, torch_dtype=torch.float16)
 
 
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        (
-            dict(dtype=torch.bfloat16, torch_dtype=torch.float16),
-            ValueError,
-            r"`dtype` .* and `torch_dtype` .* disagree",
-        ),
         (dict(dtype=torch.int8), ValueError, r"`dtype` must be a floating-point torch.dtype"),
         (dict(dtype="bfloat16"), ValueError, r"`dtype` must be a floating-point torch.dtype"),
         (dict(dtpye=torch.bfloat16), TypeError, r"Unexpected keyword argument\(s\) \['dtpye'\]"),

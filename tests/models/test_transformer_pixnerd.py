@@ -17,7 +17,6 @@ from diffusers_pixnerd import (
     PixNerdPipeline,
     PixNerdT2IPipeline,
     PixNerdTransformer2DModel,
-    convert_official_checkpoint,
 )
 from diffusers_pixnerd.testing_utils import TINY_C2I, TINY_T2I, randomize_
 
@@ -40,7 +39,7 @@ def to_timestep(t: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("case", ["square", "nonsquare"])
 def test_c2i_matches_official(case):
-    model = convert_official_checkpoint(os.path.join(FIXTURES, "official_c2i_tiny.ckpt"))
+    model = PixNerdTransformer2DModel.from_single_file(os.path.join(FIXTURES, "official_c2i_tiny.ckpt"))
     f = load_file(os.path.join(FIXTURES, "official_c2i_tiny_outputs.safetensors"))
     with torch.no_grad():
         out = model(f[f"{case}.x"], to_timestep(f[f"{case}.t"]), class_labels=f[f"{case}.y"]).sample
@@ -50,7 +49,9 @@ def test_c2i_matches_official(case):
 
 @pytest.mark.parametrize("case", ["native", "larger", "nonsquare", "smaller"])
 def test_t2i_matches_official_at_any_resolution(case):
-    model = convert_official_checkpoint(os.path.join(FIXTURES, "official_t2i_tiny.ckpt"), sample_size=16)
+    model = PixNerdTransformer2DModel.from_single_file(
+        os.path.join(FIXTURES, "official_t2i_tiny.ckpt"), sample_size=16
+    )
     f = load_file(os.path.join(FIXTURES, "official_t2i_tiny_outputs.safetensors"))
     with torch.no_grad():
         out = model(f[f"{case}.x"], to_timestep(f[f"{case}.t"]), encoder_hidden_states=f[f"{case}.text"]).sample
@@ -64,7 +65,9 @@ def test_t2i_matches_official_at_any_resolution(case):
 )
 def test_online_weights_match_official_with_no_ema(variant, inputs):
     kwargs = {"sample_size": 16} if variant == "t2i" else {}
-    model = convert_official_checkpoint(os.path.join(FIXTURES, f"official_{variant}_tiny.ckpt"), ema=False, **kwargs)
+    model = PixNerdTransformer2DModel.from_single_file(
+        os.path.join(FIXTURES, f"official_{variant}_tiny.ckpt"), ema=False, **kwargs
+    )
     f = load_file(os.path.join(FIXTURES, f"official_{variant}_tiny_outputs.safetensors"))
     x, t, cond = (f[k] for k in inputs)
     cond_kwarg = {"class_labels": cond} if variant == "c2i" else {"encoder_hidden_states": cond}

@@ -79,7 +79,7 @@ def test_every_part_of_the_package_has_a_layer():
     assert {m.split(".")[0] for m in MODULES} <= set(LAYERS)
     # The walk finds what it should: the model layer uses the loaders, the CLI the pipelines.
     assert "loaders.official_checkpoint" in IMPORTS["models.transformer_pixnerd"]
-    assert "pipelines.official" in IMPORTS["convert"]
+    assert "pipelines.loading" in IMPORTS["convert"]
 
 
 def layer(module: str) -> int:

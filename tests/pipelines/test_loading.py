@@ -9,6 +9,7 @@ import torch
 from diffusers import FirstBlockCacheConfig
 
 from diffusers_pixnerd import PixNerdPipeline, PixNerdT2IPipeline, PixNerdTransformer2DModel, load_pipeline
+from diffusers_pixnerd.pipelines import pipeline_class
 
 from ..helpers import BUNDLED, BUNDLED_LORA, BUNDLED_T2I, C2I_CKPT, T2I_CKPT
 
@@ -91,7 +92,9 @@ def test_an_official_hub_repo_is_converted_once_then_loads_offline(tmp_path, mon
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     pipe = load_pipeline("MCG-NJU/PixNerd-tiny", cache_dir=tmp_path, sample_size=16)
     assert type(pipe) is PixNerdPipeline
-    assert downloads == [("MCG-NJU/PixNerd-tiny", "t.ckpt")] and conversions == [C2I_CKPT]
+    # `pipeline_class` reads the checkpoint's kind, `from_pretrained` converts it: the same file (a cache hit the
+    # second time in huggingface_hub), converted once.
+    assert set(downloads) == {("MCG-NJU/PixNerd-tiny", "t.ckpt")} and conversions == [C2I_CKPT]
 
     def no_network(*args, **kwargs):
         raise AssertionError("network access")
@@ -102,6 +105,23 @@ def test_an_official_hub_repo_is_converted_once_then_loads_offline(tmp_path, mon
     cached = load_pipeline("MCG-NJU/PixNerd-tiny", cache_dir=tmp_path, sample_size=16)
     assert len(conversions) == 1
     assert torch.equal(images(cached, class_labels=[1, 2]), images(pipe, class_labels=[1, 2]))
+
+
+@pytest.mark.parametrize("checkpoint, cls", [(C2I_CKPT, PixNerdPipeline), (T2I_CKPT, PixNerdT2IPipeline)])
+def test_pipeline_class_reads_an_official_checkpoints_kind_without_converting_it(
+    tmp_path, conversions, checkpoint, cls
+):
+    folder = tmp_path / "official"
+    folder.mkdir()
+    shutil.copy(checkpoint, folder / "model.ckpt")
+    cache = tmp_path / "cache"
+    assert pipeline_class(folder, cache_dir=cache, sample_size=16) is cls
+    assert pipeline_class(checkpoint) is cls
+    assert conversions == [] and not cache.exists()  # nothing converted, nothing cached
+    components = dict(text_encoder=None, tokenizer=None) if cls is PixNerdT2IPipeline else {}
+    load_pipeline(folder, cache_dir=cache, sample_size=16, **components)  # from_pretrained converts, once
+    assert pipeline_class(folder, cache_dir=cache, sample_size=16) is cls  # now read from the cached conversion
+    assert conversions == [str(folder / "model.ckpt")]
 
 
 def test_an_official_checkpoint_file_is_converted_to_its_kind():

@@ -13,7 +13,7 @@ import re
 
 import huggingface_hub
 import torch
-from diffusers.utils import deprecate, logging
+from diffusers.utils import logging
 from safetensors.torch import load_file
 
 # Official key (after the `denoiser.` prefix) -> ours, with q, k, v (and the text k, v) still stacked in one projection
@@ -49,8 +49,9 @@ DEFAULT_SAMPLE_SIZE = {"class": 256, "text": 512}
 logger = logging.get_logger(__name__)
 
 
-def load_official_state_dict(path: str) -> dict:
-    """Reads a `.ckpt`/`.pt` (Lightning or plain state dict) or `.safetensors` file into a flat state dict."""
+def load_official_state_dict(path: str, mmap: bool = False) -> dict:
+    """Reads a `.ckpt`/`.pt` (Lightning or plain state dict) or `.safetensors` file into a flat state dict; with
+    `mmap` a `.ckpt`/`.pt` file's tensors are memory-mapped, not read (for its keys and shapes)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"`checkpoint` {path!r} is not a file.")
     if os.path.getsize(path) == 0:
@@ -64,7 +65,7 @@ def load_official_state_dict(path: str) -> dict:
                 "truncated or not a safetensors file."
             ) from None
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the file is not what we expect
         raise ValueError(
             f"`checkpoint` {path!r} could not be read as a weights-only PyTorch checkpoint ({type(e).__name__}: {e})."
@@ -108,6 +109,13 @@ def _shape(state_dict: dict, key: str, variant: str) -> torch.Size:
     if key not in state_dict:
         raise ValueError(f"The checkpoint lacks `{key}`, which every official {variant} PixNerd denoiser has.")
     return state_dict[key].shape
+
+
+def is_text_to_image_checkpoint(path: str) -> bool:
+    """Whether an official checkpoint file holds a text-to-image model, from its keys alone (nothing converted)."""
+    state_dict = load_official_state_dict(path, mmap=True)
+    names = {key.replace("_orig_mod.", "").split("denoiser.", 1)[-1] for key in state_dict}
+    return any(marker in names for marker in _TEXT_MARKERS)
 
 
 def infer_config(state_dict: dict, sample_size: int | None = None) -> dict:
@@ -229,16 +237,6 @@ def convert_state_dict(state_dict: dict, config: dict) -> dict:
     return converted
 
 
-def resolve_dtype(dtype: torch.dtype | None, torch_dtype: torch.dtype | None) -> torch.dtype | None:
-    """`dtype`, or the older name `torch_dtype` (deprecated as in diffusers); both at once must agree."""
-    if torch_dtype is None:
-        return dtype
-    if dtype is not None and dtype != torch_dtype:
-        raise ValueError(f"`dtype` ({dtype}) and `torch_dtype` ({torch_dtype}) disagree; pass only `dtype`.")
-    deprecate("torch_dtype", "1.0.0", "`torch_dtype` is deprecated: pass `dtype` instead.", standard_warn=False)
-    return torch_dtype
-
-
 def _looks_local(path: str) -> bool:
     """A path meant for this machine: absolute, `./`, `../` or `~`, or inside a folder that exists here."""
     if os.path.isabs(path) or path.startswith((".", "~")):
@@ -321,18 +319,14 @@ class FromOfficialCheckpointMixin:
         ema: bool = True,
         sample_size: int | None = None,
         dtype: torch.dtype | None = None,
-        *,
-        torch_dtype: torch.dtype | None = None,
         **hub_kwargs,
     ):
         """Loads an official PixNerd checkpoint: a local `.ckpt`/`.pt`/`.safetensors` file, a Hub file
         (`org/repo/file.ckpt`) or a Hub URL (`hub_kwargs`: `revision`, `token`, `cache_dir`, ...).
 
         `ema` chooses the EMA weights (default) or the online ones; `sample_size` is the trained resolution (see
-        `official_state_dict_for_model`); `dtype` the dtype of the weights (default float32; `torch_dtype` is its
-        older name).
+        `official_state_dict_for_model`); `dtype` the dtype of the weights (default float32).
         """
-        dtype = resolve_dtype(dtype, torch_dtype)
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ValueError(f"`dtype` must be a floating-point torch.dtype, got {dtype!r}.")
         config, converted = official_state_dict_for_model(

@@ -7,7 +7,6 @@ import os
 
 import torch
 
-from .official_checkpoint import resolve_dtype
 from .official_repo import check_local_path, official_pipeline_folder
 
 
@@ -53,18 +52,15 @@ class FromOfficialPipelineMixin:
         sample_size: int | None = None,
         dtype: torch.dtype | None = None,
         scheduler_preset: str | None = None,
-        *,
-        torch_dtype: torch.dtype | None = None,
         **kwargs,
     ):
         """A complete pipeline from an official checkpoint (local path, `org/repo/file.ckpt` or Hub URL): the
-        transformer from `PixNerdTransformer2DModel.from_single_file` (options `ema`, `sample_size`, `dtype` (or the
-        older `torch_dtype`) and Hub download options), the scheduler from
-        `PixNerdFlowMatchScheduler.from_official_preset` (`scheduler_preset`, by default the paper's setting for the
-        checkpoint), and the pipeline's optional components (`text_encoder`, `tokenizer`) from `kwargs`.
+        transformer from `PixNerdTransformer2DModel.from_single_file` (options `ema`, `sample_size`, `dtype` and Hub
+        download options), the scheduler from `PixNerdFlowMatchScheduler.from_official_preset` (`scheduler_preset`,
+        by default the paper's setting for the checkpoint), and the pipeline's optional components (`text_encoder`,
+        `tokenizer`) from `kwargs`.
         """
         components = {k: kwargs.pop(k) for k in ("text_encoder", "tokenizer") if k in kwargs}
-        dtype = resolve_dtype(dtype, torch_dtype)
         # The transformer class as the pipeline's `__init__` annotates it (how diffusers' single-file loader finds
         # component classes): this layer does not import the models.
         transformer_class = cls._get_signature_types()["transformer"][0]

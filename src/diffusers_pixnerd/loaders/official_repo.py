@@ -1,6 +1,8 @@
 # Copyright 2026 The diffusers-pixnerd authors. MIT License.
 """Official PixNerd repos and folders (a Lightning `.ckpt`, no `model_index.json`): converted once, then cached."""
 
+import dataclasses
+import functools
 import glob
 import os
 import re
@@ -15,22 +17,34 @@ from huggingface_hub.errors import OfflineModeIsEnabled
 logger = logging.get_logger(__name__)
 
 
-def official_pipeline_folder(
+@dataclasses.dataclass(frozen=True)
+class OfficialCheckpoint:
+    """An official folder or Hub repo's checkpoint: `fetch()` gives its local path (downloading it from the Hub
+    once), `folder` is where its converted pipeline is cached (it holds a `model_index.json` once converted)."""
+
+    name: str
+    fetch: Callable[[], str]
+    folder: str
+
+    @property
+    def converted(self) -> bool:
+        return os.path.isfile(os.path.join(self.folder, "model_index.json"))
+
+
+def find_official_checkpoint(
     name_or_path: str,
-    convert: Callable[..., Any],
     checkpoint_name: str | None = None,
     ema: bool = True,
     sample_size: int | None = None,
     cache_dir: str | None = None,
     token: str | None = None,
     revision: str | None = None,
-) -> str | None:
-    """For a folder or Hub repo that holds an official Lightning checkpoint and no `model_index.json`: the path of
-    its converted pipeline, converted once by `convert(checkpoint_path, ema=..., sample_size=...)` (which returns an
-    object with `save_pretrained`, e.g. `PixNerdPipeline.from_single_file`) and cached. `None` for anything else.
+) -> OfficialCheckpoint | None:
+    """The official Lightning checkpoint of a folder or Hub repo that holds one and no `model_index.json`; `None` for
+    anything else (a diffusers folder or repo, a path, offline and not converted before). Nothing is converted.
 
-    The cache lives in `cache_dir` (default `$HF_HOME/diffusers_pixnerd`) and is written atomically; a cached
-    conversion is used without network access.
+    The conversion cache lives in `cache_dir` (default `$HF_HOME/diffusers_pixnerd`), one folder per repo (or folder,
+    file size and time), checkpoint, `ema` and `sample_size`; a conversion in it is found without network access.
     """
     root = os.path.join(cache_dir or os.path.join(huggingface_hub.constants.HF_HOME, "diffusers_pixnerd"), "converted")
     tag = f"{'ema' if ema else 'online'}-{sample_size or 'default'}"
@@ -52,8 +66,11 @@ def official_pipeline_folder(
             return None  # a diffusers-format repo already in the cache
         key = name_or_path.replace("/", "--") + (f"@{revision}" if revision else "")
         cached = sorted(glob.glob(os.path.join(root, key, f"{checkpoint_name or '*'}-{tag}", "model_index.json")))
+        fetch = lambda name: huggingface_hub.hf_hub_download(name_or_path, name, revision=revision, token=token)  # noqa: E731
         if cached:
-            return os.path.dirname(cached[0])
+            folder = os.path.dirname(cached[0])
+            name = os.path.basename(folder)[: -len(tag) - 1]
+            return OfficialCheckpoint(name, functools.partial(fetch, name), folder)
         try:
             files = huggingface_hub.HfApi().list_repo_files(name_or_path, revision=revision, token=token)
         except OfflineModeIsEnabled:
@@ -61,7 +78,6 @@ def official_pipeline_folder(
         if "model_index.json" in files:
             return None
         checkpoints = sorted(f for f in files if f.endswith(".ckpt"))
-        fetch = lambda name: huggingface_hub.hf_hub_download(name_or_path, name, revision=revision, token=token)  # noqa: E731
     if checkpoint_name is not None:
         if checkpoint_name not in checkpoints:
             raise ValueError(f"`checkpoint_name` {checkpoint_name!r} is not in {name_or_path!r}: {checkpoints}.")
@@ -70,21 +86,35 @@ def official_pipeline_folder(
         return None
     if len(checkpoints) > 1:
         logger.warning(
-            f"{name_or_path!r} holds {checkpoints}; converting {checkpoints[0]!r} (choose with `checkpoint_name`)."
+            f"{name_or_path!r} holds {checkpoints}; using {checkpoints[0]!r} (choose with `checkpoint_name`)."
         )
-    target = os.path.join(root, key, f"{checkpoints[0]}-{tag}")
-    if not os.path.isfile(os.path.join(target, "model_index.json")):
-        pipe = convert(fetch(checkpoints[0]), ema=ema, sample_size=sample_size)
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        staging = tempfile.mkdtemp(dir=os.path.dirname(target), prefix=".converting-")
+    name = checkpoints[0]
+    return OfficialCheckpoint(name, functools.partial(fetch, name), os.path.join(root, key, f"{name}-{tag}"))
+
+
+def official_pipeline_folder(
+    name_or_path: str, convert: Callable[..., Any], ema: bool = True, sample_size: int | None = None, **options
+) -> str | None:
+    """For a folder or Hub repo that holds an official Lightning checkpoint and no `model_index.json`
+    (`find_official_checkpoint`, which takes `options`): the path of its converted pipeline, converted once by
+    `convert(checkpoint_path, ema=..., sample_size=...)` (which returns an object with `save_pretrained`, e.g.
+    `PixNerdPipeline.from_single_file`) and cached, written atomically. `None` for anything else.
+    """
+    found = find_official_checkpoint(name_or_path, ema=ema, sample_size=sample_size, **options)
+    if found is None:
+        return None
+    if not found.converted:
+        pipe = convert(found.fetch(), ema=ema, sample_size=sample_size)
+        os.makedirs(os.path.dirname(found.folder), exist_ok=True)
+        staging = tempfile.mkdtemp(dir=os.path.dirname(found.folder), prefix=".converting-")
         try:
             pipe.save_pretrained(staging)
-            shutil.rmtree(target, ignore_errors=True)  # an earlier, incomplete conversion
-            os.replace(staging, target)
+            shutil.rmtree(found.folder, ignore_errors=True)  # an earlier, incomplete conversion
+            os.replace(staging, found.folder)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        logger.info(f"Converted {name_or_path!r} ({checkpoints[0]}) to {target}")
-    return target
+        logger.info(f"Converted {name_or_path!r} ({found.name}) to {found.folder}")
+    return found.folder
 
 
 def check_local_path(

@@ -1,5 +1,11 @@
-from .loading import apply_few_step_sampler, compile_transformer, load_pipeline, pipeline_class
-from .official import convert_official_checkpoint, convert_official_pipeline
+from .loading import (
+    apply_few_step_sampler,
+    compile_transformer,
+    convert_official_pipeline,
+    load_pipeline,
+    official_pipeline_class,
+    pipeline_class,
+)
 from .pipeline_pixnerd import PixNerdPipeline, imagenet_id2label
 from .pipeline_pixnerd_img2img import PixNerdImg2ImgPipeline
 from .pipeline_pixnerd_inpaint import PixNerdInpaintPipeline
@@ -16,10 +22,10 @@ __all__ = [
     "PixNerdT2IPipeline",
     "apply_few_step_sampler",
     "compile_transformer",
-    "convert_official_checkpoint",
     "convert_official_pipeline",
     "encode_qwen3_prompts",
     "imagenet_id2label",
     "load_pipeline",
+    "official_pipeline_class",
     "pipeline_class",
 ]

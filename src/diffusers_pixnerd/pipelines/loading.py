@@ -3,17 +3,15 @@
 ready to sample (LoRA, device, step cache, compilation)."""
 
 import dataclasses
-import functools
 import os
 
 import torch
 from diffusers import DiffusionPipeline
 
-from ..loaders import check_local_path, official_pipeline_folder
+from ..loaders import check_local_path, find_official_checkpoint, is_text_to_image_checkpoint, resolve_checkpoint_file
 from ..loaders.lora_pipeline import FEW_STEP_SCHEDULER_KEYS
 from ..models.cache import cache_config, parse_cache_spec
 from ..utils import is_real
-from .official import convert_official_pipeline
 from .pipeline_pixnerd import PixNerdPipeline
 from .pipeline_pixnerd_img2img import PixNerdImg2ImgPipeline
 from .pipeline_pixnerd_inpaint import PixNerdInpaintPipeline
@@ -33,7 +31,7 @@ PIPELINE_CLASSES = {
     )
 }
 COMPILE_MODES = (None, "none", "regional", "full")
-# The `from_pretrained` options that decide where an official repo's conversion is cached.
+# The `from_pretrained` options that decide which checkpoint of an official repo is used and where it is cached.
 OFFICIAL_REPO_OPTIONS = ("checkpoint_name", "ema", "sample_size", "cache_dir", "token", "revision")
 HUB_OPTIONS = ("cache_dir", "token", "revision", "local_files_only")
 
@@ -55,30 +53,50 @@ def compile_transformer(transformer, mode: str | None) -> None:
 
 
 def pipeline_class(model: str | os.PathLike, **kwargs) -> type[PixNerdPipeline] | type[PixNerdT2IPipeline]:
-    """The pipeline class of a folder or Hub repo: the one its `model_index.json` names or, for an official repo or
-    folder (a Lightning checkpoint, no `model_index.json`), the one of its checkpoint's kind. An official repo is
-    converted here, once, into the cache that `from_pretrained` then reads (`loaders.official_pipeline_folder`);
-    `kwargs` are `from_pretrained`'s, of which the Hub and conversion options are used."""
+    """The pipeline class of a model, without loading or converting it: the one its `model_index.json` names (a saved
+    folder, a Hub repo, an official repo's cached conversion) or, for an official checkpoint file or an official repo
+    or folder not converted yet, the one of the checkpoint's kind (read from its keys). `kwargs` are
+    `from_pretrained`'s, of which the Hub options and the official repo's (`checkpoint_name`, `ema`, `sample_size`)
+    are used."""
     name = os.fspath(model)
     hub = {k: kwargs[k] for k in HUB_OPTIONS if kwargs.get(k) is not None}
     offline = bool(hub.get("local_files_only"))
     check_local_path(name, "model_index.json", hub.get("cache_dir"), hub.get("revision"), offline, argument="model")
-    options = {k: kwargs[k] for k in OFFICIAL_REPO_OPTIONS if k in kwargs}
-    # Converted without the optional components, as `from_pretrained` converts: both write the same cache folder.
-    convert = functools.partial(convert_official_pipeline, text_encoder=None)
-    converted = official_pipeline_folder(name, convert, **options)
-    if converted is None and os.path.isdir(name) and not os.path.isfile(os.path.join(name, "model_index.json")):
+    if os.path.isfile(name):
+        return official_pipeline_class(name)
+    found = find_official_checkpoint(name, **{k: kwargs[k] for k in OFFICIAL_REPO_OPTIONS if k in kwargs})
+    if found is not None and not found.converted:
+        return official_pipeline_class(found.fetch())
+    if found is None and os.path.isdir(name) and not os.path.isfile(os.path.join(name, "model_index.json")):
         raise FileNotFoundError(
             f"`model` {name!r} is a folder with neither a model_index.json (a saved pipeline) nor an official .ckpt "
             "checkpoint."
         )
-    class_name = DiffusionPipeline.load_config(converted or name, **hub).get("_class_name")
+    class_name = DiffusionPipeline.load_config(found.folder if found else name, **hub).get("_class_name")
     if class_name not in PIPELINE_CLASSES:
         raise ValueError(
             f"`model` {name!r} holds a {class_name} (its model_index.json), not one of {sorted(PIPELINE_CLASSES)}: "
             "load it with `diffusers.DiffusionPipeline.from_pretrained`."
         )
     return PIPELINE_CLASSES[class_name]
+
+
+def official_pipeline_class(checkpoint: str) -> type[PixNerdPipeline] | type[PixNerdT2IPipeline]:
+    """The generation pipeline of an official checkpoint file's kind (its keys say whether it is text-to-image)."""
+    return PixNerdT2IPipeline if is_text_to_image_checkpoint(checkpoint) else PixNerdPipeline
+
+
+def convert_official_pipeline(checkpoint: str, **kwargs) -> PixNerdPipeline | PixNerdT2IPipeline:
+    """An official checkpoint file (local path, `org/repo/file.ckpt` or Hub URL) as the pipeline of its kind:
+    `PixNerdPipeline` (with ImageNet `id2label` for 1000 classes) or `PixNerdT2IPipeline` (with Qwen/Qwen3-1.7B unless
+    `text_encoder` says otherwise, `None` to leave it out; `text_encoder` and `tokenizer` are not used for a
+    class-conditional checkpoint). `kwargs` are the class's `from_single_file` options (`ema`, `sample_size`,
+    `dtype`, `scheduler_preset`, Hub download options)."""
+    hub = {k: v for k, v in kwargs.items() if k in ("cache_dir", "token", "revision", "force_download")}
+    cls = official_pipeline_class(resolve_checkpoint_file(checkpoint, **hub))
+    if cls is PixNerdPipeline:
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("text_encoder", "tokenizer")}
+    return cls.from_single_file(checkpoint, **kwargs)
 
 
 def apply_few_step_sampler(pipe, sampler: dict | None = None) -> bool:
@@ -131,7 +149,7 @@ def load_pipeline(
     (text-to-image), ready to sample.
 
     The class comes from the model (see `pipeline_class`); loading is that class's `from_pretrained`, which also
-    converts official repos (once, then cached), or `convert_official_pipeline` for a checkpoint file.
+    converts official repos (once, then cached), or its `from_single_file` for an official checkpoint file.
 
     Args:
         model (`str` or `os.PathLike`):
@@ -155,7 +173,7 @@ def load_pipeline(
             `fullgraph=True` on the first call.
         kwargs:
             Passed to `from_pretrained` (e.g. `cache_dir`, `revision`, `sample_size`, `text_encoder`) or, for a
-            checkpoint file, to `convert_official_pipeline`.
+            checkpoint file, to `from_single_file`.
 
     Examples:
         ```py
@@ -167,10 +185,11 @@ def load_pipeline(
         ```
     """
     check_load_inputs(model, lora, lora_scale, cache, compile)
-    if os.path.isfile(model):
-        pipe = convert_official_pipeline(os.fspath(model), dtype=dtype, **kwargs)
+    cls = pipeline_class(model, **kwargs)
+    if os.path.isfile(model):  # an official checkpoint file
+        pipe = cls.from_single_file(os.fspath(model), dtype=dtype, **kwargs)
     else:
-        pipe = pipeline_class(model, **kwargs).from_pretrained(model, dtype=dtype, **kwargs)
+        pipe = cls.from_pretrained(model, dtype=dtype, **kwargs)
     if lora is not None:
         pipe.load_lora_weights(lora)
         if lora_scale is not None:

@@ -7,6 +7,8 @@ import re
 import shutil
 
 from diffusers.utils import logging
+from diffusers.utils.hub_utils import populate_model_card
+from huggingface_hub import ModelCard, ModelCardData
 
 logger = logging.get_logger(__name__)
 
@@ -25,17 +27,7 @@ LOADER_FILE = """# diffusers custom-pipeline file of a diffusers-pixnerd folder;
 from diffusers_pixnerd import {class_name}  # noqa: F401
 """
 
-MODEL_CARD = """---
-library_name: diffusers
-license: mit
-pipeline_tag: {pipeline_tag}
-{base_model_line}tags:
-- diffusers-pixnerd
-- pixnerd
-- pixel-diffusion
-- {task_tag}
----
-
+MODEL_CARD = """
 {marker}
 # {title}
 
@@ -83,11 +75,8 @@ def pipeline_model_card(
     sampling = ", ".join(
         f"{k} {config[k]}" for k in ("num_inference_steps", "guidance_scale", "shift", "solver_order") if k in config
     )
-    return MODEL_CARD.format(
+    body = MODEL_CARD.format(
         marker=CARD_MARKER,
-        pipeline_tag="text-to-image" if text else "unconditional-image-generation",
-        base_model_line=f"base_model: {base_model}\n" if base_model else "",
-        task_tag="text-to-image" if text else "class-conditional-image-generation",
         title=repo_id or f"PixNerd {'text-to-image' if text else 'class-conditional'} pipeline",
         class_name=type(pipeline).__name__,
         loader=f"{LOADER_NAME}.py",
@@ -98,6 +87,18 @@ def pipeline_model_card(
         size=pipeline.transformer.config.sample_size,
         extra=extra,
     )
+    task = "text-to-image" if text else "class-conditional-image-generation"
+    pipeline_tag = "text-to-image" if text else "unconditional-image-generation"
+    return card_text(body, ["pixel-diffusion", task], base_model, pipeline_tag)
+
+
+def card_text(body: str, tags: list[str], base_model: str | None = None, pipeline_tag: str | None = None) -> str:
+    """A model card: `body` (markdown) under the Hub metadata block that diffusers' training scripts write (huggingface_hub's
+    `ModelCardData`; the library name and the tags added by diffusers' `populate_model_card`): MIT license, the
+    package's tags and `tags`, `base_model` (a Hub repo id) for a fine-tuned model, `pipeline_tag`."""
+    data = ModelCardData(license="mit", base_model=base_model, pipeline_tag=pipeline_tag)
+    card = ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n{{ body }}", body=body)
+    return str(populate_model_card(card, ["diffusers-pixnerd", "pixnerd", *tags]))
 
 
 def write_model_card(folder: str, card: str) -> bool:

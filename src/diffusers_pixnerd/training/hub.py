@@ -6,7 +6,7 @@ import json
 import logging
 import os
 
-from ..pipelines.model_card import CARD_MARKER, shown_path
+from ..pipelines.model_card import CARD_MARKER, card_text, shown_path
 from .checkpoints import CHECKPOINT_PREFIX
 
 logger = logging.getLogger(__name__)
@@ -289,16 +289,7 @@ def push_folder(args: argparse.Namespace, repo_id: str | None = None, commit_mes
     return upload_output_dir(args.output_dir, name, args.hub_token, args.logging_dir, commit_message)
 
 
-LORA_MODEL_CARD = """---
-library_name: diffusers
-license: mit
-{base_model_line}tags:
-- diffusers-pixnerd
-- pixnerd
-- lora
-- text-to-image
----
-
+LORA_MODEL_CARD = """
 {marker}
 # {title}
 
@@ -368,9 +359,8 @@ def lora_model_card(
             prompts_file=os.path.basename(args.distill_prompts_file),
             **names,
         )
-    return LORA_MODEL_CARD.format(
+    body = LORA_MODEL_CARD.format(
         marker=CARD_MARKER,
-        base_model_line=f"base_model: {base_id}\n" if base_id else "",
         title=repo_id or os.path.basename(os.path.normpath(args.output_dir)),
         rank=args.lora_rank,
         targets=", ".join(f"`{name.strip()}`" for name in args.lora_target_modules.split(",")),
@@ -378,6 +368,7 @@ def lora_model_card(
         usage=usage,
         extra=extra,
     )
+    return card_text(body, ["lora", "text-to-image"], base_id)
 
 
 STALE_EXPORT_MARKER = "<!-- stale-export -->"
