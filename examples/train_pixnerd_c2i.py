@@ -20,8 +20,10 @@ from diffusers_pixnerd import PIXNERD_PRESETS, PixNerdFlowMatchScheduler, PixNer
 from diffusers_pixnerd.training import (
     HubAccessError,
     PixNerdTrainingModule,
+    StepSampling,
     TrainingHelpFormatter,
     TrainingRun,
+    ValidationSettings,
     add_training_arguments,
     check_hub_access,
     check_resolution,
@@ -30,16 +32,22 @@ from diffusers_pixnerd.training import (
     count_classes,
     create_accelerator,
     create_dataloader,
+    create_optimizer_and_schedule,
     create_repa_encoder,
     create_repa_projector,
     hub_model_id,
     load_training_dataset,
+    model_card_training_section,
     model_config_from_args,
+    parameter_groups,
     prepare_output_dir,
     push_folder,
     read_class_names,
     resolve_seed,
+    tracker_config,
     trained_weights_dtype,
+    training_ema,
+    training_steps,
 )
 from diffusers_pixnerd.training.buckets import create_bucket_dataloader
 
@@ -179,10 +187,63 @@ def main(args):
     )
     model.to(trained_weights_dtype(args.optimizer))  # bfloat16 only with a stochastic-rounding optimizer
 
-    # 4. The optimizer (`--optimizer`), lr schedule, Accelerate, EMA, resume; then train.
-    run = TrainingRun(accelerator, args, model, train_dataloader, checkpoint)
-    model, unwrapped = run.model, run.unwrapped
-    optimizer, lr_scheduler = run.optimizer, run.lr_scheduler
+    # 4. The optimizer (`--optimizer`) and lr schedule, prepared by Accelerate; the float32 EMA of the trained
+    # transformer weights; the run (resume, logs, checkpoints, signals, validation); then train.
+    max_train_steps, steps_per_epoch = training_steps(args, train_dataloader)
+    optimizer, lr_scheduler = create_optimizer_and_schedule(
+        accelerator, args, parameter_groups(model), max_train_steps
+    )
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    unwrapped = accelerator.unwrap_model(model)
+    ema, ema_decay = None, None
+    if args.use_ema:
+        ema, ema_decay = training_ema(
+            [p for p in unwrapped.transformer.parameters() if p.requires_grad],
+            max_train_steps,
+            args.ema_decay,
+            args.ema_warmup,
+            args.ema_update_interval,
+            "cpu" if args.ema_device == "cpu" else accelerator.device,
+            resuming=checkpoint is not None,
+        )
+    run = TrainingRun(
+        accelerator,
+        model,
+        optimizer,
+        lr_scheduler,
+        train_dataloader,
+        output_dir=args.output_dir,
+        max_train_steps=max_train_steps,
+        steps_per_epoch=steps_per_epoch,
+        train_batch_size=args.train_batch_size,
+        seed=args.seed,
+        sampling=StepSampling(
+            args.timestep_sampling,
+            args.shift,
+            args.logit_mean,
+            args.logit_std,
+            args.mode_scale,
+            args.condition_dropout,
+            args.random_flip,
+        ),
+        validation=ValidationSettings(
+            args.validation_steps,
+            args.validation_sizes,
+            args.resolution,
+            args.validation_num_inference_steps,
+            args.validation_guidance_scale,
+        ),
+        checkpointing_steps=args.checkpointing_steps,
+        checkpoints_total_limit=args.checkpoints_total_limit,
+        overwrite_output_dir=args.overwrite_output_dir,
+        ema=ema,
+        ema_update_interval=args.ema_update_interval,
+        streaming=args.streaming,
+        pad_resolution=args.resolution if args.image_preprocessing == "pad" else None,
+        checkpoint=checkpoint,
+    )
+    if accelerator.is_main_process and args.report_to != "none":
+        accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args))
 
     def validate(final=False):  # each class at each of --validation_sizes
         pipeline = PixNerdPipeline(transformer=unwrapped.transformer, scheduler=scheduler, id2label=id2label)
@@ -218,7 +279,9 @@ def main(args):
             args.output_dir,
             repo_id=repo_id,
             base_model=hub_model_id(args.pretrained_model_name_or_path),
-            model_card_extra=run.model_card("train_pixnerd_c2i.py", samples),
+            model_card_extra=model_card_training_section(
+                args, "train_pixnerd_c2i.py", run.global_step, samples, {"ema_decay": ema_decay}
+            ),
         )
         logger.info("Saved the pipeline to %s", args.output_dir)
         if args.push_to_hub:

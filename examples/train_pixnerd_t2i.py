@@ -41,8 +41,10 @@ from diffusers_pixnerd.training import (
     HubAccessError,
     PixNerdTrainingModule,
     PromptEmbeddingCache,
+    StepSampling,
     TrainingHelpFormatter,
     TrainingRun,
+    ValidationSettings,
     add_lora_adapters,
     add_training_arguments,
     check_hub_access,
@@ -51,6 +53,7 @@ from diffusers_pixnerd.training import (
     check_validation_sizes,
     create_accelerator,
     create_dataloader,
+    create_optimizer_and_schedule,
     create_repa_encoder,
     create_repa_projector,
     encode_prompts,
@@ -58,7 +61,9 @@ from diffusers_pixnerd.training import (
     hub_model_id,
     load_training_dataset,
     lora_model_card,
+    model_card_training_section,
     model_config_from_args,
+    parameter_groups,
     prepare_output_dir,
     prompt_cache_folder,
     push_folder,
@@ -67,7 +72,10 @@ from diffusers_pixnerd.training import (
     save_lora_adapters,
     stream_captions,
     sub_state_dict,
+    tracker_config,
     trained_weights_dtype,
+    training_ema,
+    training_steps,
     validation_prompts,
     weight_dtype,
 )
@@ -477,10 +485,64 @@ def main(args):
         output_preservation_weight=args.output_preservation_weight or 0.0,
     )
 
-    # 5. The optimizer (`--optimizer`), lr schedule, Accelerate, EMA, resume; then train.
-    run = TrainingRun(accelerator, args, model, train_dataloader, checkpoint, lora=args.use_lora)
-    model, unwrapped = run.model, run.unwrapped
-    optimizer, lr_scheduler = run.optimizer, run.lr_scheduler
+    # 5. The optimizer (`--optimizer`; the text encoder's adapters at `--text_encoder_lr`) and lr schedule, prepared by
+    # Accelerate; the float32 EMA of the trained transformer weights; the run (resume, logs, checkpoints, signals,
+    # validation); then train.
+    max_train_steps, steps_per_epoch = training_steps(args, train_dataloader)
+    parameters = parameter_groups(model, args.text_encoder_lr)
+    optimizer, lr_scheduler = create_optimizer_and_schedule(accelerator, args, parameters, max_train_steps)
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    unwrapped = accelerator.unwrap_model(model)
+    ema, ema_decay = None, None
+    if args.use_ema:
+        ema, ema_decay = training_ema(
+            [p for p in unwrapped.transformer.parameters() if p.requires_grad],
+            max_train_steps,
+            args.ema_decay,
+            args.ema_warmup,
+            args.ema_update_interval,
+            "cpu" if args.ema_device == "cpu" else accelerator.device,
+            resuming=checkpoint is not None,
+        )
+    run = TrainingRun(
+        accelerator,
+        model,
+        optimizer,
+        lr_scheduler,
+        train_dataloader,
+        output_dir=args.output_dir,
+        max_train_steps=max_train_steps,
+        steps_per_epoch=steps_per_epoch,
+        train_batch_size=args.train_batch_size,
+        seed=args.seed,
+        sampling=StepSampling(
+            args.timestep_sampling,
+            args.shift,
+            args.logit_mean,
+            args.logit_std,
+            args.mode_scale,
+            args.condition_dropout,
+            args.random_flip,
+        ),
+        validation=ValidationSettings(
+            args.validation_steps,
+            args.validation_sizes,
+            args.resolution,
+            args.validation_num_inference_steps,
+            args.validation_guidance_scale,
+        ),
+        checkpointing_steps=args.checkpointing_steps,
+        checkpoints_total_limit=args.checkpoints_total_limit,
+        overwrite_output_dir=args.overwrite_output_dir,
+        ema=ema,
+        ema_update_interval=args.ema_update_interval,
+        streaming=args.streaming,
+        pad_resolution=args.resolution if args.image_preprocessing == "pad" else None,
+        checkpoint=checkpoint,
+        lora=args.use_lora,
+    )
+    if accelerator.is_main_process and args.report_to != "none":
+        accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args))
 
     def validate(final=False):
         encoder = unwrapped.text_encoder if train_text_encoder else text_encoder
@@ -537,7 +599,9 @@ def main(args):
 
     # 6. Export: LoRA weights in diffusers' format, or the whole pipeline (EMA weights, no projector).
     samples = validate(final=True)
-    card = run.model_card("train_pixnerd_t2i.py", samples)
+    card = model_card_training_section(
+        args, "train_pixnerd_t2i.py", run.global_step, samples, {"ema_decay": ema_decay}
+    )
     # Every process gathers (FSDP holds shards); the main one writes.
     state = run.export_trained_parameters(unwrapped.transformer) if args.use_lora else run.export_state()
     text_state = run.export_trained_parameters(unwrapped.text_encoder) if args.train_text_encoder else None

@@ -4,7 +4,8 @@ and restored, an EMA updated every N steps, EMA shards of sharded runs."""
 import pytest
 import torch
 
-from diffusers_pixnerd.training import create_ema, ema_weights, update_ema
+from diffusers_pixnerd.training import create_ema, ema_weights, training_ema, update_ema
+from diffusers_pixnerd.training.ema import restart_ema
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -44,6 +45,37 @@ def test_ema_warmup_ramps_the_decay_and_forgets_the_initial_weights():
     assert ema.cur_decay_value == pytest.approx(0.9)  # capped at `decay`
     for shadow, before in zip(ema.shadow_params, initial):
         assert torch.allclose(shadow, before + 2.0)  # no trace of the initial weights is left
+
+
+def test_a_runs_ema_chooses_its_decay_and_warns_when_the_start_would_linger(caplog):
+    model = torch.nn.Linear(3, 2)
+    with caplog.at_level("INFO", logger="diffusers_pixnerd.training.ema"):
+        ema, decay = training_ema(list(model.parameters()), max_train_steps=100)
+    assert decay == pytest.approx(0.9) and ema.decay == pytest.approx(0.9)  # 1 - 10 / steps
+    assert "EMA decay 0.9, chosen from the run length (100 steps)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="diffusers_pixnerd.training.ema"):
+        ema, decay = training_ema(list(model.parameters()), 100, decay=0.999, update_interval=2)
+    assert decay == 0.999 and ema.decay == pytest.approx(0.999**2)  # per update, every 2 steps
+    assert "still make up 90% of the exported EMA after 100 steps" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="diffusers_pixnerd.training.ema"):
+        training_ema(list(model.parameters()), 100, decay=0.999, resuming=True)  # warned when the run began
+        training_ema(list(model.parameters()), 100, decay=0.999, warmup=True)  # the warm-up forgets the start
+    assert "still make up" not in caplog.text
+
+
+def test_restarting_an_ema_starts_it_from_the_current_weights():
+    model = torch.nn.Linear(3, 2)
+    ema = create_ema(model.parameters(), decay=0.5, device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    update_ema(ema, list(model.parameters()))
+    restart_ema(ema, list(model.parameters()))
+    assert ema.optimization_step == 0
+    for shadow, p in zip(ema.shadow_params, model.parameters()):
+        assert shadow.dtype == torch.float32 and torch.equal(shadow, p.detach())
 
 
 def test_ema_weights_are_swapped_in_and_restored():

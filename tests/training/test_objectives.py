@@ -1,7 +1,6 @@
 """training/objectives.py: timestep sampling and the flow-matching loss (with loss masks, regularisation rows and
 output preservation), the training module (condition dropout, REPA, the prompt encoding)."""
 
-import argparse
 
 import pytest
 import torch
@@ -104,11 +103,10 @@ def test_the_masked_loss_is_each_images_mask_weighted_mean():
 
 
 def test_flips_move_the_mask_with_the_image():
-    from diffusers_pixnerd.training.loop import TrainingRun
+    from diffusers_pixnerd.training.loop import StepSampling, TrainingRun
 
     run = TrainingRun.__new__(TrainingRun)  # only `step_inputs` and its generator, without a model
-    run.args = argparse.Namespace(random_flip=True, timestep_sampling="uniform", shift=1.0, logit_mean=0.0,
-                                  logit_std=1.0, mode_scale=1.29, condition_dropout=0.0)  # fmt: skip
+    run.sampling = StepSampling("uniform", 1.0, 0.0, 1.0, 1.29, 0.0, random_flip=True)
     run.generator = lambda: torch.Generator().manual_seed(3)
     pixels = torch.zeros(8, 3, 4, 4)
     pixels[..., :2] = 1  # the left half of each image bright, and its mask on the same half

@@ -45,6 +45,7 @@ from .cli import (
     check_resolution,
     check_training_arguments,
     model_config_from_args,
+    tracker_config,
 )
 from .data import (
     ImageSampleDataset,
@@ -57,12 +58,21 @@ from .data import (
     read_class_names,
     scan_caption_folder,
     scan_class_folder,
+    training_steps,
 )
-from .ema import create_ema, ema_decay_for_run, ema_weights, update_ema
+from .ema import create_ema, ema_decay_for_run, ema_weights, training_ema, update_ema
 from .export import exported_module
-from .hub import HubAccessError, check_hub_access, hub_model_id, lora_model_card, push_folder, upload_output_dir
+from .hub import (
+    HubAccessError,
+    check_hub_access,
+    hub_model_id,
+    lora_model_card,
+    model_card_training_section,
+    push_folder,
+    upload_output_dir,
+)
 from .images import adm_center_crop, image_to_tensor, open_image, pad_to_size, resize_center_crop
-from .loop import TrainingRun
+from .loop import StepSampling, TrainingRun, ValidationSettings
 from .lora import adapters_disabled, add_lora_adapters, save_lora_adapters
 from .objectives import (
     PixNerdTrainingModule,
@@ -76,7 +86,13 @@ from .objectives import (
     sample_sigmas,
     shift_sigmas,
 )
-from .optimizers import OPTIMIZERS, create_optimizer, create_optimizer_and_schedule, trained_weights_dtype
+from .optimizers import (
+    OPTIMIZERS,
+    create_optimizer,
+    create_optimizer_and_schedule,
+    parameter_groups,
+    trained_weights_dtype,
+)
 from .prompt_cache import PromptEmbeddingCache, prompt_cache_folder, stream_captions
 from .run_setup import (
     create_accelerator,
@@ -106,7 +122,14 @@ __all__ = [
     "REPAProjector",
     "StreamingImageSampleDataset",
     "TrainingHelpFormatter",
+    "StepSampling",
     "TrainingRun",
+    "ValidationSettings",
+    "model_card_training_section",
+    "parameter_groups",
+    "tracker_config",
+    "training_ema",
+    "training_steps",
     "exported_module",
     "add_training_arguments",
     "adm_center_crop",

@@ -3,6 +3,7 @@
 decay chosen from the run length, and swapping the EMA weights in for validation and export."""
 
 import json
+import logging
 import os
 from contextlib import contextmanager
 from typing import Iterable
@@ -61,6 +62,8 @@ def update_ema(ema: EMAModel, parameters: list[torch.nn.Parameter]):
     ema.step(parameters)
 
 
+logger = logging.getLogger(__name__)
+
 EMA_MAX_INITIAL_SHARE = 0.01  # the largest share of the starting weights in the exported EMA that is not warned about
 
 
@@ -70,6 +73,48 @@ def ema_decay_for_run(max_train_steps: int, official_decay: float = 0.9999) -> f
     average over about the last tenth of the run in which the starting weights weigh `exp(-10)`, 5e-5 (0 for runs of
     up to 10 steps: the raw weights)."""
     return min(official_decay, max(0.0, 1.0 - 10.0 / max_train_steps))
+
+
+def training_ema(
+    parameters: list[torch.nn.Parameter],
+    max_train_steps: int,
+    decay: float | None = None,
+    warmup: bool = False,
+    update_interval: int = 1,
+    device: torch.device | str | None = None,
+    resuming: bool = False,
+) -> tuple[EMAModel, float]:
+    """The EMA of a training run's trained `parameters` (`create_ema`) and its decay per step: `decay`, or chosen from
+    the run length when `None` (`ema_decay_for_run`, logged). A fresh run (not `resuming`) whose constant decay leaves
+    the starting weights more than `EMA_MAX_INITIAL_SHARE` of the export is warned about."""
+    if decay is None:
+        decay = ema_decay_for_run(max_train_steps)
+        logger.info(
+            "EMA decay %.6g, chosen from the run length (%d steps): the export averages about the last %d steps.",
+            decay,
+            max_train_steps,
+            round(1 / max(1 - decay, 1e-12)),
+        )
+    initial_share = 0.0 if warmup else decay**max_train_steps
+    if not resuming and initial_share > EMA_MAX_INITIAL_SHARE:
+        logger.warning(
+            "With the constant EMA decay %g, the starting weights (the base model when fine-tuning, the random "
+            "initialisation from scratch) still make up %.0f%% of the exported EMA after %d steps, so the export "
+            "stays close to them. Leave `--ema_decay` unset to choose it from the run length, or pass "
+            "`--ema_warmup` or `--no_use_ema`.",
+            decay,
+            100 * initial_share,
+            max_train_steps,
+        )
+    return create_ema(parameters, decay, warmup, update_interval, device), decay
+
+
+def restart_ema(ema: EMAModel, parameters: list[torch.nn.Parameter]):
+    """Starts `ema` again from the current values of `parameters` (its settings kept)."""
+    with torch.no_grad():
+        for shadow, parameter in zip(ema.shadow_params, parameters):
+            shadow.copy_(parameter.detach().to(shadow.device, torch.float32))
+    ema.optimization_step = 0
 
 
 def save_ema(ema: EMAModel, path: str):

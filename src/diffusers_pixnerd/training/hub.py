@@ -8,6 +8,7 @@ import os
 
 from ..pipelines.model_card import CARD_MARKER, card_text, shown_path
 from .checkpoints import CHECKPOINT_PREFIX
+from .validation import baseline_images
 
 logger = logging.getLogger(__name__)
 
@@ -123,12 +124,12 @@ def model_card_training_section(
     script: str,
     global_step: int,
     sample_paths: list,
-    baseline_paths: list = (),
     chosen: dict | None = None,
 ) -> str:
-    """Markdown for the model card: how it was trained (the settings used), what was exported, the final samples and
-    the step-0 samples of the same prompts and seeds (`baseline_paths`, before training), if any. `chosen`: the values
-    the run chose for flags left unset (`{"ema_decay": ...}`), shown in their place."""
+    """Markdown for the model card: how it was trained (the settings used), what was exported, the final samples and,
+    with `--validation_steps`, the step-0 samples of the same prompts and seeds (before training) beside them.
+    `chosen`: the values the run chose for flags left unset (`{"ema_decay": ...}`), shown in their place."""
+    baseline_paths = baseline_images(sample_paths, args.output_dir) if args.validation_steps else []
     args = argparse.Namespace(**{**vars(args), **(chosen or {})})  # a copy: the flags are left as given
     settings = used_settings(args)
     shortened = [k for k, v in settings.items() if isinstance(v, str) and os.path.isabs(v)]

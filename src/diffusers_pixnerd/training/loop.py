@@ -2,6 +2,7 @@
 """A training run: `TrainingRun`, the bookkeeping around the training step (batches, the step's random inputs,
 backward, EMA, logs, replica checks, checkpoints and resume, stopping on a signal, validation and export)."""
 
+import dataclasses
 import json
 import logging
 import os
@@ -28,28 +29,13 @@ from .checkpoints import (
     resume_command,
     unlock_output_dir,
 )
-from .cli import tracker_config
-from .data import training_steps
-from .ema import (
-    EMA_FILE,
-    EMA_MAX_INITIAL_SHARE,
-    create_ema,
-    ema_decay_for_run,
-    ema_file_in,
-    ema_weights,
-    load_ema_state,
-    save_ema,
-    shard_like,
-    update_ema,
-)
+from .ema import EMA_FILE, ema_file_in, ema_weights, load_ema_state, restart_ema, save_ema, shard_like, update_ema
 from .export import exported_transformer, gathered_state, gathered_trained_parameters
-from .hub import mark_export_stale, model_card_training_section
+from .hub import mark_export_stale
 from .lora import register_adapter_checkpoint_hooks
 from .objectives import PixNerdTrainingModule, condition_drop_mask, flip_images, repa_target_features, sample_sigmas
-from .optimizers import create_optimizer_and_schedule, parameter_groups
 from .signals import StopSignals
 from .validation import (
-    baseline_images,
     log_validation,
     render_validation,
     save_validation,
@@ -70,30 +56,57 @@ def parameters_fingerprint(parameters: Iterable[torch.Tensor]) -> str:
     return digest.hexdigest()[:16]
 
 
+@dataclasses.dataclass(frozen=True)
+class StepSampling:
+    """How `TrainingRun.step_inputs` draws a step's random inputs (the training flags of the same names)."""
+
+    timestep_sampling: str
+    shift: float
+    logit_mean: float
+    logit_std: float
+    mode_scale: float
+    condition_dropout: float
+    random_flip: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidationSettings:
+    """`TrainingRun.validation_images`: every `steps` steps (`None`: only the final images), at `sizes` (`(height,
+    width)` pairs; `None`: the training `resolution`), with the sampler's defaults unless `num_inference_steps` or
+    `guidance_scale` are given."""
+
+    steps: int | None
+    sizes: list | None
+    resolution: int
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+
+
 class TrainingRun:
     r"""
-    The bookkeeping around the training step, which the scripts write out themselves. Given the training module (not
-    yet prepared) and the prepared data loader, it makes the optimizer (`--optimizer`) and the lr schedule, prepares
-    them with Accelerate, creates the float32 EMA of the trained transformer weights, resumes from `checkpoint`
+    The bookkeeping around the training step, which the scripts write out themselves: batches (resuming at the exact
+    one), the step's random inputs, loss checks, the EMA update, logs, replica checks, atomic checkpoints and resume
     (model, optimizer, lr schedule, grad scaler and RNG through `accelerator.load_state`; then EMA, step and data
-    position), and starts the trackers. With `lora=True` (a LoRA run) its checkpoints hold the adapters in diffusers'
-    LoRA format and the REPA projector instead of the whole module (`register_adapter_checkpoint_hooks`). A script's
-    loop:
+    position), stopping on a signal, validation images and the export. The script makes the optimizer, lr schedule
+    and EMA and prepares them with Accelerate; with `lora=True` (a LoRA run) the checkpoints hold the adapters in
+    diffusers' LoRA format and the REPA projector instead of the whole module (`register_adapter_checkpoint_hooks`).
+    A script's loop:
 
     ```py
-    run = TrainingRun(accelerator, args, model, train_dataloader, checkpoint)
-    model, optimizer, lr_scheduler = run.model, run.optimizer, run.lr_scheduler
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    ema, ema_decay = training_ema(trained_transformer_parameters, max_train_steps)  # or no EMA: None
+    run = TrainingRun(accelerator, model, optimizer, lr_scheduler, train_dataloader, ema=ema, ...)
     validation = [{"class_labels": [i]} for i in labels]  # the pipeline arguments of each validation prompt
     if run.global_step == 0 and run.validation_due:  # the baseline, before the first step (not when resuming)
         run.validation_images(pipeline, validation, captions)
-    for batch in run.batches():  # until --max_train_steps, epoch after epoch, resuming at the exact batch
+    for batch in run.batches():  # until max_train_steps, epoch after epoch, resuming at the exact batch
         with accelerator.accumulate(model):
             inputs = run.step_inputs(batch["pixel_values"], repa_encoder)  # noise, sigmas, dropout, REPA targets
             losses = model(**inputs, class_labels=batch["label"])
             run.check_losses(losses)  # stops on a non-finite loss
             accelerator.backward(losses["loss"])
-            if accelerator.sync_gradients and args.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(run.trainable, args.max_grad_norm)
+            if accelerator.sync_gradients and max_grad_norm > 0:
+                accelerator.clip_grad_norm_(run.trainable, max_grad_norm)
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -102,58 +115,68 @@ class TrainingRun:
         if run.end_step(batch) and run.validation_due:  # step count, logs, atomic checkpoints, signals
             run.validation_images(pipeline, validation, captions)
     ```
+
+    Args:
+        model, optimizer, lr_scheduler, dataloader: as `accelerator.prepare` returned them.
+        output_dir: the run's folder (checkpoints, validation images).
+        max_train_steps, steps_per_epoch: `data.training_steps`; `steps_per_epoch` is `None` for a stream.
+        train_batch_size, seed: the batch size per process; the seed of every step's random inputs (`generator`).
+        sampling, validation: how a step's random inputs are drawn; when and how validation images are made.
+        checkpointing_steps, checkpoints_total_limit: a checkpoint every N steps (and at the last), the most kept.
+        overwrite_output_dir: the earlier run's checkpoints in `output_dir` are deleted once this run committed one.
+        ema, ema_update_interval: the EMA of the trained transformer weights (`ema.training_ema`), or `None`; the
+            steps between its updates.
+        streaming: the dataloader streams (no seeking: a resume reads past the batches done).
+        pad_resolution: with `--image_preprocessing pad`, the training size (how many images were scaled down to
+            it is logged).
+        checkpoint: the checkpoint to resume from (`None`: a fresh run).
+        lora: a LoRA run (the checkpoints hold the adapters).
     """
 
     def __init__(
         self,
         accelerator,
-        args,
-        model: PixNerdTrainingModule,
+        model: nn.Module,
+        optimizer,
+        lr_scheduler,
         dataloader,
+        *,
+        output_dir: str,
+        max_train_steps: int,
+        steps_per_epoch: int | None,
+        train_batch_size: int,
+        seed: int,
+        sampling: StepSampling,
+        validation: ValidationSettings,
+        checkpointing_steps: int,
+        checkpoints_total_limit: int | None = None,
+        overwrite_output_dir: bool = False,
+        ema=None,
+        ema_update_interval: int = 1,
+        streaming: bool = False,
+        pad_resolution: int | None = None,
         checkpoint: str | None = None,
         lora: bool = False,
     ):
+        from accelerate.utils import DistributedType
         from tqdm.auto import tqdm
 
-        self.accelerator, self.args, self.dataloader, self.lora = accelerator, args, dataloader, lora
-        self.max_train_steps, self.steps_per_epoch = training_steps(args, dataloader)
-        parameters = parameter_groups(model, getattr(args, "text_encoder_lr", None))
-        optimizer, lr_scheduler = create_optimizer_and_schedule(accelerator, args, parameters, self.max_train_steps)
-        self.model, self.optimizer, self.lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+        self.accelerator, self.model, self.optimizer, self.lr_scheduler = accelerator, model, optimizer, lr_scheduler
+        self.dataloader, self.output_dir, self.seed = dataloader, output_dir, seed
+        self.max_train_steps, self.steps_per_epoch, self.streaming = max_train_steps, steps_per_epoch, streaming
+        self.train_batch_size, self.accumulation_steps = train_batch_size, accelerator.gradient_accumulation_steps
+        self.sampling, self.validation, self.pad_resolution = sampling, validation, pad_resolution
+        self.checkpointing_steps, self.checkpoints_total_limit = checkpointing_steps, checkpoints_total_limit
+        self.ema, self.ema_update_interval = ema, ema_update_interval
         # The training module itself, without Accelerate's wrappers (DDP, compile): its parts are reached through it.
-        self.unwrapped: PixNerdTrainingModule = accelerator.unwrap_model(self.model)
-        from accelerate.utils import DistributedType
-
+        self.unwrapped: PixNerdTrainingModule = accelerator.unwrap_model(model)
         fsdp = accelerator.distributed_type == DistributedType.FSDP
         if lora and not fsdp:  # checkpoints hold the adapters and the projector, not a copy of the frozen base
             register_adapter_checkpoint_hooks(accelerator, self.unwrapped)  # (FSDP's sharded files hold them already)
         self.lora_checkpoints = lora and not fsdp
-        if fsdp and args.use_ema and args.ema_device == "cpu":
-            raise ValueError("`--ema_device cpu` is not supported with FSDP (the EMA is sharded like the weights).")
-        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
         # The EMA follows the trained transformer weights (not the projector, nor text encoder layers).
         self.ema_parameters = [p for p in self.unwrapped.transformer.parameters() if p.requires_grad]
-        self.ema_decay = args.ema_decay if args.use_ema else None  # `--ema_decay`, else chosen from the run length
-        if args.use_ema and self.ema_decay is None:
-            self.ema_decay = ema_decay_for_run(self.max_train_steps)
-            logger.info(
-                "EMA decay %.6g, chosen from the run length (%d steps): the export averages about the last %d steps.",
-                self.ema_decay,
-                self.max_train_steps,
-                round(1 / max(1 - self.ema_decay, 1e-12)),
-            )
-        self.ema = self._new_ema() if args.use_ema else None
-        initial_share = 0.0 if args.ema_warmup else (self.ema_decay or 0.0) ** self.max_train_steps
-        if self.ema is not None and checkpoint is None and initial_share > EMA_MAX_INITIAL_SHARE:
-            logger.warning(
-                "With the constant EMA decay %g, the starting weights (the base model when fine-tuning, the random "
-                "initialisation from scratch) still make up %.0f%% of the exported EMA after %d steps, so the export "
-                "stays close to them. Leave `--ema_decay` unset to choose it from the run length, or pass "
-                "`--ema_warmup` or `--no_use_ema`.",
-                self.ema_decay,
-                100 * initial_share,
-                self.max_train_steps,
-            )
         self.global_step, self.first_epoch, self.resume_batches = 0, 0, 0
         self.saved_step, self.stopped_by = None, None
         self.skipped_images = torch.zeros((), device=accelerator.device)
@@ -161,11 +184,9 @@ class TrainingRun:
         self.logs: dict[str, float] = {}
         self._sums: dict[str, float] = {}
         # An export already in the folder comes from before this run: stale once this run saves a checkpoint.
-        self.earlier_export = any(os.path.exists(os.path.join(args.output_dir, m)) for m in EXPORT_MARKERS)
-        # With `--overwrite_output_dir`, the earlier run's checkpoints: deleted once this run has committed its first.
-        self.stale_checkpoints = [path for _, path in list_checkpoints(args.output_dir)]
-        if not args.overwrite_output_dir:
-            self.stale_checkpoints = []
+        self.earlier_export = any(os.path.exists(os.path.join(output_dir, m)) for m in EXPORT_MARKERS)
+        # With `overwrite_output_dir`, the earlier run's checkpoints: deleted once this run has committed its first.
+        self.stale_checkpoints = [path for _, path in list_checkpoints(output_dir)] if overwrite_output_dir else []
         if checkpoint is not None:
             self.load(checkpoint)
             self.saved_step = self.global_step
@@ -180,19 +201,17 @@ class TrainingRun:
         self.signals = StopSignals(accelerator)  # SIGINT, SIGTERM: stop after the step, with a checkpoint
         # Micro-batches before this step (they seed `generator()`): an epoch's last step may have fewer than
         # `gradient_accumulation_steps` of them when its batch count is not a multiple.
-        self.micro_step = self.global_step * args.gradient_accumulation_steps
+        self.micro_step = self.global_step * self.accumulation_steps
         if self.steps_per_epoch is not None:
             self.micro_step = self.first_epoch * len(dataloader) + self.resume_batches
-        if accelerator.is_main_process and args.report_to != "none":
-            accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args))
-        self.images_per_step = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+        self.images_per_step = train_batch_size * accelerator.num_processes * self.accumulation_steps
         logger.info(
             "***** Training: %s steps, batch %d (x %d processes x %d accumulation = %d), %.2fM trainable parameters, "
             "from step %d *****",
             self.max_train_steps,
-            args.train_batch_size,
+            train_batch_size,
             accelerator.num_processes,
-            args.gradient_accumulation_steps,
+            self.accumulation_steps,
             self.images_per_step,
             sum(p.numel() for p in self.trainable) / 1e6,
             self.global_step,
@@ -205,24 +224,13 @@ class TrainingRun:
         )
         self._last_time = time.perf_counter()
 
-    @property
-    def ema_device(self) -> torch.device:
-        return torch.device("cpu") if self.args.ema_device == "cpu" else self.accelerator.device
-
-    def _new_ema(self):
-        """The float32 EMA of the trained transformer weights, on `--ema_device`, every `--ema_update_interval` steps."""
-        args = self.args
-        return create_ema(
-            self.ema_parameters, self.ema_decay, args.ema_warmup, args.ema_update_interval, self.ema_device
-        )
-
     # ---- data
     def batches(self) -> Iterator[dict]:
         """Batches until `max_train_steps`, epoch after epoch, starting where the resumed checkpoint stopped."""
         epoch = self.first_epoch
         while self.global_step < self.max_train_steps:
             loader = self.dataloader
-            if self.args.streaming:
+            if self.streaming:
                 loader.dataset.set_epoch(epoch)
                 if epoch == self.first_epoch and self.resume_batches:
                     import itertools
@@ -235,7 +243,7 @@ class TrainingRun:
             empty = True
             for batch in loader:
                 empty = False
-                if self.args.streaming:
+                if self.streaming:
                     batch = {k: v.to(self.accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
                 yield batch
                 if self.global_step >= self.max_train_steps or self.stopped_by is not None:
@@ -245,7 +253,7 @@ class TrainingRun:
                     f"Process {self.accelerator.process_index} got no batch in epoch {epoch}: too "
                     "little data (or too few dataset shards) for the processes and the batch size."
                 )
-            if not self.args.streaming:  # the processes end a map-style epoch at the same step; streams do not
+            if not self.streaming:  # the processes end a map-style epoch at the same step; streams do not
                 self.report_downscaled_images(f"by the end of epoch {epoch + 1}")
             epoch += 1
 
@@ -253,7 +261,7 @@ class TrainingRun:
         """The random source of this micro-batch (noise, timesteps, dropout, flips): seeded by (seed, process, batch
         number), so a resumed run draws exactly what the uninterrupted one would have drawn."""
         device = self.accelerator.device
-        seed = ((self.args.seed * 1_000_003 + self.accelerator.process_index) * 1_000_003 + self.micro_step) % 2**63
+        seed = ((self.seed * 1_000_003 + self.accelerator.process_index) * 1_000_003 + self.micro_step) % 2**63
         return torch.Generator(device).manual_seed(seed)
 
     # ---- the step
@@ -268,8 +276,8 @@ class TrainingRun:
         """The random part of a step, from `generator()`: flips (of `loss_mask` too), noise, sigmas, the dropout mask;
         the REPA targets of the (flipped) images on the token grid. Distillation gives each image's `noise` and draws
         the sigmas from `sigma_choices` (those its sampler visits)."""
-        args, generator = self.args, self.generator()
-        if args.random_flip:
+        sampling, generator = self.sampling, self.generator()
+        if sampling.random_flip:
             pixels, loss_mask = flip_images(pixels, generator, loss_mask)
         batch_size, device = pixels.shape[0], pixels.device
         if noise is None:
@@ -281,15 +289,15 @@ class TrainingRun:
         else:
             sigmas = sample_sigmas(
                 batch_size,
-                args.timestep_sampling,
-                args.shift,
-                args.logit_mean,
-                args.logit_std,
-                args.mode_scale,
+                sampling.timestep_sampling,
+                sampling.shift,
+                sampling.logit_mean,
+                sampling.logit_std,
+                sampling.mode_scale,
                 generator=generator,
                 device=generator.device,
             ).to(device)
-        drop_mask = condition_drop_mask(batch_size, args.condition_dropout, generator).to(device)
+        drop_mask = condition_drop_mask(batch_size, sampling.condition_dropout, generator).to(device)
         inputs = {"pixels": pixels, "noise": noise, "sigmas": sigmas, "drop_mask": drop_mask}
         inputs["loss_mask"] = None if loss_mask is None else loss_mask.to(device)  # regularisation rows: none
         if repa_encoder is not None:
@@ -305,7 +313,7 @@ class TrainingRun:
         values = self.accelerator.gather(torch.stack([v.detach().float() for v in losses.values()])[None])
         if not torch.isfinite(values).all():
             self.signals.restore()
-            latest = list_checkpoints(self.args.output_dir)
+            latest = list_checkpoints(self.output_dir)
             raise FloatingPointError(
                 f"Non-finite loss at step {self.global_step + 1} ({dict(zip(losses, values.T.tolist()))}): stopping "
                 f"without saving. The last good checkpoint is {latest[-1][1] if latest else 'none (no checkpoint yet)'}"
@@ -313,11 +321,11 @@ class TrainingRun:
                 "`--max_grad_norm 1.0`."
             )
         for name, value in zip(losses, values.mean(0).tolist()):
-            self._sums[name] = self._sums.get(name, 0.0) + value / self.args.gradient_accumulation_steps
+            self._sums[name] = self._sums.get(name, 0.0) + value / self.accumulation_steps
 
     def update_ema(self):
-        """After an optimizer step: the EMA update, every `--ema_update_interval` steps."""
-        if self.ema is not None and (self.global_step + 1) % self.args.ema_update_interval == 0:
+        """After an optimizer step: the EMA update, every `ema_update_interval` steps."""
+        if self.ema is not None and (self.global_step + 1) % self.ema_update_interval == 0:
             update_ema(self.ema, self.ema_parameters)
 
     def end_step(self, batch: dict) -> bool:
@@ -333,7 +341,7 @@ class TrainingRun:
         if self.global_step == 1:
             self.check_replicas()
         self.log()
-        if self.global_step % self.args.checkpointing_steps == 0 or self.global_step == self.max_train_steps:
+        if self.global_step % self.checkpointing_steps == 0 or self.global_step == self.max_train_steps:
             self.save()  # the last step is always checkpointed: a finished run can be continued
         if self.signals.requested():
             if self.saved_step != self.global_step:
@@ -344,7 +352,7 @@ class TrainingRun:
     def report_downscaled_images(self, when: str):
         """With `--image_preprocessing pad`, logs once how many of the images read so far (all processes) were larger
         than the training size, so scaled down before the padding. Every process calls it at the same step."""
-        if self.args.image_preprocessing != "pad" or self.downscaled_reported:
+        if self.pad_resolution is None or self.downscaled_reported:
             return
         self.downscaled_reported = True
         counts = torch.tensor([self.downscaled_images, self.images_read], device=self.accelerator.device)
@@ -356,15 +364,15 @@ class TrainingRun:
                 downscaled,
                 read,
                 when,
-                self.args.resolution,
-                self.args.resolution,
+                self.pad_resolution,
+                self.pad_resolution,
             )
 
     @property
     def validation_due(self) -> bool:
-        """Validation at this step: every `--validation_steps`, step 0 included (the scripts sample it before the first
+        """Validation at this step: every `validation.steps`, step 0 included (the scripts sample it before the first
         step of a fresh run, the baseline)."""
-        steps = self.args.validation_steps
+        steps = self.validation.steps
         return steps is not None and self.global_step % steps == 0
 
     def log(self):
@@ -413,8 +421,8 @@ class TrainingRun:
 
     def save(self) -> str:
         """`checkpoint-N.tmp` written by every process, then renamed by the main one: never a half-written "latest"."""
-        accelerator, args = self.accelerator, self.args
-        temporary = os.path.join(args.output_dir, f"{CHECKPOINT_PREFIX}{self.global_step}{TMP_SUFFIX}")
+        accelerator = self.accelerator
+        temporary = os.path.join(self.output_dir, f"{CHECKPOINT_PREFIX}{self.global_step}{TMP_SUFFIX}")
         if accelerator.is_main_process and os.path.exists(temporary):
             shutil.rmtree(temporary)
         accelerator.wait_for_everyone()
@@ -428,10 +436,10 @@ class TrainingRun:
             if accelerator.is_main_process:
                 state = {
                     "global_step": self.global_step,
-                    "seed": args.seed,
+                    "seed": self.seed,
                     "num_processes": accelerator.num_processes,
-                    "train_batch_size": args.train_batch_size,
-                    "gradient_accumulation_steps": args.gradient_accumulation_steps,
+                    "train_batch_size": self.train_batch_size,
+                    "gradient_accumulation_steps": self.accumulation_steps,
                     "steps_per_epoch": self.steps_per_epoch,
                     "ema": self.ema is not None,  # a resume then knows an EMA file is missing, not absent
                 }
@@ -439,14 +447,14 @@ class TrainingRun:
                     json.dump(state, f, indent=2)
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                commit_checkpoint(temporary, args.checkpoints_total_limit, self.stale_checkpoints)
+                commit_checkpoint(temporary, self.checkpoints_total_limit, self.stale_checkpoints)
                 self.stale_checkpoints = []
                 logger.info("Saved %s (%s)", final, ", ".join(sorted(os.listdir(final))))
                 if self.earlier_export:
-                    mark_export_stale(args.output_dir, final)
+                    mark_export_stale(self.output_dir, final)
                     self.earlier_export = False
         except (OSError, RuntimeError) as error:  # torch's writer reports a full disk as a RuntimeError
-            full = disk_full_error(error, temporary, args.output_dir)
+            full = disk_full_error(error, temporary, self.output_dir)
             if full is None:
                 raise
             shutil.rmtree(temporary, ignore_errors=True)
@@ -488,7 +496,7 @@ class TrainingRun:
             if self.accelerator.distributed_type == DistributedType.FSDP:
                 shard_like(self.ema, self.ema_parameters, found)  # this process's shards become DTensors again
             else:
-                self.ema.to(self.ema_device, dtype=torch.float32)
+                self.ema.to(self.ema.shadow_params[0].device, dtype=torch.float32)
         elif ema_file is not None and state.get("ema"):
             earlier = [path for _, path in list_checkpoints(os.path.dirname(os.path.abspath(checkpoint)))]
             earlier = [path for path in earlier if os.path.abspath(path) != os.path.abspath(checkpoint)]
@@ -499,12 +507,12 @@ class TrainingRun:
             )
         elif ema_file is not None:
             logger.warning("%s has no EMA (trained without it): the EMA starts from its weights.", checkpoint)
-            self.ema = self._new_ema()
+            restart_ema(self.ema, self.ema_parameters)
         self.global_step = state["global_step"]
         same = (state["num_processes"], state["train_batch_size"], state["gradient_accumulation_steps"]) == (
             self.accelerator.num_processes,
-            self.args.train_batch_size,
-            self.args.gradient_accumulation_steps,
+            self.train_batch_size,
+            self.accumulation_steps,
         )
         if not same or state["steps_per_epoch"] != self.steps_per_epoch:
             logger.warning(
@@ -515,7 +523,7 @@ class TrainingRun:
             self.first_epoch, steps_in_epoch = 0, self.global_step
         else:
             self.first_epoch, steps_in_epoch = divmod(self.global_step, self.steps_per_epoch)
-        self.resume_batches = steps_in_epoch * self.args.gradient_accumulation_steps
+        self.resume_batches = steps_in_epoch * self.accumulation_steps
 
     def finish(self):
         """After the loop: closes the progress bar; after a SIGINT/SIGTERM, says how to resume and exits (no export)."""
@@ -526,7 +534,7 @@ class TrainingRun:
         if self.stopped_by is not None:
             name = signal.Signals(self.stopped_by).name
             if self.accelerator.is_main_process:
-                checkpoint = os.path.join(self.args.output_dir, f"{CHECKPOINT_PREFIX}{self.saved_step}")
+                checkpoint = os.path.join(self.output_dir, f"{CHECKPOINT_PREFIX}{self.saved_step}")
                 logger.warning(
                     "Stopped by %s after step %d; the last checkpoint is %s. Resume with:\n  %s",
                     name,
@@ -534,7 +542,7 @@ class TrainingRun:
                     checkpoint,
                     resume_command(),
                 )
-            unlock_output_dir(self.args.output_dir)
+            unlock_output_dir(self.output_dir)
             raise SystemExit(128 + int(self.stopped_by))
         if self.global_step >= self.max_train_steps and self.accelerator.is_main_process:
             logger.info("Training done at step %d; the last checkpoint holds it.", self.global_step)
@@ -544,26 +552,26 @@ class TrainingRun:
         self, pipeline, inputs: list[dict], captions: list[str], final: bool = False, **call_kwargs
     ) -> list[str]:
         """Samples with `pipeline` (EMA weights swapped in) every prompt of `inputs` (the pipeline arguments of each,
-        `captions` their names) at each of `--validation_sizes`, the processes sharing the images (each seeded by its
+        `captions` their names) at each of `validation.sizes`, the processes sharing the images (each seeded by its
         prompt; FSDP needs every process in every call), saves them under `validation/step-<step>/`
         (`validation/final/` for the exported model) and logs them on the main one; returns their paths there."""
-        args = self.args
+        settings = self.validation
         transformer = pipeline.transformer
         transformer.eval()
         pipeline.set_progress_bar_config(disable=True)
-        if args.validation_num_inference_steps is not None:
-            call_kwargs["num_inference_steps"] = args.validation_num_inference_steps
-        if args.validation_guidance_scale is not None:
-            call_kwargs["guidance_scale"] = args.validation_guidance_scale
-        sizes = args.validation_sizes
+        if settings.num_inference_steps is not None:
+            call_kwargs["num_inference_steps"] = settings.num_inference_steps
+        if settings.guidance_scale is not None:
+            call_kwargs["guidance_scale"] = settings.guidance_scale
+        sizes = settings.sizes
         with ema_weights(self.ema, self.ema_parameters), self.accelerator.autocast(), torch.no_grad():
             with unsharded_root(self.model):  # after the EMA swap: gathers the EMA values
-                images = render_validation(self.accelerator, pipeline, inputs, sizes, args.seed, **call_kwargs)
+                images = render_validation(self.accelerator, pipeline, inputs, sizes, self.seed, **call_kwargs)
         transformer.train()
         if not self.accelerator.is_main_process:
             return []
-        folder = validation_folder(args.output_dir, self.global_step, final)
-        paths = save_validation(images, captions, sizes, folder, args.resolution)
+        folder = validation_folder(self.output_dir, self.global_step, final)
+        paths = save_validation(images, captions, sizes, folder, settings.resolution)
         log_validation(self.accelerator, images, captions, sizes, self.global_step)
         return paths
 
@@ -583,10 +591,3 @@ class TrainingRun:
     def exported_transformer(self, state: dict[str, torch.Tensor]):
         """A fresh transformer (same config) holding the exported weights: no projector, no PEFT wrappers."""
         return exported_transformer(self.unwrapped.transformer, state)
-
-    def model_card(self, script: str, sample_paths: list[str]) -> str:
-        """Markdown for the model card: how it was trained (the main settings), the final validation samples and, with
-        `--validation_steps`, the step-0 ones beside them."""
-        baseline = baseline_images(sample_paths, self.args.output_dir) if self.args.validation_steps else []
-        chosen = {"ema_decay": self.ema_decay}  # the decay used, also when chosen from the run length
-        return model_card_training_section(self.args, script, self.global_step, sample_paths, baseline, chosen)

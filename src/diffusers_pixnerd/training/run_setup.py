@@ -71,6 +71,8 @@ def create_accelerator(args: argparse.Namespace):
                 engine,
                 accelerator.distributed_type.value,
             )
+    if accelerator.distributed_type.value == "FSDP" and args.use_ema and args.ema_device == "cpu":
+        raise ValueError("`--ema_device cpu` is not supported with FSDP (the EMA is sharded like the weights).")
     if accelerator.state.deepspeed_plugin is not None:  # DeepSpeed cannot read it from a dataloader prepared alone
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
     if args.allow_tf32 and torch.cuda.is_available():
