@@ -68,6 +68,11 @@ class StepSampling:
     condition_dropout: float
     random_flip: bool
 
+    @classmethod
+    def from_args(cls, args) -> "StepSampling":
+        """From the training flags of the same names."""
+        return cls(**{field.name: getattr(args, field.name) for field in dataclasses.fields(cls)})
+
 
 @dataclasses.dataclass(frozen=True)
 class ValidationSettings:
@@ -80,6 +85,17 @@ class ValidationSettings:
     resolution: int
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
+
+    @classmethod
+    def from_args(cls, args) -> "ValidationSettings":
+        """From the `--validation_*` flags and `--resolution`."""
+        return cls(
+            args.validation_steps,
+            args.validation_sizes,
+            args.resolution,
+            args.validation_num_inference_steps,
+            args.validation_guidance_scale,
+        )
 
 
 class TrainingRun:
