@@ -1,7 +1,6 @@
 """training/objectives.py: timestep sampling and the flow-matching loss (with loss masks, regularisation rows and
 output preservation), the training module (condition dropout, REPA, the prompt encoding)."""
 
-
 import pytest
 import torch
 
@@ -103,7 +102,8 @@ def test_the_masked_loss_is_each_images_mask_weighted_mean():
 
 
 def test_flips_move_the_mask_with_the_image():
-    from diffusers_pixnerd.training.loop import StepSampling, TrainingRun
+    from diffusers_pixnerd.training.loop import TrainingRun
+    from diffusers_pixnerd.training.objectives import StepSampling
 
     run = TrainingRun.__new__(TrainingRun)  # only `step_inputs` and its generator, without a model
     run.sampling = StepSampling("uniform", 1.0, 0.0, 1.0, 1.29, 0.0, random_flip=True)

@@ -72,11 +72,12 @@ from .hub import (
     upload_output_dir,
 )
 from .images import adm_center_crop, image_to_tensor, open_image, pad_to_size, resize_center_crop
-from .loop import StepSampling, TrainingRun, ValidationSettings
+from .loop import TrainingRun
 from .lora import adapters_disabled, add_lora_adapters, save_lora_adapters
 from .objectives import (
     PixNerdTrainingModule,
     REPAProjector,
+    StepSampling,
     capture_block_output,
     condition_drop_mask,
     encode_prompts,
@@ -103,7 +104,7 @@ from .run_setup import (
     resolve_seed,
     weight_dtype,
 )
-from .validation import check_validation_sizes, read_prompts_file, validation_prompts
+from .validation import ValidationSettings, check_validation_sizes, read_prompts_file, validation_prompts
 
 __all__ = [
     "HubAccessError",

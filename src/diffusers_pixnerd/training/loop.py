@@ -2,7 +2,6 @@
 """A training run: `TrainingRun`, the bookkeeping around the training step (batches, the step's random inputs,
 backward, EMA, logs, replica checks, checkpoints and resume, stopping on a signal, validation and export)."""
 
-import dataclasses
 import json
 import logging
 import os
@@ -33,9 +32,17 @@ from .ema import EMA_FILE, ema_file_in, ema_weights, load_ema_state, restart_ema
 from .export import exported_transformer, gathered_state, gathered_trained_parameters
 from .hub import mark_export_stale
 from .lora import register_adapter_checkpoint_hooks
-from .objectives import PixNerdTrainingModule, condition_drop_mask, flip_images, repa_target_features, sample_sigmas
+from .objectives import (
+    PixNerdTrainingModule,
+    StepSampling,
+    condition_drop_mask,
+    flip_images,
+    repa_target_features,
+    sample_sigmas,
+)
 from .signals import StopSignals
 from .validation import (
+    ValidationSettings,
     log_validation,
     render_validation,
     save_validation,
@@ -54,48 +61,6 @@ def parameters_fingerprint(parameters: Iterable[torch.Tensor]) -> str:
     for p in parameters:
         digest.update(p.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
-
-
-@dataclasses.dataclass(frozen=True)
-class StepSampling:
-    """How `TrainingRun.step_inputs` draws a step's random inputs (the training flags of the same names)."""
-
-    timestep_sampling: str
-    shift: float
-    logit_mean: float
-    logit_std: float
-    mode_scale: float
-    condition_dropout: float
-    random_flip: bool
-
-    @classmethod
-    def from_args(cls, args) -> "StepSampling":
-        """From the training flags of the same names."""
-        return cls(**{field.name: getattr(args, field.name) for field in dataclasses.fields(cls)})
-
-
-@dataclasses.dataclass(frozen=True)
-class ValidationSettings:
-    """`TrainingRun.validation_images`: every `steps` steps (`None`: only the final images), at `sizes` (`(height,
-    width)` pairs; `None`: the training `resolution`), with the sampler's defaults unless `num_inference_steps` or
-    `guidance_scale` are given."""
-
-    steps: int | None
-    sizes: list | None
-    resolution: int
-    num_inference_steps: int | None = None
-    guidance_scale: float | None = None
-
-    @classmethod
-    def from_args(cls, args) -> "ValidationSettings":
-        """From the `--validation_*` flags and `--resolution`."""
-        return cls(
-            args.validation_steps,
-            args.validation_sizes,
-            args.resolution,
-            args.validation_num_inference_steps,
-            args.validation_guidance_scale,
-        )
 
 
 class TrainingRun:

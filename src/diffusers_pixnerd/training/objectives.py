@@ -7,6 +7,7 @@ diffusers' convention: `x_t = (1 - sigma) x0 + sigma noise`; the model predicts 
 sigma`.
 """
 
+import dataclasses
 import math
 from contextlib import contextmanager, nullcontext
 from typing import Iterator
@@ -351,3 +352,21 @@ class PixNerdTrainingModule(nn.Module):
             losses["repa_loss"] = repa_cosine_loss(self.projector(hidden[0]), repa_features)
             losses["loss"] = losses["loss"] + self.repa_loss_weight * losses["repa_loss"]
         return losses
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSampling:
+    """How `TrainingRun.step_inputs` draws a step's random inputs (the training flags of the same names)."""
+
+    timestep_sampling: str
+    shift: float
+    logit_mean: float
+    logit_std: float
+    mode_scale: float
+    condition_dropout: float
+    random_flip: bool
+
+    @classmethod
+    def from_args(cls, args) -> "StepSampling":
+        """From the training flags of the same names."""
+        return cls(**{field.name: getattr(args, field.name) for field in dataclasses.fields(cls)})

@@ -7,6 +7,7 @@ depend on the number of processes, and a prompt gets the same noise at every ste
 so the steps compare. The processes render their share of the jobs; the main one saves and logs them all.
 """
 
+import dataclasses
 import os
 import shutil
 from contextlib import contextmanager
@@ -196,3 +197,27 @@ def baseline_images(sample_paths: list[str], output_dir: str) -> list[str]:
     folder = validation_folder(output_dir, BASELINE_STEP)
     paths = [os.path.join(folder, os.path.basename(p)) for p in sample_paths]
     return paths if paths and all(os.path.isfile(p) for p in paths) else []
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidationSettings:
+    """`TrainingRun.validation_images`: every `steps` steps (`None`: only the final images), at `sizes` (`(height,
+    width)` pairs; `None`: the training `resolution`), with the sampler's defaults unless `num_inference_steps` or
+    `guidance_scale` are given."""
+
+    steps: int | None
+    sizes: list | None
+    resolution: int
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+
+    @classmethod
+    def from_args(cls, args) -> "ValidationSettings":
+        """From the `--validation_*` flags and `--resolution`."""
+        return cls(
+            args.validation_steps,
+            args.validation_sizes,
+            args.resolution,
+            args.validation_num_inference_steps,
+            args.validation_guidance_scale,
+        )
