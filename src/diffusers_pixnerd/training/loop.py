@@ -149,6 +149,8 @@ class TrainingRun:
         self.sampling, self.validation, self.pad_resolution = sampling, validation, pad_resolution
         self.checkpointing_steps, self.checkpoints_total_limit = checkpointing_steps, checkpoints_total_limit
         self.ema, self.ema_update_interval = ema, ema_update_interval
+        # Where the EMA lives (`--ema_device`): a loaded EMA state arrives on the CPU and is moved back there.
+        self.ema_device = ema.shadow_params[0].device if ema is not None and ema.shadow_params else None
         # The training module itself, without Accelerate's wrappers (DDP, compile): its parts are reached through it.
         self.unwrapped: PixNerdTrainingModule = accelerator.unwrap_model(model)
         fsdp = accelerator.distributed_type == DistributedType.FSDP
@@ -477,7 +479,7 @@ class TrainingRun:
             if self.accelerator.distributed_type == DistributedType.FSDP:
                 shard_like(self.ema, self.ema_parameters, found)  # this process's shards become DTensors again
             else:
-                self.ema.to(self.ema.shadow_params[0].device, dtype=torch.float32)
+                self.ema.to(self.ema_device, dtype=torch.float32)
         elif ema_file is not None and state.get("ema"):
             earlier = [path for _, path in list_checkpoints(os.path.dirname(os.path.abspath(checkpoint)))]
             earlier = [path for path in earlier if os.path.abspath(path) != os.path.abspath(checkpoint)]
