@@ -98,8 +98,10 @@ from diffusers_pixnerd.training.prior import (
     add_prior_arguments,
     check_output_preservation_arguments,
     check_prior_arguments,
+    context_vocabulary,
     output_preservation_captions,
     prepare_regularisation_images,
+    random_context_prompts,
 )
 
 logger = logging.getLogger(__name__)
@@ -390,6 +392,9 @@ def main(args):
     if text_encoder is None or tokenizer is None:
         raise ValueError(f"{args.pretrained_model_name_or_path!r} has no text encoder or tokenizer.")
     text_encoder_dtype = text_encoder.dtype  # a frozen encoder is exported as it was loaded
+    context_words = None  # --text_preservation_weight: the words of the random contexts
+    if args.text_preservation_weight is not None:
+        context_words = context_vocabulary(tokenizer, preservation_word)
     args.resolution = args.resolution or transformer.config.sample_size
     check_resolution(args.resolution, transformer.config.patch_size)
     check_validation_sizes(args, transformer.resolution_multiple)
@@ -483,6 +488,7 @@ def main(args):
         tokenizer=tokenizer,
         null_encoder_hidden_states=null_embeds,
         output_preservation_weight=args.output_preservation_weight or 0.0,
+        text_preservation_weight=args.text_preservation_weight or 0.0,
     )
 
     # 5. The optimizer (`--optimizer`; the text encoder's adapters at `--text_encoder_lr`) and lr schedule, prepared by
@@ -569,6 +575,10 @@ def main(args):
                     preservation_prompts=kept.get("prompts"),
                     preservation_encoder_hidden_states=kept.get("encoder_hidden_states"),
                 )
+            if context_words is not None:  # the same captions behind random words, the encoder held to the base
+                seed = run.generator().initial_seed()
+                prompts = random_context_prompts(batch["caption"], preservation_word, context_words, seed)
+                condition["text_preservation_prompts"] = prompts
             losses = model(**inputs, **condition, **reg_kwargs)
             run.check_losses(losses)  # stops the run on a non-finite loss (any process)
             accelerator.backward(losses["loss"])

@@ -141,6 +141,31 @@ def test_without_reg_rows_the_loss_is_the_plain_flow_matching_loss():
     torch.testing.assert_close(losses["loss"], flow_matching_loss(output, target, sigmas, "cosmap"))
 
 
+def test_the_text_preservation_loss_is_the_relative_error_to_the_base_encoder_and_trains_its_adapters_only():
+    transformer, encoder, (_, base_encoder) = lora_transformer_and_encoder()
+    tokenizer = qwen3_tokenizer()
+    module = PixNerdTrainingModule(transformer, text_encoder=encoder, tokenizer=tokenizer, text_preservation_weight=3)
+    gen = torch.Generator().manual_seed(2)
+    pixels, noise = torch.rand(2, 3, 16, 16, generator=gen) * 2 - 1, torch.randn(2, 3, 16, 16, generator=gen)
+    kwargs = dict(pixels=pixels, noise=noise, sigmas=torch.tensor([0.3, 0.7]), drop_mask=torch.zeros(2, dtype=bool))
+    prompts = ["lamp orbit a coat", "quartz two shoes"]
+    losses = module(**kwargs, prompts=["a blue coat", "blue shoes"], text_preservation_prompts=prompts)
+    with torch.no_grad():
+        base = PixNerdTrainingModule(transformer, text_encoder=base_encoder, tokenizer=tokenizer).encode(
+            prompts, "cpu"
+        )
+        adapted = module.encode(prompts, "cpu")
+    expected = (adapted - base).pow(2).sum() / base.pow(2).sum()
+    assert expected > 1e-6
+    torch.testing.assert_close(losses["text_preservation_loss"], expected, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(losses["loss"], losses["fm_loss"] + 3 * expected, rtol=1e-5, atol=1e-9)
+    transformer.zero_grad(), encoder.zero_grad()
+    losses["text_preservation_loss"].backward()
+    assert all(p.grad is None for p in transformer.parameters())
+    grads = {n: p.grad for n, p in encoder.named_parameters() if p.grad is not None}
+    assert grads and all("lora_" in n for n in grads) and any(g.abs().sum() > 0 for g in grads.values())
+
+
 def test_the_preservation_loss_is_the_mse_to_the_base_prediction_on_the_rows_with_the_word():
     transformer, encoder, (base_transformer, base_encoder) = lora_transformer_and_encoder()
     tokenizer = qwen3_tokenizer()

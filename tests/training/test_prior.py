@@ -16,13 +16,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from diffusers_pixnerd.testing_utils import qwen3_tokenizer
 from diffusers_pixnerd.training.prior import (
     REG_IMAGES_PREFIX,
     RegularisationImages,
     caption_without_word,
     check_prior_arguments,
+    context_vocabulary,
     generate_reg_images,
     output_preservation_captions,
+    random_context_prompts,
     reg_batch_size,
     reg_indices,
 )
@@ -330,6 +333,29 @@ def test_the_rows_that_hold_the_word_are_marked():
     assert preserved == ["a coat", "a coat", "a dress", "a shoe"] and rows.tolist() == [True, False, True, True]
 
 
+def test_the_context_words_are_whole_lowercase_words_without_the_concept_tokens():
+    tokenizer = qwen3_tokenizer()
+    words = context_vocabulary(tokenizer, "checkered")
+    assert len(words) > 10_000 and words == sorted(words)
+    assert all(w.isascii() and w.isalpha() and w.islower() and len(w) >= 3 for w in words)
+    assert "lamp" in words and "check" not in words  # " checkered" is " check" + "ered"
+    assert "blue" in words and "blue" not in context_vocabulary(tokenizer, "blue")
+
+
+def test_random_contexts_put_vocabulary_words_before_the_caption_without_the_word():
+    vocabulary = ["lamp", "orbit", "violin", "harbour", "quartz"]
+    captions = ["a blue coat", "Here: two blue shoes."]
+    prompts = random_context_prompts(captions, "blue", vocabulary, seed=7)
+    assert prompts == random_context_prompts(captions, "blue", vocabulary, seed=7)  # a function of the seed
+    assert prompts != random_context_prompts(captions, "blue", vocabulary, seed=8)
+    for prompt, tail in zip(prompts, ["a coat", "Here: two shoes."]):
+        assert prompt.endswith(" " + tail)
+        context = prompt[: -len(tail) - 1].split(" ")
+        assert 1 <= len(context) <= 4 and set(context) <= set(vocabulary)
+    counts = {len(p.split(" ")) - 2 for p in random_context_prompts(["a coat"] * 200, "blue", vocabulary, seed=1)}
+    assert counts == {1, 2, 3, 4}
+
+
 # ------------------------------------------------------------------------------------- output preservation: whole runs
 
 
@@ -347,6 +373,21 @@ def test_a_resumed_run_with_output_preservation_ends_bit_identical_and_differs_f
     run_main(T2I_SCRIPT, t2i_args(assets, "captions_txt", plain, *flags))
     c = load_file(plain / "checkpoint-4" / LORA_FILE)
     assert not all(torch.equal(a[k], c[k]) for k in a)  # the loss changed the training
+
+
+def test_a_resumed_run_with_text_preservation_ends_bit_identical_and_differs_from_one_without(
+    assets, tmp_path, run_main
+):
+    full, resumed, plain = tmp_path / "full", tmp_path / "resumed", tmp_path / "plain"
+    flags = [*LORA, *STEPS, "--train_text_encoder", "--output_preservation_word", "blue"]
+    args = t2i_args(assets, "captions_txt", full, *flags, "--text_preservation_weight", 4)
+    a, b = run_and_resume(run_main, args, full, resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "| `text_preservation_weight` | `4.0` |" in (full / "README.md").read_text()
+    run_main(T2I_SCRIPT, t2i_args(assets, "captions_txt", plain, *flags))
+    c = load_file(plain / "checkpoint-4" / LORA_FILE)
+    changed = [k for k in a if not torch.equal(a[k], c[k])]
+    assert changed and any(k.startswith("text_encoder.") for k in changed)
 
 
 def test_output_preservation_on_the_regularisation_rows_changes_the_run(assets, tmp_path, run_main):
@@ -373,6 +414,15 @@ def test_output_preservation_on_the_regularisation_rows_changes_the_run(assets, 
         ([*LORA, "--output_preservation_word", "blue", "--output_preservation_weight", -1], "must be >= 0"),
         ([*LORA, "--output_preservation_reg"], "`--output_preservation_reg` needs `--output_preservation_word`"),
         ([*LORA, "--output_preservation_word", "blue", "--output_preservation_reg"], "acts on regularisation images"),
+        ([*LORA, "--text_preservation_weight", 1], "`--text_preservation_weight` needs `--output_preservation_word`"),
+        (
+            [*LORA, "--output_preservation_word", "blue", "--text_preservation_weight", 1],
+            "needs `--train_text_encoder`",
+        ),
+        (
+            [*LORA, "--train_text_encoder", "--output_preservation_word", "blue", "--text_preservation_weight", -1],
+            "`--text_preservation_weight` must be >= 0",
+        ),
     ],
 )
 def test_bad_output_preservation_flags_are_named(assets, tmp_path, flags, message):

@@ -71,6 +71,7 @@ MODEL_CARD_SETTINGS = {
     "output_preservation_word": None,
     "output_preservation_weight": None,
     "output_preservation_reg": lambda a: a.output_preservation_reg,
+    "text_preservation_weight": None,
     "distill": lambda a: getattr(a, "distill", False),  # the distillation flags: filled only in a distillation run
     "distill_prompts_file": None,
     "num_distill_samples": None,

@@ -233,6 +233,8 @@ class PixNerdTrainingModule(nn.Module):
         null_encoder_hidden_states (`torch.Tensor`, *optional*): the embedding of `""` of a frozen text encoder, used
             for the dropped conditions when `encoder_hidden_states` come precomputed.
         output_preservation_weight (`float`, defaults to 0): the weight of `output_preservation_loss` (LoRA only).
+        text_preservation_weight (`float`, defaults to 0): the weight of `text_preservation_loss` (a text encoder with
+            LoRA adapters).
     """
 
     def __init__(
@@ -246,6 +248,7 @@ class PixNerdTrainingModule(nn.Module):
         tokenizer=None,
         null_encoder_hidden_states: torch.Tensor | None = None,
         output_preservation_weight: float = 0.0,
+        text_preservation_weight: float = 0.0,
     ):
         super().__init__()
         if weighting_scheme not in LOSS_WEIGHTING:
@@ -262,6 +265,7 @@ class PixNerdTrainingModule(nn.Module):
         self.repa_loss_weight = repa_loss_weight
         self.weighting_scheme = weighting_scheme
         self.output_preservation_weight = output_preservation_weight
+        self.text_preservation_weight = text_preservation_weight
         self.noise_scheduler = PixNerdFlowMatchScheduler()
         if null_encoder_hidden_states is not None:
             self.register_buffer("null_encoder_hidden_states", null_encoder_hidden_states, persistent=False)
@@ -310,6 +314,15 @@ class PixNerdTrainingModule(nn.Module):
         output = self.transformer(noisy, timesteps, encoder_hidden_states=states).sample
         return flow_matching_loss(output, target, sigmas, self.weighting_scheme)
 
+    def text_preservation_loss(self, prompts: list[str], device) -> torch.Tensor:
+        """How far the text encoder's output on `prompts` is from the base encoder's (its LoRA adapters switched off):
+        the squared error relative to the base output's squared norm, so the weight does not depend on the encoder's
+        scale."""
+        with torch.no_grad(), adapters_disabled(self.text_encoder):
+            target = self.encode(prompts, device).float()
+        output = self.encode(prompts, device).float()
+        return (output - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-12)
+
     def forward(
         self,
         pixels: torch.Tensor,
@@ -326,6 +339,7 @@ class PixNerdTrainingModule(nn.Module):
         preservation_rows: torch.Tensor | None = None,
         preservation_prompts: list[str] | None = None,
         preservation_encoder_hidden_states: torch.Tensor | None = None,
+        text_preservation_prompts: list[str] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Losses `{"loss", "fm_loss"[, "reg_loss"][, "preservation_loss"][, "repa_loss"]}` of clean `pixels` in [-1, 1]
         at noise levels `sigmas`; the last `reg_samples` rows are regularisation images (`training/prior.py`): their
@@ -333,7 +347,8 @@ class PixNerdTrainingModule(nn.Module):
         regularisation rows, weights the flow-matching loss per pixel (`--mask_data_dir`, `--alpha_mask`). With
         `preservation_rows` (bool, one per row from the first, the regularisation rows optional) and the captions of
         those rows without the concept word (`preservation_prompts`, or their embeddings), `output_preservation_loss`
-        is added with the module's `output_preservation_weight`."""
+        is added with the module's `output_preservation_weight`; with `text_preservation_prompts`,
+        `text_preservation_loss` with `text_preservation_weight`."""
         condition = self.conditions(drop_mask, class_labels, encoder_hidden_states, prompts)
         timesteps = sigmas * NUM_TRAIN_TIMESTEPS
         noisy = self.noise_scheduler.add_noise(pixels, noise, timesteps)
@@ -348,6 +363,9 @@ class PixNerdTrainingModule(nn.Module):
                 noisy, timesteps, sigmas, preservation_rows, preservation_prompts, preservation_encoder_hidden_states
             )
             losses["loss"] = losses["loss"] + self.output_preservation_weight * losses["preservation_loss"]
+        if text_preservation_prompts is not None:
+            losses["text_preservation_loss"] = self.text_preservation_loss(text_preservation_prompts, pixels.device)
+            losses["loss"] = losses["loss"] + self.text_preservation_weight * losses["text_preservation_loss"]
         if self.projector is not None:
             losses["repa_loss"] = repa_cosine_loss(self.projector(hidden[0]), repa_features)
             losses["loss"] = losses["loss"] + self.repa_loss_weight * losses["repa_loss"]

@@ -11,7 +11,10 @@ of (seed, process, micro-batch number) only (`reg_indices`), so a resumed run re
 Output preservation (`--output_preservation_word`, ai-toolkit's "differential output preservation") works on the
 training images themselves: each caption without the concept word (`caption_without_word`) must give, on the same noisy
 image, what the base model (the adapters switched off) gives; its loss is added with `--output_preservation_weight`
-(`PixNerdTrainingModule.output_preservation_loss`).
+(`PixNerdTrainingModule.output_preservation_loss`). Text preservation (`--text_preservation_weight`, with a
+text-encoder LoRA) holds the encoder's own output to the base encoder's on the batch's captions without the word behind
+a few random words of the tokenizer's vocabulary (`random_context_prompts`): the word's adapters must not turn other,
+never-seen words of a prompt into the concept.
 """
 
 import argparse
@@ -87,6 +90,15 @@ def add_prior_arguments(parser: argparse.ArgumentParser):
         help="With --output_preservation_word and regularisation images: hold their rows (captions without the word) "
         "to the base model's output too, beside their own flow-matching loss.",
     )
+    group.add_argument(
+        "--text_preservation_weight",
+        type=float,
+        default=None,
+        help="With --output_preservation_word and --train_text_encoder: the weight of a loss that holds the text "
+        "encoder's output (relative squared error) to the base encoder's on the batch's captions without the word, "
+        "each behind 1-4 random words of the tokenizer's vocabulary, so that the word's adapters leave the other "
+        "words of a prompt as they were (default: off).",
+    )
 
 
 def check_prior_arguments(args: argparse.Namespace):
@@ -143,7 +155,7 @@ def check_output_preservation_arguments(args: argparse.Namespace):
     if word is None:
         given = [
             f"`--{name}`"
-            for name in ("output_preservation_weight", "output_preservation_reg")
+            for name in ("output_preservation_weight", "output_preservation_reg", "text_preservation_weight")
             if getattr(args, name, None)
         ]
         if given:
@@ -170,6 +182,15 @@ def check_output_preservation_arguments(args: argparse.Namespace):
     args.output_preservation_weight = 1.0 if weight is None else weight
     if args.output_preservation_weight < 0:
         raise ValueError(f"`--output_preservation_weight` must be >= 0, got {args.output_preservation_weight}.")
+    text_weight = getattr(args, "text_preservation_weight", None)
+    if text_weight is not None:
+        if text_weight < 0:
+            raise ValueError(f"`--text_preservation_weight` must be >= 0, got {text_weight}.")
+        if not getattr(args, "train_text_encoder", False):
+            raise ValueError(
+                "`--text_preservation_weight` holds the text encoder's adapters to the base encoder: it needs "
+                "`--train_text_encoder`."
+            )
 
 
 def caption_without_word(caption: str, word: str) -> str:
@@ -186,6 +207,37 @@ def caption_without_word(caption: str, word: str) -> str:
 
     text = pattern.sub(replace, caption)
     return re.sub(r"\s+([,.;:!?])", r"\1", re.sub(r"\s{2,}", " ", text)).strip()
+
+
+def context_vocabulary(tokenizer, word: str) -> list[str]:
+    """The words random contexts are drawn from: the vocabulary's tokens that are a space and 3 or more lowercase
+    ASCII letters (" cat", not sub-words or other scripts), none of them a token of `word` (alone or after a
+    space), sorted (the same list on every process)."""
+    excluded = set(tokenizer.tokenize(word.strip())) | set(tokenizer.tokenize(" " + word.strip()))
+    words = set()
+    for token in tokenizer.get_vocab():
+        if token in excluded:
+            continue
+        text = tokenizer.convert_tokens_to_string([token])
+        if len(text) >= 4 and text[0] == " " and text[1:].isascii() and text[1:].isalpha() and text[1:].islower():
+            words.add(text[1:])
+    return sorted(words)
+
+
+def random_context_prompts(
+    captions: list[str], word: str, vocabulary: list[str], seed: int, max_words: int = 4
+) -> list[str]:
+    """Each caption without `word`, behind 1 to `max_words` words drawn from `vocabulary` ("a blue dress" -> "lamp
+    orbit a dress"): prompts that hold the base's words and words no caption has. `seed` is the micro-batch's
+    (`TrainingRun.generator().initial_seed()`, so a resumed run draws the same words), mixed with a constant of its
+    own so that the draws are not those of the step's noise."""
+    generator = torch.Generator().manual_seed(seed ^ 0x5EED_7E47)
+    prompts = []
+    for caption in captions:
+        count = int(torch.randint(1, max_words + 1, (), generator=generator))
+        picks = torch.randint(len(vocabulary), (count,), generator=generator).tolist()
+        prompts.append(" ".join([*(vocabulary[i] for i in picks), caption_without_word(caption, word)]))
+    return prompts
 
 
 def output_preservation_captions(
