@@ -69,8 +69,12 @@ def load_text_encoder_adapter(text_encoder, state_dict: dict, metadata: dict | N
     weights = {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
     if metadata is not None:
         metadata = {k.removeprefix(prefix): v for k, v in metadata.items() if k.startswith(prefix)} or None
-    weights = convert_state_dict_to_peft(convert_state_dict_to_diffusers(weights))
-    rank = {k: v.shape[1] for k, v in weights.items() if k.endswith("lora_B.weight")}
+    # Embedding adapters (`lora_embedding_A`/`_B`, e.g. on `embed_tokens`) are stored under PEFT's own names, which
+    # diffusers' key conversion does not know; the linear layers' keys go through it.
+    embeddings = {k: v for k, v in weights.items() if ".lora_embedding_" in k}
+    linear = {k: v for k, v in weights.items() if k not in embeddings}
+    weights = {**(convert_state_dict_to_peft(convert_state_dict_to_diffusers(linear)) if linear else {}), **embeddings}
+    rank = {k: v.shape[1] for k, v in weights.items() if k.endswith(("lora_B.weight", "lora_embedding_B"))}
     config = _create_lora_config(weights, None, metadata, rank, is_unet=False)
     adapter_name = adapter_name or get_adapter_name(text_encoder)
     add_text_encoder_adapter(text_encoder, config, adapter_name)
