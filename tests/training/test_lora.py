@@ -313,6 +313,26 @@ def test_a_resumed_text_encoder_lora_run_ends_in_the_same_state(assets, tmp_path
         run_main(T2I_SCRIPT, plain)
 
 
+def test_token_embedding_adapters_change_only_the_tokens_the_run_saw_and_load(assets, tmp_path, run_main):
+    out = run(
+        assets, tmp_path / "emb", run_main, *TEXT_LORA, "--text_encoder_lora_target_modules", "embed_tokens",
+        "--max_train_steps", 3,
+    )  # fmt: skip
+    text = {k: v for k, v in load_file(out / LORA_FILE).items() if k.startswith("text_encoder.")}
+    assert set(text) == {"text_encoder.embed_tokens.lora_embedding_A", "text_encoder.embed_tokens.lora_embedding_B"}
+    pipe = PixNerdT2IPipeline.from_pretrained(assets / "t2i_pipeline")
+    captions = [path.read_text() for path in (assets / "captions_txt").glob("*.txt")]
+    seen = {i for ids in pipe.tokenizer(captions)["input_ids"] for i in ids}
+    changed = set(torch.nonzero(text["text_encoder.embed_tokens.lora_embedding_A"].abs().sum(0)).flatten().tolist())
+    assert changed and changed <= seen | {pipe.tokenizer.pad_token_id}  # a token no prompt held keeps its embedding
+    before = pipe.encode_prompt("a cat", do_classifier_free_guidance=False)[0]
+    pipe.load_lora_weights(out)
+    after = pipe.encode_prompt("a cat", do_classifier_free_guidance=False)[0]
+    assert (after - before).abs().max() > 1e-4
+    pipe.unload_lora_weights()
+    torch.testing.assert_close(pipe.encode_prompt("a cat", do_classifier_free_guidance=False)[0], before)
+
+
 def test_dora_adapters_train_and_load(assets, tmp_path, run_main):
     out = run(assets, tmp_path / "dora", run_main, *LORA, "--use_dora", "--max_train_steps", 2)
     weights = load_file(out / LORA_FILE)
