@@ -94,6 +94,7 @@ from diffusers_pixnerd.training.distill import (
     teacher_noise,
     teacher_settings,
 )
+from diffusers_pixnerd.training.lora import restrict_embedding_adapters, word_token_ids
 from diffusers_pixnerd.training.prior import (
     add_prior_arguments,
     check_output_preservation_arguments,
@@ -207,7 +208,16 @@ def parse_args(input_args=None):
         "--text_encoder_lora_target_modules",
         type=str,
         default=TEXT_ENCODER_LORA_TARGET_MODULES,
-        help="Comma-separated Qwen3 module names of the text encoder's adapters (attention projections by default).",
+        help="Comma-separated Qwen3 module names of the text encoder's adapters (attention projections by default; "
+        "embed_tokens: the token embeddings).",
+    )
+    lora.add_argument(
+        "--text_encoder_token_words",
+        type=str,
+        default=None,
+        help="With embed_tokens in --text_encoder_lora_target_modules: comma-separated words whose token embeddings "
+        "alone may change (textual inversion's pivot; e.g. the concept's word): prompts without them are encoded "
+        "exactly as the base does. Default: every token the captions hold.",
     )
     parser.add_argument("--caption_column", type=str, default="text", help="Captions column (metadata.jsonl/dataset).")
     parser.add_argument(
@@ -304,10 +314,18 @@ def parse_args(input_args=None):
             if getattr(args, flag):
                 raise ValueError(f"`--train_text_encoder` needs the text encoder in the loop: not with `--{flag}`.")
     else:
-        for flag in ("text_encoder_lora_rank", "text_encoder_lr"):
+        for flag in ("text_encoder_lora_rank", "text_encoder_lr", "text_encoder_token_words"):
             if getattr(args, flag) is not None:
                 raise ValueError(f"`--{flag}` is a setting of `--train_text_encoder`: pass it too, or leave it out.")
     args.text_encoder_lora_rank = args.text_encoder_lora_rank or args.lora_rank
+    if args.text_encoder_token_words is not None:
+        if "embed_tokens" not in lora_target_modules(args.text_encoder_lora_target_modules):
+            raise ValueError(
+                "`--text_encoder_token_words` chooses the token embeddings the `embed_tokens` adapter learns: add "
+                "embed_tokens to `--text_encoder_lora_target_modules`."
+            )
+        if not [w for w in args.text_encoder_token_words.split(",") if w.strip()]:
+            raise ValueError("`--text_encoder_token_words` must name at least one word, got an empty list.")
     if args.use_dora and not args.use_lora:
         raise ValueError("`--use_dora` trains DoRA adapters: pass `--use_lora` too.")
     if args.train_text_encoder_layers and (args.precompute_text_embeddings or args.use_lora):
@@ -468,6 +486,9 @@ def main(args):
         targets = lora_target_modules(args.text_encoder_lora_target_modules)
         rank = args.text_encoder_lora_rank
         add_lora_adapters(text_encoder, rank, rank, args.lora_dropout, targets, dtype, use_dora=args.use_dora)
+        if args.text_encoder_token_words is not None:  # only these words' tokens learn an embedding
+            words = [w for w in args.text_encoder_token_words.split(",") if w.strip()]
+            restrict_embedding_adapters(text_encoder, word_token_ids(tokenizer, words))
         text_encoder.train()
     else:
         transformer.to(trained_weights_dtype(args.optimizer))  # bfloat16 only with a stochastic-rounding optimizer

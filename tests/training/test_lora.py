@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from diffusers_pixnerd import PixNerdT2IPipeline
 from diffusers_pixnerd.training.ema import load_ema_state
-from diffusers_pixnerd.training.lora import adapters_disabled
+from diffusers_pixnerd.training.lora import adapters_disabled, word_token_ids
 
 from ..helpers import C2I_SCRIPT, ROOT, T2I_SCRIPT, c2i_args, lora_transformer_and_encoder, t2i_args
 from ..helpers import sample_two_steps as sample
@@ -333,6 +333,22 @@ def test_token_embedding_adapters_change_only_the_tokens_the_run_saw_and_load(as
     torch.testing.assert_close(pipe.encode_prompt("a cat", do_classifier_free_guidance=False)[0], before)
 
 
+def test_token_words_restrict_the_embedding_adapter_to_their_tokens(assets, tmp_path, run_main):
+    flags = [*TEXT_LORA, "--text_encoder_lora_target_modules", "embed_tokens", "--max_train_steps", 3]
+    out = run(assets, tmp_path / "words", run_main, *flags, "--text_encoder_token_words", "cat,dog")
+    a = load_file(out / LORA_FILE)["text_encoder.embed_tokens.lora_embedding_A"]
+    pipe = PixNerdT2IPipeline.from_pretrained(assets / "t2i_pipeline")
+    words = word_token_ids(pipe.tokenizer, ["cat", "dog"])
+    assert words == sorted({*pipe.tokenizer(" cat")["input_ids"], *pipe.tokenizer("Dog")["input_ids"], *words})
+    changed = torch.nonzero(a.abs().sum(0)).flatten().tolist()
+    assert changed and set(changed) <= set(words)  # no other token moved
+    # A prompt without those words is encoded exactly as the base encodes it; one with them is not.
+    before = [pipe.encode_prompt(p, do_classifier_free_guidance=False)[0] for p in ("a red bird", "a cat")]
+    pipe.load_lora_weights(out)
+    after = [pipe.encode_prompt(p, do_classifier_free_guidance=False)[0] for p in ("a red bird", "a cat")]
+    assert torch.equal(after[0], before[0]) and (after[1] - before[1]).abs().max() > 1e-4
+
+
 def test_dora_adapters_train_and_load(assets, tmp_path, run_main):
     out = run(assets, tmp_path / "dora", run_main, *LORA, "--use_dora", "--max_train_steps", 2)
     weights = load_file(out / LORA_FILE)
@@ -345,6 +361,16 @@ def test_dora_adapters_train_and_load(assets, tmp_path, run_main):
 @pytest.mark.parametrize(
     "flags, message",
     [
+        (
+            [*LORA, "--train_text_encoder", "--text_encoder_token_words", "cat"],
+            r"`--text_encoder_token_words` chooses .* add embed_tokens to `--text_encoder_lora_target_modules`",
+        ),
+        ([*LORA, "--text_encoder_token_words", "cat"], r"`--text_encoder_token_words` is a setting of"),
+        (
+            [*LORA, "--train_text_encoder", "--text_encoder_lora_target_modules", "embed_tokens",
+             "--text_encoder_token_words", " , "],
+            r"`--text_encoder_token_words` must name at least one word",
+        ),
         (
             ["--train_text_encoder"],
             r"`--train_text_encoder` trains LoRA adapters on the text encoder: pass `--use_lora`",

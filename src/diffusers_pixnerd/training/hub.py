@@ -61,6 +61,7 @@ MODEL_CARD_SETTINGS = {
     "text_encoder_lora_rank": lambda a: getattr(a, "train_text_encoder", False),
     "text_encoder_lr": lambda a: getattr(a, "train_text_encoder", False) and a.text_encoder_lr is not None,
     "text_encoder_lora_target_modules": lambda a: getattr(a, "train_text_encoder", False),
+    "text_encoder_token_words": None,
     "train_text_encoder_layers": lambda a: getattr(a, "train_text_encoder_layers", 0) > 0,
     "precompute_text_embeddings": lambda a: getattr(a, "precompute_text_embeddings", False),
     "reg_data_dir": None,  # the regularisation flags: set (defaults filled) only in a regularised run

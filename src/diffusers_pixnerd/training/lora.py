@@ -54,6 +54,28 @@ def add_lora_adapters(
     return transformer
 
 
+def word_token_ids(tokenizer, words: list[str]) -> list[int]:
+    """The token ids of `words` as captions hold them: alone, after a space, and capitalised ("Blue coat", "a blue
+    coat"), sorted."""
+    variants = {v for word in words for w in (word.strip(), word.strip().capitalize()) for v in (w, " " + w)}
+    return sorted({i for v in variants for i in tokenizer(v, add_special_tokens=False)["input_ids"]})
+
+
+def restrict_embedding_adapters(text_encoder: nn.Module, token_ids: list[int]) -> int:
+    """Lets the token-embedding adapters of `text_encoder` (`lora_embedding_A`, one column per token; LoRA on
+    `embed_tokens`) learn the embeddings of `token_ids` only, as textual inversion does: every other column's gradient
+    is zeroed, and since PEFT starts those columns at zero they stay zero (AdamW moves nothing without a gradient), so
+    a prompt without those tokens is encoded exactly as the base encoder does. Returns how many adapters it masked."""
+    masked = 0
+    for name, parameter in text_encoder.named_parameters():
+        if "lora_embedding_A" in name:
+            mask = torch.zeros(parameter.shape[1], dtype=parameter.dtype, device=parameter.device)
+            mask[token_ids] = 1
+            parameter.register_hook(lambda grad, mask=mask: grad * mask)
+            masked += 1
+    return masked
+
+
 @contextmanager
 def adapters_disabled(*modules: nn.Module | None) -> Iterator[None]:
     """Switches off the PEFT adapters (LoRA, DoRA) of `modules` inside the block: they compute as the base model."""
