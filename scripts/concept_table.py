@@ -11,6 +11,9 @@ classifier's on the samples, after undoing the look where it hides the garment (
 
     python scripts/concept_table.py --concept blue --runs blue_reg blue_te blue_te_r1
 
+`--by_wording` then counts each run's leaking samples by held-out wording (`fashion_mnist.HELDOUT_TEMPLATES`, the
+prompts of `--plain_prompts`).
+
 `--background` adds the brightness of the samples' 2-pixel frame with the word (`fashion_mnist.inversion`; 0 on
 the black background of Fashion-MNIST): the masked-loss example, whose training images have coloured backgrounds.
 """
@@ -56,6 +59,15 @@ def frame(images: np.ndarray) -> float:
     return float(np.mean([fashion_mnist.inversion(image[None]) for image in images]))
 
 
+def wording(prompt: str) -> str:
+    """The held-out template a prompt was made from ("clothing catalogue: {}")."""
+    for template in fashion_mnist.HELDOUT_TEMPLATES:
+        head, tail = template.split("{}")
+        if prompt.startswith(head) and prompt.endswith(tail):
+            return template
+    return "other"
+
+
 def main(args):
     concept = fashion_mnist.CONCEPTS[args.concept]
     score, word = concept["score"], concept["word"]
@@ -71,6 +83,7 @@ def main(args):
           "(% of training) | leaking samples | class acc. |" + (" background, with the word |" if args.background
           else ""))  # fmt: skip
     print("|---|---|---|---|---|---|" + ("---|" if args.background else ""))
+    by_wording = []
     for run in args.runs:
         folders = [os.path.join(args.output_dir, f"eval_{run}_{s}") for s in (args.concept, "plain")]
         if not all(os.path.isfile(os.path.join(f, "samples.npz")) for f in folders):
@@ -88,6 +101,16 @@ def main(args):
               f"{100 * accuracy[0]:.1f}% | {plain_scores.mean():.3f} ({100 * plain_scores.mean() / reference:.1f}%) "
               f"| {leaks}/{len(plain_scores)} | {100 * accuracy[1]:.1f}% |" + (f" {frame(with_word):.3f} |"
               if args.background else ""))  # fmt: skip
+        if args.by_wording:
+            with open(args.plain_prompts, encoding="utf-8") as f:
+                prompts = [json.loads(line)["prompt"] for line in f][: len(plain_scores)]
+            counts = {}
+            for prompt, value in zip(prompts, plain_scores):
+                total, leaking = counts.get(wording(prompt), (0, 0))
+                counts[wording(prompt)] = (total + 1, leaking + int(value >= 0.05 * reference))
+            by_wording.append((run, counts))
+    for run, counts in by_wording:
+        print(f"{run}: leaking by wording: " + ", ".join(f"{t!r} {n}/{total}" for t, (total, n) in counts.items()))
 
 
 def parse_args(input_args=None):
@@ -97,6 +120,8 @@ def parse_args(input_args=None):
     parser.add_argument("--output_dir", default="outputs")
     parser.add_argument("--training_images", default=None, help="Default: data/fashion-mnist-<concept>/<concept>.")
     parser.add_argument("--classifier", default="models/fashion-mnist-classifier.safetensors")
+    parser.add_argument("--by_wording", action="store_true", help="Count the leaking samples by held-out wording.")
+    parser.add_argument("--plain_prompts", default="data/plain_prompts.jsonl", help="The prompts without the word.")
     parser.add_argument("--background", action="store_true", help="Add the background brightness with the word.")
     return parser.parse_args(input_args)
 
