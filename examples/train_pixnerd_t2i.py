@@ -488,7 +488,10 @@ def main(args):
         add_lora_adapters(text_encoder, rank, rank, args.lora_dropout, targets, dtype, use_dora=args.use_dora)
         if args.text_encoder_token_words is not None:  # only these words' tokens learn an embedding
             words = [w for w in args.text_encoder_token_words.split(",") if w.strip()]
-            restrict_embedding_adapters(text_encoder, word_token_ids(tokenizer, words))
+            token_ids = word_token_ids(tokenizer, words)
+            restrict_embedding_adapters(text_encoder, token_ids)
+            # A word the tokenizer splits ("inverted" -> "in" + "verted") trains its pieces, which other words share.
+            logger.info("Token embeddings that learn: %s", [tokenizer.decode([i]) for i in token_ids])
         text_encoder.train()
     else:
         transformer.to(trained_weights_dtype(args.optimizer))  # bfloat16 only with a stochastic-rounding optimizer

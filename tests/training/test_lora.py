@@ -333,12 +333,16 @@ def test_token_embedding_adapters_change_only_the_tokens_the_run_saw_and_load(as
     torch.testing.assert_close(pipe.encode_prompt("a cat", do_classifier_free_guidance=False)[0], before)
 
 
-def test_token_words_restrict_the_embedding_adapter_to_their_tokens(assets, tmp_path, run_main):
+def test_token_words_restrict_the_embedding_adapter_to_their_tokens(assets, tmp_path, run_main, caplog):
     flags = [*TEXT_LORA, "--text_encoder_lora_target_modules", "embed_tokens", "--max_train_steps", 3]
-    out = run(assets, tmp_path / "words", run_main, *flags, "--text_encoder_token_words", "cat,dog")
+    with caplog.at_level("INFO"):
+        out = run(assets, tmp_path / "words", run_main, *flags, "--text_encoder_token_words", "cat,dog")
     a = load_file(out / LORA_FILE)["text_encoder.embed_tokens.lora_embedding_A"]
     pipe = PixNerdT2IPipeline.from_pretrained(assets / "t2i_pipeline")
     words = word_token_ids(pipe.tokenizer, ["cat", "dog"])
+    # The log names the tokens that learn, as text (a split word's pieces among them).
+    assert f"Token embeddings that learn: {[pipe.tokenizer.decode([i]) for i in words]}" in caplog.text
+    assert "' cat'" in caplog.text and "'Dog'" in caplog.text
     assert words == sorted({*pipe.tokenizer(" cat")["input_ids"], *pipe.tokenizer("Dog")["input_ids"], *words})
     changed = torch.nonzero(a.abs().sum(0)).flatten().tolist()
     assert changed and set(changed) <= set(words)  # no other token moved
