@@ -97,6 +97,7 @@ from diffusers_pixnerd.training.distill import (
 from diffusers_pixnerd.training.lora import restrict_embedding_adapters, word_token_ids
 from diffusers_pixnerd.training.prior import (
     add_prior_arguments,
+    captions_in_context,
     check_output_preservation_arguments,
     check_prior_arguments,
     context_vocabulary,
@@ -410,9 +411,9 @@ def main(args):
     if text_encoder is None or tokenizer is None:
         raise ValueError(f"{args.pretrained_model_name_or_path!r} has no text encoder or tokenizer.")
     text_encoder_dtype = text_encoder.dtype  # a frozen encoder is exported as it was loaded
-    context_words = None  # --text_preservation_weight: the words of the random contexts
-    if args.text_preservation_weight is not None:
-        context_words = context_vocabulary(tokenizer, preservation_word)
+    context_words = None  # --text_preservation_weight, --caption_context_words: the words of the random contexts
+    if args.text_preservation_weight is not None or args.caption_context_words:
+        context_words = context_vocabulary(tokenizer, preservation_word or "")
     args.resolution = args.resolution or transformer.config.sample_size
     check_resolution(args.resolution, transformer.config.patch_size)
     check_validation_sizes(args, transformer.resolution_multiple)
@@ -579,7 +580,11 @@ def main(args):
         validate()
     for batch in run.batches():
         with accelerator.accumulate(model):
-            pixels, captions, reg_kwargs = batch["pixel_values"], batch["caption"], {}
+            own_captions = batch["caption"]  # the training images' (the regularisation ones are added below)
+            if args.caption_context_words:
+                seed = run.generator().initial_seed()
+                own_captions = captions_in_context(own_captions, context_words, seed, args.caption_context_words)
+            pixels, captions, reg_kwargs = batch["pixel_values"], own_captions, {}
             if reg_images is not None:  # the regularisation images after the batch's own, with their loss weight
                 pixels, captions = reg_images.extend(pixels, captions, run.micro_step)
                 reg_kwargs = reg_images.loss_kwargs
@@ -591,17 +596,17 @@ def main(args):
             )
             condition = text_condition(captions)
             if preservation_word is not None:  # the batch's own captions without the word, against the base
-                reg_captions = captions[len(batch["caption"]) :] if args.output_preservation_reg else ()
-                preserved, rows = output_preservation_captions(batch["caption"], preservation_word, reg_captions)
+                reg_captions = captions[len(own_captions) :] if args.output_preservation_reg else ()
+                preserved, rows = output_preservation_captions(own_captions, preservation_word, reg_captions)
                 kept = text_condition(preserved)
                 condition.update(
                     preservation_rows=rows,
                     preservation_prompts=kept.get("prompts"),
                     preservation_encoder_hidden_states=kept.get("encoder_hidden_states"),
                 )
-            if context_words is not None:  # the same captions behind random words, the encoder held to the base
+            if args.text_preservation_weight is not None:  # the captions behind random words, encoder held to base
                 seed = run.generator().initial_seed()
-                prompts = random_context_prompts(batch["caption"], preservation_word, context_words, seed)
+                prompts = random_context_prompts(own_captions, preservation_word, context_words, seed)
                 condition["text_preservation_prompts"] = prompts
             losses = model(**inputs, **condition, **reg_kwargs)
             run.check_losses(losses)  # stops the run on a non-finite loss (any process)

@@ -21,6 +21,7 @@ from diffusers_pixnerd.training.prior import (
     REG_IMAGES_PREFIX,
     RegularisationImages,
     caption_without_word,
+    captions_in_context,
     check_prior_arguments,
     context_vocabulary,
     generate_reg_images,
@@ -356,6 +357,22 @@ def test_random_contexts_put_vocabulary_words_before_the_caption_without_the_wor
     assert counts == {1, 2, 3, 4}
 
 
+def test_captions_in_context_keep_the_word_behind_zero_to_n_vocabulary_words():
+    vocabulary = ["lamp", "orbit", "violin", "harbour", "quartz"]
+    captions = ["a blue coat", "Here: two blue shoes."]
+    prompts = captions_in_context(captions, vocabulary, seed=7, max_words=3)
+    assert prompts == captions_in_context(captions, vocabulary, seed=7, max_words=3)  # a function of the seed
+    for prompt, caption in zip(prompts, captions):
+        assert prompt.endswith(caption)
+        context = prompt[: -len(caption)].split()
+        assert len(context) <= 3 and set(context) <= set(vocabulary)
+    many = captions_in_context(["a blue coat"] * 200, vocabulary, seed=1, max_words=3)
+    assert {len(p.split()) - 3 for p in many} == {0, 1, 2, 3}  # the caption as it is among them
+    # Not the draws of text preservation's contexts for the same micro-batch seed.
+    other = random_context_prompts(["a blue coat"] * 200, "blue", vocabulary, seed=1)
+    assert [p.split()[:-2] for p in many] != [p.split()[:-2] for p in other]
+
+
 # ------------------------------------------------------------------------------------- output preservation: whole runs
 
 
@@ -390,6 +407,35 @@ def test_a_resumed_run_with_text_preservation_ends_bit_identical_and_differs_fro
     assert changed and any(k.startswith("text_encoder.") for k in changed)
 
 
+def test_a_resumed_run_with_captions_in_context_ends_bit_identical_and_trains_on_them(
+    assets, tmp_path, run_main, monkeypatch
+):
+    import diffusers_pixnerd.training.prior as prior
+
+    seen = []
+
+    def recorded(captions, vocabulary, seed, max_words):
+        prompts = captions_in_context(captions, vocabulary, seed, max_words)
+        seen.append((captions, prompts))
+        return prompts
+
+    monkeypatch.setattr(prior, "captions_in_context", recorded)
+    full, resumed, plain = tmp_path / "full", tmp_path / "resumed", tmp_path / "plain"
+    flags = [*LORA, *STEPS, "--output_preservation_word", "blue"]
+    args = t2i_args(assets, "captions_txt", full, *flags, "--caption_context_words", 3)
+    a, b = run_and_resume(run_main, args, full, resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "| `caption_context_words` | `3` |" in (full / "README.md").read_text()
+    # Every step's captions, each behind at most 3 words of the vocabulary, some behind at least one.
+    assert len(seen) == 4 + 2  # the full run's 4 micro-batches, the resumed run's last 2
+    pairs = [pair for captions, prompts in seen for pair in zip(captions, prompts)]
+    assert all(p.endswith(c) and len(p[: -len(c)].split()) <= 3 for c, p in pairs)
+    assert any(p != c for c, p in pairs)
+    run_main(T2I_SCRIPT, t2i_args(assets, "captions_txt", plain, *flags))
+    c = load_file(plain / "checkpoint-4" / LORA_FILE)
+    assert not all(torch.equal(a[k], c[k]) for k in a)  # the captions changed the training
+
+
 def test_output_preservation_on_the_regularisation_rows_changes_the_run(assets, tmp_path, run_main):
     reg = ["--reg_data_dir", assets / "captions_jsonl", "--reg_ratio", 1, "--precompute_text_embeddings"]
     flags = [*LORA, *STEPS, *reg, "--output_preservation_word", "blue"]
@@ -415,6 +461,11 @@ def test_output_preservation_on_the_regularisation_rows_changes_the_run(assets, 
         ([*LORA, "--output_preservation_reg"], "`--output_preservation_reg` needs `--output_preservation_word`"),
         ([*LORA, "--output_preservation_word", "blue", "--output_preservation_reg"], "acts on regularisation images"),
         ([*LORA, "--text_preservation_weight", 1], "`--text_preservation_weight` needs `--output_preservation_word`"),
+        ([*LORA, "--caption_context_words", -1], "`--caption_context_words` must be >= 0, got -1"),
+        (
+            [*LORA, "--caption_context_words", 2, "--precompute_text_embeddings"],
+            "`--caption_context_words` changes the captions every step: not with `--precompute_text_embeddings`",
+        ),
         (
             [*LORA, "--output_preservation_word", "blue", "--text_preservation_weight", 1],
             "needs `--train_text_encoder`",

@@ -73,6 +73,7 @@ MODEL_CARD_SETTINGS = {
     "output_preservation_weight": None,
     "output_preservation_reg": lambda a: a.output_preservation_reg,
     "text_preservation_weight": None,
+    "caption_context_words": lambda a: getattr(a, "caption_context_words", 0) > 0,
     "distill": lambda a: getattr(a, "distill", False),  # the distillation flags: filled only in a distillation run
     "distill_prompts_file": None,
     "num_distill_samples": None,

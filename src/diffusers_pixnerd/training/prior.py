@@ -91,6 +91,14 @@ def add_prior_arguments(parser: argparse.ArgumentParser):
         "to the base model's output too, beside their own flow-matching loss.",
     )
     group.add_argument(
+        "--caption_context_words",
+        type=int,
+        default=0,
+        help="Put each training caption (not the regularisation images' ones) behind 0 to N random whole words of the "
+        "tokenizer's vocabulary, drawn anew every step (the same on resume): the concept's word is then learnt "
+        "after many different words, not only after those of your captions (default: 0, off).",
+    )
+    group.add_argument(
         "--text_preservation_weight",
         type=float,
         default=None,
@@ -103,6 +111,13 @@ def add_prior_arguments(parser: argparse.ArgumentParser):
 
 def check_prior_arguments(args: argparse.Namespace):
     """Fills the defaults of a regularised run and refuses what it does not support, naming the flags."""
+    context_words = getattr(args, "caption_context_words", 0)
+    if context_words < 0:
+        raise ValueError(f"`--caption_context_words` must be >= 0, got {context_words}.")
+    if context_words and getattr(args, "precompute_text_embeddings", False):
+        raise ValueError(
+            "`--caption_context_words` changes the captions every step: not with `--precompute_text_embeddings`."
+        )
     reg_data_dir, reg_prompts_file = getattr(args, "reg_data_dir", None), getattr(args, "reg_prompts_file", None)
     reg_folders = getattr(args, "reg_folders", None)  # a dataset config's [[regularisation]] folders
     if sum(source is not None for source in (reg_data_dir, reg_prompts_file, reg_folders)) > 1:
@@ -224,6 +239,19 @@ def context_vocabulary(tokenizer, word: str) -> list[str]:
     return sorted(words)
 
 
+def behind_random_words(
+    captions: list[str], vocabulary: list[str], generator: torch.Generator, min_words: int, max_words: int
+) -> list[str]:
+    """Each caption behind `min_words` to `max_words` words drawn from `vocabulary` ("a dress" -> "lamp orbit a
+    dress")."""
+    prompts = []
+    for caption in captions:
+        count = int(torch.randint(min_words, max_words + 1, (), generator=generator))
+        picks = torch.randint(len(vocabulary), (count,), generator=generator).tolist()
+        prompts.append(" ".join([*(vocabulary[i] for i in picks), caption]))
+    return prompts
+
+
 def random_context_prompts(
     captions: list[str], word: str, vocabulary: list[str], seed: int, max_words: int = 4
 ) -> list[str]:
@@ -232,12 +260,15 @@ def random_context_prompts(
     (`TrainingRun.generator().initial_seed()`, so a resumed run draws the same words), mixed with a constant of its
     own so that the draws are not those of the step's noise."""
     generator = torch.Generator().manual_seed(seed ^ 0x5EED_7E47)
-    prompts = []
-    for caption in captions:
-        count = int(torch.randint(1, max_words + 1, (), generator=generator))
-        picks = torch.randint(len(vocabulary), (count,), generator=generator).tolist()
-        prompts.append(" ".join([*(vocabulary[i] for i in picks), caption_without_word(caption, word)]))
-    return prompts
+    return behind_random_words([caption_without_word(c, word) for c in captions], vocabulary, generator, 1, max_words)
+
+
+def captions_in_context(captions: list[str], vocabulary: list[str], seed: int, max_words: int) -> list[str]:
+    """`--caption_context_words`: each training caption, its word kept, behind 0 to `max_words` words drawn from
+    `vocabulary` ("a blue dress" -> "orbit a blue dress"), so that the concept's word is learnt after words no caption
+    has. `seed` is the micro-batch's, as for `random_context_prompts`, with a constant of its own."""
+    generator = torch.Generator().manual_seed(seed ^ 0xC0_47E7)
+    return behind_random_words(captions, vocabulary, generator, 0, max_words)
 
 
 def output_preservation_captions(
