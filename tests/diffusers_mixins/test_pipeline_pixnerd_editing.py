@@ -6,9 +6,9 @@ mask, the image-input parameter sets, and the pt / np / PIL input equivalence of
 
 import random
 
-import torch
 import test_pipeline_pixnerd
 import test_pipeline_pixnerd_t2i
+import torch
 from pixnerd_mixin_utils import SIZE
 from tests.pipelines.pipeline_params import (
     IMAGE_INPAINTING_BATCH_PARAMS,
@@ -27,7 +27,6 @@ from diffusers_pixnerd import (
     PixNerdT2IImg2ImgPipeline,
     PixNerdT2IInpaintPipeline,
 )
-
 
 # The generation tests, by module: a test class left in this module's namespace would run here again (hence the `del`).
 C2I, T2I = test_pipeline_pixnerd.PixNerdPipelineFastTests, test_pipeline_pixnerd_t2i.PixNerdT2IPipelineFastTests

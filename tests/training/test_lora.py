@@ -371,8 +371,14 @@ def test_dora_adapters_train_and_load(assets, tmp_path, run_main):
         ),
         ([*LORA, "--text_encoder_token_words", "cat"], r"`--text_encoder_token_words` is a setting of"),
         (
-            [*LORA, "--train_text_encoder", "--text_encoder_lora_target_modules", "embed_tokens",
-             "--text_encoder_token_words", " , "],
+            [
+                *LORA,
+                "--train_text_encoder",
+                "--text_encoder_lora_target_modules",
+                "embed_tokens",
+                "--text_encoder_token_words",
+                " , ",
+            ],
             r"`--text_encoder_token_words` must name at least one word",
         ),
         (
