@@ -341,6 +341,14 @@ def test_the_context_words_are_whole_lowercase_words_without_the_concept_tokens(
     assert all(w.isascii() and w.isalpha() and w.islower() and len(w) >= 3 for w in words)
     assert "lamp" in words and "check" not in words  # " checkered" is " check" + "ered"
     assert "blue" in words and "blue" not in context_vocabulary(tokenizer, "blue")
+    # At the start of a prompt a word splits differently: "insets" is "in" + "sets", and "in" is a piece of
+    # "inverted" (at a caption's start); no context word brings in a piece of the concept word, in either place.
+    inverted = context_vocabulary(tokenizer, "inverted")
+    assert "insets" in words and "insets" not in inverted and "lamp" in inverted
+    pieces = {t for form in ("inverted", " inverted", "Inverted", " Inverted") for t in tokenizer.tokenize(form)}
+    assert "in" in pieces
+    for text in (inverted[:2000], [" " + w for w in inverted[:2000]]):
+        assert not pieces.intersection(t for w in text for t in tokenizer.tokenize(w))
 
 
 def test_random_contexts_put_vocabulary_words_before_the_caption_without_the_word():

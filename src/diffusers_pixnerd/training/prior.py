@@ -226,17 +226,24 @@ def caption_without_word(caption: str, word: str) -> str:
 
 def context_vocabulary(tokenizer, word: str) -> list[str]:
     """The words random contexts are drawn from: the vocabulary's tokens that are a space and 3 or more lowercase
-    ASCII letters (" cat", not sub-words or other scripts), none of them a token of `word` (alone or after a
-    space), sorted (the same list on every process)."""
-    excluded = set(tokenizer.tokenize(word.strip())) | set(tokenizer.tokenize(" " + word.strip()))
-    words = set()
+    ASCII letters (" cat", not sub-words or other scripts), sorted (the same list on every process). None of them
+    holds a token of `word` (alone, after a space, capitalised), after a space or at the start of a prompt, where a
+    word splits differently ("insets" is "in" + "sets", and "in" is a piece of "inverted")."""
+    word = word.strip()
+    forms = {f for w in (word, word.capitalize()) for f in (w, " " + w)} if word else set()
+    excluded = {token for form in forms for token in tokenizer.tokenize(form)}
+    candidates = set()
     for token in tokenizer.get_vocab():
-        if token in excluded:
-            continue
         text = tokenizer.convert_tokens_to_string([token])
         if len(text) >= 4 and text[0] == " " and text[1:].isascii() and text[1:].isalpha() and text[1:].islower():
-            words.add(text[1:])
-    return sorted(words)
+            candidates.add(text[1:])
+    candidates = sorted(candidates)
+    if not excluded:
+        return candidates
+    spaced = tokenizer([" " + c for c in candidates], add_special_tokens=False)["input_ids"]
+    alone = tokenizer(candidates, add_special_tokens=False)["input_ids"]
+    excluded_ids = set(tokenizer.convert_tokens_to_ids(sorted(excluded)))
+    return [c for c, a, b in zip(candidates, spaced, alone) if not excluded_ids.intersection(a + b)]
 
 
 def behind_random_words(
