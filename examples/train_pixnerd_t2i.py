@@ -413,8 +413,7 @@ def main(args):
     text_encoder_dtype = text_encoder.dtype  # a frozen encoder is exported as it was loaded
     context_words = None  # --text_preservation_weight, --caption_context_words: the words of the random contexts
     if args.text_preservation_weight is not None or args.caption_context_words:
-        concept_words = [preservation_word or "", *(args.text_encoder_token_words or "").split(",")]
-        context_words = context_vocabulary(tokenizer, concept_words)  # none of them brings in a concept word's token
+        context_words = context_vocabulary(tokenizer, preservation_word or "")
     args.resolution = args.resolution or transformer.config.sample_size
     check_resolution(args.resolution, transformer.config.patch_size)
     check_validation_sizes(args, transformer.resolution_multiple)

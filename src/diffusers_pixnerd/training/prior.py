@@ -224,13 +224,13 @@ def caption_without_word(caption: str, word: str) -> str:
     return re.sub(r"\s+([,.;:!?])", r"\1", re.sub(r"\s{2,}", " ", text)).strip()
 
 
-def context_vocabulary(tokenizer, words: str | list[str]) -> list[str]:
+def context_vocabulary(tokenizer, word: str) -> list[str]:
     """The words random contexts are drawn from: the vocabulary's tokens that are a space and 3 or more lowercase
     ASCII letters (" cat", not sub-words or other scripts), sorted (the same list on every process). None of them
-    holds a token of `words` (each alone, after a space, capitalised), after a space or at the start of a prompt,
-    where a word splits differently ("insets" is "in" + "sets", and "in" is a piece of "inverted")."""
-    words = [w.strip() for w in ([words] if isinstance(words, str) else words) if w.strip()]
-    forms = {f for word in words for w in (word, word.capitalize()) for f in (w, " " + w)}
+    holds a token of `word` (alone, after a space, capitalised), after a space or at the start of a prompt, where a
+    word splits differently ("insets" is "in" + "sets", and "in" is a piece of "inverted")."""
+    word = word.strip()
+    forms = {f for w in (word, word.capitalize()) for f in (w, " " + w)} if word else set()
     excluded = {token for form in forms for token in tokenizer.tokenize(form)}
     candidates = set()
     for token in tokenizer.get_vocab():
